@@ -1,0 +1,118 @@
+"""The ``nanobeam`` command line. Each sub-command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._version import __version__
+
+
+def _instrument(path: str | None):
+    from .physics import Instrument
+
+    return Instrument() if path is None else Instrument.load(path)
+
+
+def _add_instrument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--instrument", metavar="CONFIG", help="instrument YAML/JSON (default: physics.md table)"
+    )
+
+
+# ------------------------------------------------------------------ simulate-library
+def cmd_simulate_library(args: argparse.Namespace) -> int:
+    import time
+
+    from .physics import write_library
+
+    instrument = _instrument(args.instrument)
+    start = time.perf_counter()
+    path = write_library(
+        args.out,
+        instrument,
+        grid_points=args.grid,
+        upsample=args.upsample,
+        max_counts=args.max_counts,
+    )
+    n = (args.grid or instrument.grid_points) ** 3
+    print(f"wrote {n} frames to {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_simulate_library(sub) -> None:
+    p = sub.add_parser("simulate-library", help="simulate the (strain, omega, chi) grid library")
+    p.add_argument("--grid", type=int, default=None, help="points per parameter (default 41)")
+    p.add_argument("--out", default="library.h5", help="output HDF5 file")
+    p.add_argument("--upsample", type=int, default=None, help="sub-pixels per pixel per axis")
+    p.add_argument("--max-counts", type=float, default=7.0, help="count level stored with it")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_simulate_library)
+
+
+# ------------------------------------------------------------------ preview
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .plotting import save_frame_gallery
+
+    out = save_frame_gallery(
+        args.out, _instrument(args.instrument), max_counts=args.max_counts, seed=args.seed
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_preview(sub) -> None:
+    p = sub.add_parser("preview", help="simulate frames across the parameter box; write a PNG")
+    p.add_argument("--out", default="nanobeam-output/frames.png")
+    p.add_argument("--max-counts", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_instrument(p)
+    p.set_defaults(func=cmd_preview)
+
+
+# ------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    # The live fly-scan demo replaces this once the callback and Tiled parts exist.
+    return cmd_preview(args)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: simulate frames and write a picture of them")
+    p.add_argument("--out", default="nanobeam-output/frames.png")
+    p.add_argument("--max-counts", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=0)
+    _add_instrument(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanobeam",
+        description="Strain and tilt maps from scanning X-ray nanodiffraction, live in Bluesky.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_simulate_library, _add_preview):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        # Configuration and data errors are the user's to fix: say what, not a traceback.
+        print(f"nanobeam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,28 @@
+"""The forward model of ``shared/docs/physics.md`` and what surrounds it."""
+
+from .counts import bin_roi, orient, to_counts
+from .crlb import crlb, fisher_information
+from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi
+from .instrument import HC_KEV_ANGSTROM, Instrument, InstrumentError
+from .library import LibraryError, grid_axes, library_instrument, open_library, write_library
+
+__all__ = [
+    "HC_KEV_ANGSTROM",
+    "Instrument",
+    "InstrumentError",
+    "LibraryError",
+    "bin_roi",
+    "crlb",
+    "fisher_information",
+    "grid_axes",
+    "iter_grid",
+    "lab_geometry",
+    "library_instrument",
+    "open_library",
+    "orient",
+    "simulate",
+    "simulate_exact",
+    "simulate_roi",
+    "to_counts",
+    "write_library",
+]
