@@ -70,6 +70,53 @@ def _add_preview(sub) -> None:
     p.set_defaults(func=cmd_preview)
 
 
+# ------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from .training import RECIPES, train_ensemble
+
+    recipe = RECIPES[args.recipe]
+    changes = {k: v for k, v in {"epochs": args.epochs, "frames_per_epoch": args.frames_per_epoch,
+                                 "pool_size": args.pool_size, "batch_size": args.batch_size}.items()
+               if v is not None}
+    if args.hidden:
+        changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
+    recipe = recipe.replace(**changes)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    members = args.members if args.members is not None else (1 if recipe.name == "paper" else 4)
+    command = "nanobeam train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    sha, meta = train_ensemble(recipe, members, args.out, _instrument(args.instrument),
+                               seed=args.seed, workdir=args.workdir, device=args.device,
+                               library=args.library, command=command)
+    ens = meta["metrics"]["ensemble"]
+    print(f"wrote {args.out} ({members} members, sha256 {sha[:12]})")
+    print("test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg"
+          .format(**ens))
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an ensemble (paper or default recipe) into a model file")
+    p.add_argument("--recipe", choices=["default", "paper"], default="default")
+    p.add_argument("--members", type=int, default=None, help="ensemble size (default 4; paper 1)")
+    p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--workdir", default=None, help="checkpoints and metrics logs; resumes from it")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--frames-per-epoch", type=int, default=None)
+    p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden layer sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--library", default=None, help="library file for the paper recipe")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_train)
+
+
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
     # The live fly-scan demo replaces this once the callback and Tiled parts exist.
@@ -92,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_simulate_library, _add_preview):
+    for add in (_add_demo, _add_simulate_library, _add_train, _add_preview):
         add(sub)
     return parser
 

@@ -1,0 +1,44 @@
+"""Network architectures and the model-file format.
+
+* ``paper``: the published NanobeamNN CNN (27,771 parameters), fed raw counts.
+* ``mlp``: ours, a count-normalised dense network that is faster and more accurate on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .mlp import NanobeamMLP, normalise_counts
+from .modelfile import ModelFileError, load_model_file, save_model_file, weights_sha256
+from .paper import PaperCNN
+
+__all__ = [
+    "ARCHITECTURES",
+    "ModelFileError",
+    "NanobeamMLP",
+    "PaperCNN",
+    "build_model",
+    "count_parameters",
+    "load_model_file",
+    "normalise_counts",
+    "save_model_file",
+    "weights_sha256",
+]
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": PaperCNN, "mlp": NanobeamMLP}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """An untrained network by architecture name (see ``ARCHITECTURES``)."""
+    try:
+        cls = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}") from None
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(**kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,241 @@
+"""Training data: noise-free simulated frames with labels, and the noise drawn from them.
+
+Two sources, one interface (``batches`` and ``validation``):
+
+* :class:`GridData`: the published 41^3 grid library, split 80/10/10 at random.
+* :class:`OnTheFlyData`: random off-grid parameters simulated into a pool; every epoch one block
+  of the pool is re-simulated with new parameters, so a long run sees millions of distinct frames.
+
+Labels are standardised: (theta - centre) / half_range, per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..physics import Instrument, open_library, simulate
+from .recipes import Recipe
+
+__all__ = ["GridData", "OnTheFlyData", "Standardiser", "make_data", "noisy_counts", "random_parameters"]
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    """Maps (strain, omega_deg, chi_deg) to [-1, 1] over the instrument's parameter box."""
+
+    centre: tuple[float, float, float]
+    half_range: tuple[float, float, float]
+
+    @classmethod
+    def for_instrument(cls, instrument: Instrument) -> Standardiser:
+        ranges = list(instrument.parameter_ranges.values())
+        return cls(
+            centre=tuple((lo + hi) / 2 for lo, hi in ranges),
+            half_range=tuple((hi - lo) / 2 for lo, hi in ranges),
+        )
+
+    def forward(self, params: np.ndarray) -> np.ndarray:
+        return (params - np.asarray(self.centre)) / np.asarray(self.half_range)
+
+    def inverse(self, standardised: np.ndarray) -> np.ndarray:
+        return standardised * np.asarray(self.half_range) + np.asarray(self.centre)
+
+
+def random_parameters(instrument: Instrument, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) parameters uniform over the instrument's box: strain, omega_deg, chi_deg."""
+    ranges = list(instrument.parameter_ranges.values())
+    return np.stack([rng.uniform(lo, hi, n) for lo, hi in ranges], axis=1)
+
+
+def noisy_counts(
+    noise_free: torch.Tensor,
+    max_counts: float,
+    augmentation: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Poisson counts of ``max_counts * level * frame``, level log-uniform in ``augmentation``."""
+    expected = noise_free.float() * max_counts
+    low, high = augmentation
+    if high > low:
+        u = torch.rand((len(expected), 1, 1), generator=generator, device=expected.device)
+        expected = expected * torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    elif low != 1.0:
+        expected = expected * low
+    return torch.poisson(expected, generator=generator)
+
+
+class _Data:
+    """Shared batching over noise-free frames (float16) or fixed counts (uint8)."""
+
+    frames: torch.Tensor  # (N, F, F) noise-free (float16) or counts (uint8)
+    labels: torch.Tensor  # (N, 3) standardised
+    train_index: torch.Tensor
+    fixed_counts: bool
+    recipe: Recipe
+
+    def batches(
+        self, epoch: int, generators: tuple[torch.Generator, torch.Generator], device: str
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (counts (B, F, F), standardised labels (B, 3)) on ``device`` for one epoch.
+
+        ``generators``: (CPU generator for the order, device generator for the noise).
+        """
+        recipe = self.recipe
+        generator, noise_generator = generators
+        n = len(self.train_index)
+        per_epoch = n if isinstance(self, GridData) else recipe.frames_per_epoch
+        order = torch.cat(
+            [self.train_index[torch.randperm(n, generator=generator)] for _ in range(-(-per_epoch // n))]
+        )[:per_epoch]
+        for start in range(0, per_epoch, recipe.batch_size):
+            idx = order[start : start + recipe.batch_size]
+            x = self.frames[idx].to(device)
+            if self.fixed_counts:
+                x = x.float()
+            else:
+                x = noisy_counts(x, recipe.max_counts, recipe.count_augmentation, noise_generator)
+            yield x, self.labels[idx].to(device)
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_index) if isinstance(self, GridData) else self.recipe.frames_per_epoch
+        return -(-n // self.recipe.batch_size)
+
+
+class GridData(_Data):
+    """The grid library, split at random into train / validation / test (seeded)."""
+
+    def __init__(
+        self,
+        instrument: Instrument,
+        recipe: Recipe,
+        seed: int,
+        library: str | None = None,
+    ) -> None:
+        self.recipe = recipe
+        std = Standardiser.for_instrument(instrument)
+        if library is not None:
+            ds = open_library(library)
+            noise_free = ds["frames"].values.reshape(-1, *ds["frames"].shape[-2:])
+            axes = [ds[name].values for name in ("strain", "omega", "chi")]
+            scale = ds.attrs["scale"]
+            ds.close()
+        else:
+            from ..physics import grid_axes, iter_grid
+
+            axes = list(grid_axes(instrument, recipe.grid_points).values())
+            noise_free = np.concatenate(
+                [slab.reshape(-1, *slab.shape[-2:]) for _, slab in iter_grid(*axes, instrument,
+                                                                              upsample=recipe.upsample)]
+            )
+            scale = float(noise_free.max())
+        params = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
+        self.labels = torch.as_tensor(std.forward(params), dtype=torch.float32)
+        self.params = params
+        rng = np.random.default_rng([seed, 0])
+        noise_free = noise_free / scale  # library-wide scale: max intensity -> max_counts
+        self.fixed_counts = not recipe.fresh_noise
+        if self.fixed_counts:
+            counts = rng.poisson(noise_free * recipe.max_counts)
+            self.frames = torch.as_tensor(np.minimum(counts, 255).astype(np.uint8))
+        else:
+            self.frames = torch.as_tensor(noise_free.astype(np.float16))
+        # The split is a property of the dataset, shared by every ensemble member.
+        order = np.random.default_rng(0).permutation(len(params))
+        n_train = round(recipe.split[0] * len(params))
+        n_val = round(recipe.split[1] * len(params))
+        self.train_index = torch.as_tensor(order[:n_train])
+        self.val_index = torch.as_tensor(order[n_train : n_train + n_val])
+        self.test_index = torch.as_tensor(order[n_train + n_val :])
+        self._noise_rng = rng
+
+    def _held_out(self, index: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        x = self.frames[index]
+        if not self.fixed_counts:
+            x = torch.as_tensor(self._noise_rng.poisson(x.float().numpy() * self.recipe.max_counts))
+        return x.float(), self.params[index.numpy()]
+
+    def validation(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._held_out(self.val_index)
+
+    def test(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._held_out(self.test_index)
+
+    def prepare(self, epoch: int) -> None:
+        """Nothing changes between epochs for a fixed library."""
+
+
+class OnTheFlyData(_Data):
+    """A pool of off-grid frames; block (epoch - 1) mod B is re-simulated at each epoch >= 1.
+
+    Every block's content is a function of (seed, block, epoch of generation) only, so training
+    resumed from a checkpoint sees exactly the frames an uninterrupted run would.
+    """
+
+    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress=None) -> None:
+        self.instrument = instrument
+        self.recipe = recipe
+        self.seed = seed
+        self.std = Standardiser.for_instrument(instrument)
+        self.n_blocks = max(1, round(1 / recipe.pool_refresh_fraction))
+        self.block_size = recipe.pool_size // self.n_blocks
+        n_pix = instrument.frame_pixels
+        self.frames = torch.empty((self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16)
+        self.labels = torch.empty((self.n_blocks * self.block_size, 3), dtype=torch.float32)
+        self.train_index = torch.arange(len(self.frames))
+        self.fixed_counts = False
+        self._epoch = None
+        self._progress = progress
+
+    def _generate(self, block: int, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, 1, block, epoch])
+        params = random_parameters(self.instrument, self.block_size, rng)
+        frames = simulate(*params.T, self.instrument, upsample=self.recipe.upsample)
+        sl = slice(block * self.block_size, (block + 1) * self.block_size)
+        self.frames[sl] = torch.as_tensor(frames.astype(np.float16))
+        self.labels[sl] = torch.as_tensor(self.std.forward(params), dtype=torch.float32)
+
+    def _generated_at(self, block: int, epoch: int) -> int:
+        """Epoch at which ``block`` was last re-simulated, as of ``epoch`` (0 = initial pool)."""
+        if epoch < 1 + block:
+            return 0
+        return epoch - ((epoch - 1 - block) % self.n_blocks)
+
+    def prepare(self, epoch: int) -> None:
+        if self._epoch is None or epoch != self._epoch + 1:
+            blocks = range(self.n_blocks)
+            if self._progress is not None:
+                blocks = self._progress(blocks, desc="simulating training pool", leave=False)
+            for block in blocks:
+                self._generate(block, self._generated_at(block, epoch))
+        elif epoch >= 1:
+            block = (epoch - 1) % self.n_blocks
+            self._generate(block, epoch)
+        self._epoch = epoch
+
+    def _held_out(self, salt: int) -> tuple[torch.Tensor, np.ndarray]:
+        # Shared by all members (no member seed): every member is scored on the same frames.
+        rng = np.random.default_rng([12345, salt])
+        params = random_parameters(self.instrument, self.recipe.validation_frames, rng)
+        frames = simulate(*params.T, self.instrument, upsample=self.recipe.upsample)
+        counts = rng.poisson(frames * self.recipe.max_counts).astype(np.float32)
+        return torch.as_tensor(counts), params
+
+    def validation(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._held_out(2)
+
+    def test(self) -> tuple[torch.Tensor, np.ndarray]:
+        return self._held_out(3)
+
+
+def make_data(instrument: Instrument, recipe: Recipe, seed: int, *, library: str | None = None,
+              progress=None) -> GridData | OnTheFlyData:
+    if recipe.data == "grid":
+        return GridData(instrument, recipe, seed, library=library)
+    if recipe.data == "on_the_fly":
+        return OnTheFlyData(instrument, recipe, seed, progress=progress)
+    raise ValueError(f"unknown data source {recipe.data!r}; use 'grid' or 'on_the_fly'")

@@ -1,0 +1,110 @@
+"""Training an ensemble and writing it as one self-describing model file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..models import save_model_file
+from ..physics import Instrument
+from .data import Standardiser
+from .recipes import Recipe
+from .trainer import PARAMETERS, crlb_reference, evaluate, train_member
+
+__all__ = ["model_metadata", "train_ensemble"]
+
+
+def model_metadata(
+    recipe: Recipe,
+    instrument: Instrument,
+    metrics: dict[str, Any],
+    *,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Everything a model file says about itself (the sha256 is added when saved)."""
+    std = Standardiser.for_instrument(instrument)
+    input_norm = ("sqrt(counts / per-frame mean)" if recipe.architecture == "mlp"
+                  else "raw counts (library-wide scale to max_counts)")
+    return {
+        "model_id": f"nanobeam-{recipe.name}-{recipe.architecture}",
+        "architecture": {"name": recipe.architecture, "kwargs": recipe.architecture_kwargs},
+        "instrument": instrument.to_dict(),
+        "parameters": list(PARAMETERS),
+        "units": {"strain": "1", "omega": "deg", "chi": "deg"},
+        "parameter_ranges": {k: list(v) for k, v in instrument.parameter_ranges.items()},
+        "output_normalisation": {"centre": list(std.centre), "half_range": list(std.half_range)},
+        "input": {"frame_pixels": instrument.frame_pixels, "normalisation": input_norm},
+        "count_level": {
+            "max_counts": recipe.max_counts,
+            "reference_intensity": 1.0,
+            "augmentation": list(recipe.count_augmentation),
+            "meaning": "expected counts = max_counts * frame, frame = simulate(...) (Laue max 1)",
+        },
+        "upsample": recipe.upsample or instrument.upsample,
+        "recipe": recipe.to_dict(),
+        "metrics": metrics,
+        "crlb_rms": dict(zip(PARAMETERS, crlb_reference(instrument, recipe.max_counts).tolist(),
+                             strict=True)),
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "training_command": command,
+    }
+
+
+def train_ensemble(
+    recipe: Recipe,
+    n_members: int,
+    out: str | Path,
+    instrument: Instrument = Instrument(),
+    *,
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    device: str = "cpu",
+    library: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Train ``n_members`` networks (seeds seed, seed+1, ...) and save them as one model file.
+
+    Returns (sha256 of the weights, metadata). With ``workdir``, each member keeps its metrics
+    log and resumable checkpoint in ``workdir/member-<k>/``, and a finished member is not retrained.
+    """
+    import torch
+
+    from ..inference import Predictor
+
+    if n_members < 1:
+        raise ValueError(f"n_members must be >= 1, got {n_members}")
+    states, member_metrics = [], []
+    for k in range(n_members):
+        member_dir = Path(workdir) / f"member-{k}" if workdir else None
+        done = member_dir / "member.pt" if member_dir else None
+        if done is not None and done.exists():
+            saved = torch.load(done, weights_only=True)
+            states.append(saved["state_dict"])
+            member_metrics.append(json.loads(saved["metrics"]))
+            continue
+        result = train_member(recipe, instrument, seed=seed + k, workdir=member_dir, device=device,
+                              library=library, progress=progress)
+        states.append(result.state_dict)
+        member_metrics.append(result.metrics)
+        if done is not None:
+            torch.save({"state_dict": result.state_dict, "metrics": json.dumps(result.metrics)}, done)
+
+    metadata = model_metadata(recipe, instrument, {"members": member_metrics}, command=command)
+    predictor = Predictor.from_states(states, {**metadata, "sha256": "unsaved"})
+    from .data import make_data
+
+    counts, truth = make_data(instrument, recipe, seed, library=library).test()
+    ds = predictor.predict(counts.numpy(), check_instrument=False)
+    pred = np.stack([ds[name].values for name in PARAMETERS], axis=1)
+    ensemble = evaluate(pred, truth)
+    ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in PARAMETERS}
+    metadata["metrics"]["ensemble"] = ensemble
+    sha = save_model_file(out, states, metadata)
+    return sha, {**metadata, "sha256": sha}

@@ -1,0 +1,181 @@
+"""Training one ensemble member: epochs, validation, best checkpoint, early stopping, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..models import build_model
+from ..physics import Instrument, crlb
+from .data import Standardiser, make_data, random_parameters
+from .recipes import Recipe
+
+__all__ = ["MemberResult", "crlb_reference", "evaluate", "loss_weights", "train_member"]
+
+PARAMETERS = ("strain", "omega", "chi")
+
+
+@dataclass
+class MemberResult:
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def crlb_reference(instrument: Instrument, max_counts: float, n: int = 64) -> np.ndarray:
+    """RMS Cramer-Rao bound over the parameter box (strain, omega deg, chi deg)."""
+    params = random_parameters(instrument, n, np.random.default_rng(7))
+    bound = crlb(*params.T, instrument, max_counts=max_counts)
+    return np.sqrt((bound**2).mean(axis=0))
+
+
+def loss_weights(recipe: Recipe, instrument: Instrument) -> torch.Tensor:
+    if recipe.loss_weights == "equal":
+        return torch.ones(3)
+    half = np.asarray(Standardiser.for_instrument(instrument).half_range)
+    w = (half / crlb_reference(instrument, recipe.max_counts)) ** 2
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)
+
+
+@torch.inference_mode()
+def predict_standardised(model: torch.nn.Module, counts: torch.Tensor, device: str,
+                         batch: int = 2048) -> torch.Tensor:
+    model.eval()
+    out = [model(counts[i : i + batch].to(device)[:, None]).cpu() for i in range(0, len(counts), batch)]
+    model.train()
+    return torch.cat(out)
+
+
+def evaluate(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """RMSE and bias per parameter, physical units (strain, degrees)."""
+    err = pred - truth
+    out: dict[str, float] = {}
+    for i, name in enumerate(PARAMETERS):
+        out[f"rmse_{name}"] = float(np.sqrt(np.mean(err[:, i] ** 2)))
+        out[f"bias_{name}"] = float(np.mean(err[:, i]))
+    return out
+
+
+def _learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    total = recipe.epochs * steps_per_epoch
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return recipe.learning_rate * (step + 1) / warmup
+    if recipe.lr_schedule == "constant":
+        return recipe.learning_rate
+    t = (step - warmup) / max(1, total - warmup)
+    return recipe.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train_member(
+    recipe: Recipe,
+    instrument: Instrument = Instrument(),
+    *,
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    device: str = "cpu",
+    library: str | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> MemberResult:
+    """Train one network; returns the best-validation weights and its metrics.
+
+    With ``workdir``, writes ``metrics.csv`` (one row per epoch) and ``checkpoint.pt`` after every
+    epoch, and resumes from that checkpoint when it matches this recipe and seed.
+    """
+    torch.manual_seed(seed)
+    bar = tqdm if progress else None
+    data = make_data(instrument, recipe, seed, library=library, progress=bar)
+    model = build_model(recipe.architecture, **recipe.architecture_kwargs).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
+    weights = loss_weights(recipe, instrument).to(device)
+    std = Standardiser.for_instrument(instrument)
+    val_counts, val_params = data.validation()
+    identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed,
+                           "instrument": instrument.to_dict()}, sort_keys=True, default=list)
+
+    start_epoch, history = 0, []
+    best_val, best_state, since_best = math.inf, None, 0
+    workdir = Path(workdir) if workdir is not None else None
+    ckpt_path = workdir / "checkpoint.pt" if workdir else None
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt_path and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["identity"] == identity:
+            model.load_state_dict(ckpt["model"])
+            optimiser.load_state_dict(ckpt["optimiser"])
+            start_epoch, best_val, since_best = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["since_best"]
+            best_state, history = ckpt["best_model"], json.loads(ckpt["history"])
+
+    steps_per_epoch = data.steps_per_epoch()
+    pbar = tqdm(total=recipe.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+                desc=f"{recipe.name} seed {seed}", disable=not progress, unit="step")
+    start_time = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, recipe.epochs):
+        data.prepare(epoch)
+        # Index order on the CPU, noise on the training device; both fixed by (seed, epoch).
+        generators = (torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+                      torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1))
+        running, n_batches = 0.0, 0
+        for i, (x, y) in enumerate(data.batches(epoch, generators, device)):
+            lr = _learning_rate(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            loss = (((model(x[:, None]) - y) ** 2) * weights).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            running += loss.item()
+            n_batches += 1
+            pbar.update(1)
+        pred = predict_standardised(model, val_counts, device)
+        val_loss = float(((pred - torch.as_tensor(std.forward(val_params), dtype=torch.float32)) ** 2
+                          * weights.cpu()).mean())
+        row = {"epoch": epoch, "train_loss": running / max(1, n_batches), "val_loss": val_loss,
+               "lr": lr, "elapsed_s": time.perf_counter() - start_time}
+        row |= {f"val_{k}": v for k, v in evaluate(std.inverse(pred.numpy()), val_params).items()
+                if k.startswith("rmse")}
+        history.append(row)
+        if val_loss < best_val:
+            best_val, since_best = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+        pbar.set_postfix(val_loss=f"{val_loss:.3g}", best=f"{best_val:.3g}")
+        if workdir:
+            _write_history(workdir / "metrics.csv", history)
+            torch.save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
+                        "optimiser": optimiser.state_dict(), "best_val": best_val,
+                        "since_best": since_best, "best_model": best_state,
+                        "history": json.dumps(history)}, ckpt_path)
+        if recipe.early_stopping_patience is not None and since_best >= recipe.early_stopping_patience:
+            stopped_early = True
+            break
+    pbar.close()
+
+    model.load_state_dict(best_state)
+    test_counts, test_params = data.test()
+    test_pred = std.inverse(predict_standardised(model, test_counts, device).numpy())
+    metrics = {f"test_{k}": v for k, v in evaluate(test_pred, test_params).items()}
+    metrics |= {"best_val_loss": best_val, "epochs_trained": len(history),
+                "stopped_early": stopped_early, "test_frames": len(test_params)}
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    return MemberResult(state_dict=state, metrics=metrics, history=history)
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
