@@ -11,6 +11,8 @@ Labels are standardised: (theta - centre) / half_range, per parameter.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,7 +68,24 @@ def noisy_counts(
         expected = expected * torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
     elif low != 1.0:
         expected = expected * low
-    return torch.poisson(expected, generator=generator)
+    if expected.device.type != "cpu" or len(expected) < 2 * _POISSON_THREADS:
+        return torch.poisson(expected, generator=generator)
+    # torch.poisson is single-threaded on the CPU: draw slices in threads (ops release the GIL),
+    # each with a generator seeded from the caller's, so results stay reproducible.
+    seeds = torch.randint(0, 2**62, (_POISSON_THREADS,), generator=generator).tolist()
+    parts = expected.chunk(_POISSON_THREADS)
+    out = list(_poisson_pool().map(
+        lambda args: torch.poisson(args[0], generator=torch.Generator().manual_seed(args[1])),
+        zip(parts, seeds, strict=True)))
+    return torch.cat(out)
+
+
+_POISSON_THREADS = max(1, min(4, torch.get_num_threads()))
+
+
+@functools.cache
+def _poisson_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(_POISSON_THREADS, thread_name_prefix="poisson")
 
 
 class _Data:
