@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -31,6 +32,7 @@ class MemberResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=16)
 def crlb_reference(instrument: Instrument, max_counts: float, n: int = 64) -> np.ndarray:
     """RMS Cramer-Rao bound over the parameter box (strain, omega deg, chi deg)."""
     params = random_parameters(instrument, n, np.random.default_rng(7))

@@ -1,0 +1,184 @@
+"""NanobeamNN: architectures, training, model files and the prediction API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanobeam_bluesky.inference import Flag, InstrumentMismatchError, Predictor
+from nanobeam_bluesky.models import (
+    ModelFileError,
+    NanobeamMLP,
+    PaperCNN,
+    count_parameters,
+    load_model_file,
+    save_model_file,
+)
+from nanobeam_bluesky.physics import Instrument, simulate, to_counts
+from nanobeam_bluesky.training import (
+    DEFAULT_RECIPE,
+    PAPER_RECIPE,
+    OnTheFlyData,
+    train_ensemble,
+    train_member,
+)
+
+# Small and coarse (4 x 4 sub-pixels) so the whole file trains in seconds.
+TINY = DEFAULT_RECIPE.replace(
+    epochs=3,
+    frames_per_epoch=4096,
+    pool_size=2048,
+    validation_frames=256,
+    upsample=4,
+    warmup_epochs=0,
+    architecture_kwargs={"hidden": (64, 64)},
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny.pt"
+    sha, meta = train_ensemble(TINY, 2, out, seed=3, progress=False)
+    return out, sha, meta
+
+
+def test_paper_architecture_has_published_parameter_count():
+    model = PaperCNN()
+    assert count_parameters(model) == 27_771
+    assert model(torch.zeros(5, 1, 64, 64)).shape == (5, 3)
+
+
+def test_mlp_shapes_and_count_invariance():
+    model = NanobeamMLP(hidden=(32, 16))
+    frames = torch.poisson(torch.full((4, 64, 64), 3.0))
+    out = model(frames)
+    assert out.shape == (4, 3)
+    # Per-frame count normalisation: the same pattern at twice the counts gives the same input.
+    torch.testing.assert_close(model(2 * frames), out, rtol=0, atol=1e-4)  # eps in the mean
+    assert model(frames[:, None]).shape == (4, 3)
+
+
+def test_tiny_training_lowers_the_loss():
+    result = train_member(TINY.replace(epochs=4, lr_schedule="constant"), seed=1, progress=False)
+    losses = [row["val_loss"] for row in result.history]
+    # Four short epochs of a small net: the validation loss falls well below its first value.
+    assert min(losses[1:]) < 0.7 * losses[0]
+    assert result.metrics["epochs_trained"] == 4
+
+
+def test_training_is_seeded_and_reproducible():
+    recipe = TINY.replace(epochs=1, frames_per_epoch=1024, pool_size=1024)
+    a = train_member(recipe, seed=5, progress=False)
+    b = train_member(recipe, seed=5, progress=False)
+    for key in a.state_dict:
+        torch.testing.assert_close(a.state_dict[key], b.state_dict[key])
+
+
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
+    recipe = TINY.replace(epochs=2, frames_per_epoch=1024, pool_size=1024)
+    full = train_member(recipe, seed=2, progress=False)
+
+    original = OnTheFlyData.prepare
+
+    def interrupted(self, epoch):  # Ctrl-C as the second epoch starts
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(OnTheFlyData, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_member(recipe, seed=2, workdir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
+
+    resumed = train_member(recipe, seed=2, workdir=tmp_path, progress=False)
+    assert len(resumed.history) == 2
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
+    # Same pool, noise and optimiser state as the uninterrupted run: identical weights.
+    for key in full.state_dict:
+        torch.testing.assert_close(resumed.state_dict[key], full.state_dict[key])
+
+
+def test_model_file_round_trip(tiny_model, tmp_path):
+    path, sha, _ = tiny_model
+    states, loaded = load_model_file(path)
+    assert loaded["sha256"] == sha and len(states) == 2
+    for key in ("architecture", "instrument", "parameter_ranges", "output_normalisation",
+                "count_level", "recipe", "metrics", "package_version", "crlb_rms"):
+        assert key in loaded, key
+    assert loaded["instrument"] == Instrument().to_dict()
+    assert loaded["count_level"]["augmentation"] == [0.5, 3.0]
+    # Tampered weights are detected.
+    blob = torch.load(path, weights_only=True)
+    blob["members"][0]["layers.0.bias"] += 1
+    torch.save(blob, tmp_path / "tampered.pt")
+    with pytest.raises(ModelFileError, match="sha256"):
+        load_model_file(tmp_path / "tampered.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model_file(tmp_path / "truncated.pt")
+
+
+def test_save_model_file_records_sha256(tmp_path):
+    model = NanobeamMLP(hidden=(8,))
+    meta = {"model_id": "x"}
+    sha = save_model_file(tmp_path / "m.pt", [model.state_dict()], meta)
+    _, loaded = load_model_file(tmp_path / "m.pt")
+    assert loaded["sha256"] == sha and loaded["n_members"] == 1
+
+
+def test_predict_returns_dataset_with_uncertainty(tiny_model):
+    predictor = Predictor.from_file(tiny_model[0])
+    rng = np.random.default_rng(0)
+    counts = to_counts(simulate([0.001, -0.002, 0.0], [0.01, -0.02, 0.0], [0.05, 0.0, -0.05]),
+                       7.0, scale=1.0, rng=rng)
+    ds = predictor.predict(counts)
+    assert ds.sizes["frame"] == 3
+    for name, unit in (("strain", "1"), ("omega", "deg"), ("chi", "deg")):
+        assert ds[name].attrs["units"] == unit
+        assert np.all(np.isfinite(ds[name])) and np.all(ds[f"{name}_std"] > 0)
+    # A tiny model may extrapolate (OUT_OF_RANGE) but these frames are usable.
+    assert np.all((ds["flag"] & (Flag.INVALID | Flag.LOW_COUNTS)) == 0)
+    # Raw 128 x 128 ROIs are binned 2 x 2 before prediction: same numbers.
+    raw = np.repeat(np.repeat(counts, 2, axis=1), 2, axis=2) / 4
+    np.testing.assert_allclose(predictor.predict(raw)["strain"], ds["strain"], rtol=1e-5)
+
+
+def test_frames_without_signal_get_nan_and_a_flag(tiny_model):
+    predictor = Predictor.from_file(tiny_model[0])
+    good = to_counts(simulate(0.0, 0.0, 0.0), 7.0, scale=1.0, rng=1)[0]
+    sparse = np.zeros((64, 64), np.float32)
+    sparse[30, 30] = 3
+    bad = np.full((64, 64), np.nan, np.float32)
+    ds = predictor.predict(np.stack([good, np.zeros((64, 64), np.float32), sparse, bad]))
+    usable_bits = ds["flag"].values & (Flag.INVALID | Flag.LOW_COUNTS)
+    assert usable_bits.tolist() == [0, Flag.LOW_COUNTS, Flag.LOW_COUNTS, Flag.INVALID]
+    assert np.isfinite(ds["strain"][0])
+    assert np.all(np.isnan(ds["strain"][1:])) and np.all(np.isnan(ds["omega_std"][1:]))
+
+
+def test_wrong_frame_shape_is_a_clear_error(tiny_model):
+    predictor = Predictor.from_file(tiny_model[0])
+    with pytest.raises(ValueError, match=r"\(N, 64, 64\).*got shape \(2, 100, 100\)"):
+        predictor.predict(np.zeros((2, 100, 100)))
+
+
+def test_model_for_another_instrument_is_refused(tiny_model):
+    predictor = Predictor.from_file(tiny_model[0])
+    other = Instrument(detector_distance_m=1.2)
+    frames = np.ones((1, 64, 64), np.float32) * 3
+    with pytest.raises(InstrumentMismatchError, match="detector_distance_m"):
+        predictor.predict(frames, instrument=other)
+    ds = predictor.predict(frames, instrument=other, allow_instrument_mismatch=True)
+    assert ds.sizes["frame"] == 1
+    predictor.predict(frames, instrument=Instrument())  # the model's own instrument is fine
+
+
+def test_paper_recipe_is_the_published_one():
+    assert PAPER_RECIPE.learning_rate == 1e-4 and PAPER_RECIPE.batch_size == 64
+    assert PAPER_RECIPE.split == (0.8, 0.1, 0.1) and PAPER_RECIPE.data == "grid"
+    assert PAPER_RECIPE.max_counts == 7.0 and not PAPER_RECIPE.fresh_noise
+    json.dumps(PAPER_RECIPE.to_dict())
