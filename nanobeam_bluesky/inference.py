@@ -199,11 +199,10 @@ class Predictor:
 
     def quality_flags(self, frames: np.ndarray) -> np.ndarray:
         """Flag bits per frame for unusable input (INVALID, LOW_COUNTS)."""
-        flags = np.zeros(len(frames), dtype=np.uint8)
         flat = frames.reshape(len(frames), -1)
-        invalid = ~np.isfinite(flat).all(axis=1) | (np.nan_to_num(flat, nan=0.0) < 0).any(axis=1)
-        flags[invalid] |= np.uint8(Flag.INVALID)
-        totals = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0).sum(axis=1)
+        totals = flat.sum(axis=1, dtype=np.float64)  # NaN or inf propagate into the total
+        invalid = ~np.isfinite(totals) | (flat.min(axis=1, initial=0.0) < 0)
+        flags = np.where(invalid, np.uint8(Flag.INVALID), np.uint8(0))
         flags[~invalid & (totals < self.min_total_counts)] |= np.uint8(Flag.LOW_COUNTS)
         return flags
 
@@ -232,7 +231,9 @@ class Predictor:
         usable = flags == 0
         mean = np.full((len(arr), 3), np.nan)
         std = np.full((len(arr), 3), np.nan)
-        if usable.any():
+        if usable.all():
+            mean, std = self.predict_arrays(arr)
+        elif usable.any():
             mean[usable], std[usable] = self.predict_arrays(np.ascontiguousarray(arr[usable]))
         flags |= self.range_flags(mean)
         return self.to_dataset(mean, std, flags)

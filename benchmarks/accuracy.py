@@ -1,0 +1,59 @@
+"""Accuracy of a model against the Cramér–Rao bound on fresh off-grid frames.
+
+    python benchmarks/accuracy.py [--model FILE] [--frames 4000] [--levels 3.5 7 14]
+
+For each count level (expected counts of the Laue maximum), simulates frames at random
+(off-grid) parameters over the model's box, draws Poisson counts, predicts, and prints the RMSE
+and bias per parameter beside the RMS CRLB at the same parameters and their ratio. Several
+models (--model A --model B) are measured side by side on the same frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from nanobeam_bluesky.inference import Predictor, load_pretrained
+from nanobeam_bluesky.physics import crlb, simulate, to_counts
+from nanobeam_bluesky.training import random_parameters
+
+NAMES = ("strain", "omega", "chi")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", action="append", help="model file(s); default: the shipped one")
+    parser.add_argument("--frames", type=int, default=4000)
+    parser.add_argument("--levels", type=float, nargs="+", default=[3.5, 7.0, 14.0])
+    parser.add_argument("--upsample", type=int, default=None, help="sub-pixels of the test frames")
+    parser.add_argument("--crlb-points", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+
+    predictors = [Predictor.from_file(p) for p in args.model] if args.model else [load_pretrained()]
+    inst = predictors[0].instrument
+    rng = np.random.default_rng(args.seed)
+    params = random_parameters(inst, args.frames, rng)
+    frames = simulate(*params.T, inst, upsample=args.upsample)
+    print(f"{args.frames} off-grid frames, instrument '{inst.name}', sub-pixels "
+          f"{args.upsample or inst.upsample}x{args.upsample or inst.upsample}")
+    for level in args.levels:
+        bound = crlb(*params[: args.crlb_points].T, inst, max_counts=level)
+        bound_rms = np.sqrt((bound**2).mean(axis=0))
+        counts = to_counts(frames, level, scale=1.0, rng=rng)
+        print(f"\n-- {level:g} counts at the Laue maximum --")
+        header = ("model", "param", "RMSE", "bias", "CRLB", "RMSE/CRLB", "mean std")
+        print("{:<28}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}".format(*header))
+        for predictor in predictors:
+            ds = predictor.predict(counts)
+            for i, name in enumerate(NAMES):
+                err = ds[name].values - params[:, i]
+                rmse = float(np.sqrt(np.nanmean(err**2)))
+                label = f"{predictor.model_id} (K={predictor.n_members})" if i == 0 else ""
+                print(f"{label:<28}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
+                      f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}")
+
+
+if __name__ == "__main__":
+    main()
