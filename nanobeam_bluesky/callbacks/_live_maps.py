@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from event_model import DocumentRouter
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -101,7 +102,8 @@ class LiveStrainMaps(DocumentRouter):
         self.shape = shape
         self.fields = tuple(fields)
         self.redraw_period_s = redraw_period_s
-        self.figure = figure if figure is not None else Figure(figsize=(4.2 * len(self.fields), 3.8))
+        self.figure = figure if figure is not None else Figure(figsize=(4.4 * len(self.fields), 4.0),
+                                                                  layout="constrained")
         if figure is None:
             FigureCanvasAgg(self.figure)
         self.maps: dict[str, np.ndarray] = {}
@@ -171,8 +173,8 @@ class LiveStrainMaps(DocumentRouter):
         self._images = {}
         for ax, f in zip(axes, self.fields, strict=True):
             base = f.removesuffix("_std")
-            image = ax.imshow(self.maps[f], extent=extent, interpolation="nearest", cmap="viridis")
-            image.cmap.set_bad("0.85")
+            image = ax.imshow(self.maps[f], extent=extent, interpolation="nearest",
+                              cmap=colormaps["viridis"].with_extremes(bad="0.85"))
             unit = UNITS.get(base, "")
             ax.set_title(f"{_LABELS.get(base, base)}{' std' if f.endswith('_std') else ''}"
                          f"{f' ({unit})' if unit not in ('', '1') else ''}")
@@ -183,7 +185,6 @@ class LiveStrainMaps(DocumentRouter):
         parent = start.get("parent_uid", "")
         model = (start.get("nanobeam") or {}).get("model_id", "")
         self.figure.suptitle(f"scan {start.get('scan_id', '?')} ({parent[:8]}), model {model}", fontsize=9)
-        self.figure.set_layout_engine("constrained")
 
     def _draw(self) -> None:
         for f, image in self._images.items():
