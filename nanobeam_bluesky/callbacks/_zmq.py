@@ -90,10 +90,11 @@ def listen(
         for task in asyncio.all_tasks(dispatcher.loop):
             task.cancel()
 
-    try:
-        dispatcher.loop.add_signal_handler(signal.SIGTERM, shutdown)
-    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            dispatcher.loop.add_signal_handler(sig, shutdown)
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals
+            pass
     if on_ready is not None:
         dispatcher.loop.call_soon(on_ready)
     try:
