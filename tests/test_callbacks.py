@@ -23,7 +23,14 @@ from bluesky import RunEngine
 from event_model import DocumentNames, compose_run, schema_validators
 from ophyd_async.core import init_devices
 
-from nanobeam_bluesky.callbacks import ImageKeyError, LiveStrainMaps, NanobeamCallback
+from nanobeam_bluesky.callbacks import (
+    FrameLayout,
+    ImageKeyError,
+    LiveStrainMaps,
+    NanobeamCallback,
+    Storage,
+    find_frame_layout,
+)
 from nanobeam_bluesky.devices import (
     FrameSimulator,
     NanoprobeFlyDetector,
@@ -33,7 +40,7 @@ from nanobeam_bluesky.devices import (
     SampleMap,
     fly_raster_scan,
 )
-from nanobeam_bluesky.inference import Flag, Predictor
+from nanobeam_bluesky.inference import Flag, InstrumentMismatchError, Predictor
 from nanobeam_bluesky.physics import Instrument
 
 ModelUnderTest = Any  # conftest.ModelUnderTest: predictor, path, shipped
@@ -249,6 +256,30 @@ def test_wrong_frame_shape_is_a_clear_error_at_the_descriptor(model: ModelUnderT
         RE(bp.count([det]))
     callback.close()
     assert derived.docs == []
+
+
+def test_instrument_mismatch_is_a_clear_error_at_the_descriptor(model: ModelUnderTest,
+                                                                beamline: Beamline) -> None:
+    bl = beamline
+    callback, derived = analyse(model, bl.RE)
+    other = Instrument(energy_kev=9.0).to_dict()
+    with pytest.raises(InstrumentMismatchError, match="energy_kev"):
+        bl.RE(bp.count([bl.step_detector]), nanobeam_instrument=other)
+    callback.close()
+    assert derived.docs == []
+
+
+def test_frame_layout_detection() -> None:
+    shapes = ((64, 64), (128, 128))
+    keys = {"roi": {"source": "s", "dtype": "array", "shape": [1, 128, 128], "external": "STREAM:"},
+            "full": {"source": "s", "dtype": "array", "shape": [512, 512]},
+            "x": {"source": "s", "dtype": "number", "shape": []}}
+    layout = find_frame_layout({"name": "primary", "data_keys": keys}, shapes)
+    assert layout == FrameLayout("roi", (128, 128), Storage.STREAM)
+    keys["binned"] = {"source": "s", "dtype": "array", "shape": [64, 64]}
+    with pytest.raises(ImageKeyError, match=r"several frame-shaped keys \['roi', 'binned'\]"):
+        find_frame_layout({"name": "primary", "data_keys": keys}, shapes)
+    assert find_frame_layout({"data_keys": keys}, shapes, "binned").storage is Storage.INLINE
 
 
 def test_legacy_resource_datum_frames_match_direct_prediction(model: ModelUnderTest, workdir: Path,

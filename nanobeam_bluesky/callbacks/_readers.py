@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,7 +102,6 @@ class AreaDetectorHDF5Handler:
     """
 
     specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
-    _lock = threading.Lock()
 
     def __init__(self, filename: str, frame_per_point: int = 1, dataset: str = "/entry/data/data",
                  timeout_s: float = 10.0) -> None:
