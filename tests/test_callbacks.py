@@ -153,6 +153,8 @@ def test_grid_step_scan_maps_the_phantom(model: ModelUnderTest, beamline: Beamli
     callback, derived = analyse(model, bl.RE)
     maps = LiveStrainMaps(workdir / "maps", redraw_period_s=0.0)
     callback.subscribe(maps)
+    stops: list[str] = []
+    callback.subscribe(lambda name, doc: stops.append(name), "stop")
     last = (N - 1) * PIXEL_UM
     bl.RE(bp.grid_scan([bl.step_detector], bl.stage.y, 0, last, N, bl.stage.x, 0, last, N))
     assert callback.flush(timeout=60)
@@ -164,6 +166,7 @@ def test_grid_step_scan_maps_the_phantom(model: ModelUnderTest, beamline: Beamli
     raw_x = {e["seq_num"]: e["data"]["stage-x"] for e in bl.raw.of("event")}
     assert np.allclose(rows["stage-x"], [raw_x[s] for s in rows["raw_seq_num"]])
     assert_maps_match(model, bl.sample, rows, "stage-x", "stage-y")
+    assert stops == ["stop"]
     (png,) = maps.saved
     assert png.stat().st_size > 10_000
     assert np.isfinite(maps.maps["strain"]).all()

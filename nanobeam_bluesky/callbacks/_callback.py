@@ -171,16 +171,27 @@ class NanobeamCallback(DocumentRouter):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
-        self._subscribers: dict[int, DocumentCallback] = {}
+        self._subscribers: dict[int, tuple[DocumentCallback, str]] = {}
         self._tokens = itertools.count()
 
     # ------------------------------------------------------------------ public API
-    def subscribe(self, func: DocumentCallback) -> int:
-        """Send every derived document to ``func(name, doc)``; returns a token. Holds a strong ref."""
+    def subscribe(self, func: DocumentCallback, name: str = "all") -> int:
+        """Send derived documents to ``func(name, doc)``, as ``RunEngine.subscribe`` does.
+
+        Args:
+            func: the callback; a strong reference is kept until :meth:`unsubscribe`.
+            name: a document name ("start", "event_page", ...) to receive only those, or "all".
+
+        Returns a token for :meth:`unsubscribe`. Callbacks run on the analysis thread.
+        """
         if not callable(func):
             raise TypeError(f"subscribe needs a callable func(name, doc), got {func!r}")
+        names = {"all", "start", "descriptor", "event_page", "stop"}
+        if name not in names:
+            raise ValueError(f"name must be one of {sorted(names)} (derived runs have no other documents), "
+                             f"got {name!r}")
         token = next(self._tokens)
-        self._subscribers[token] = func
+        self._subscribers[token] = (func, name)
         return token
 
     def unsubscribe(self, token: int) -> None:
@@ -213,7 +224,9 @@ class NanobeamCallback(DocumentRouter):
 
     def emit(self, name: str, doc: dict[str, Any]) -> None:
         """Pass one derived document to every subscriber (a failing subscriber is logged)."""
-        for func in list(self._subscribers.values()):
+        for func, wanted in list(self._subscribers.values()):
+            if wanted != "all" and wanted != name:
+                continue
             try:
                 func(name, doc)
             except Exception:
