@@ -56,7 +56,7 @@ def model(request: pytest.FixtureRequest) -> ModelUnderTest:
         pass
     from nanobeam_bluesky.training import DEFAULT_RECIPE, train_ensemble
 
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     cache_dir = Path(cache.mkdir("nanobeam-tiny-model")) if cache is not None else Path(tempfile.mkdtemp())
     path = _tiny_model_path(cache_dir)
     if not path.exists():
