@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scan_layout=layout,
         readable=tuple(args.readable or ()),
         catalog_uri=args.catalog_uri,
+        files_catalog_uri=args.files_catalog_uri,
         tables_uri=args.tables_uri,
         host=args.host,
         port=args.port,
@@ -172,6 +173,8 @@ def _add_serve(sub) -> None:
                    help="another directory the catalogs may read (detector files; repeatable)")
     p.add_argument("--catalog-uri", default=None,
                    help="run catalog database (default sqlite in DATA_DIR; postgresql://... )")
+    p.add_argument("--files-catalog-uri", default=None,
+                   help="database of the /files catalog (default next to the run catalog)")
     p.add_argument("--tables-uri", default=None,
                    help="event-table storage (default sqlite in DATA_DIR; duckdb:///..., postgresql://...)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")

@@ -11,7 +11,7 @@ sample name        ``sample``                     ``RE.md["sample"] = "SrIrO3/LS
 scan type          ``plan_name``                  ``"grid_scan"``, ``"fly_scan"`` (set by plans)
 date               ``time``                       ``TimeRange(since="2025-03-01")``
 derived runs       ``parent_uid``                 uid of the raw run a derived run analyses
-analysing model    ``model_sha256``               sha256 of the model file's weights
+analysing model    ``nanobeam.model_sha256``      sha256 of the model file's weights
 =================  =============================  ==============================================
 """
 
@@ -37,7 +37,7 @@ __all__ = [
 SAMPLE_KEY = "sample"
 SCAN_TYPE_KEY = "plan_name"
 PARENT_UID_KEY = "parent_uid"
-MODEL_SHA256_KEY = "model_sha256"
+MODEL_SHA256_KEY = "nanobeam.model_sha256"
 
 
 def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> Any:
@@ -116,25 +116,33 @@ def runs_analysed_by(catalog: Any, sha256: str) -> Any:
     return _search_eq(catalog, MODEL_SHA256_KEY, sha256)
 
 
-def writer_batch_size(points_per_row: int | None = None, *, frame_rate_hz: float | None = None,
-                      latency_s: float = 2.0) -> int:
-    """Events per TiledWriter write: results show within ``latency_s`` yet writes stay few.
+def writer_batch_size(
+    points_per_row: int | None = None,
+    *,
+    frame_rate_hz: float | None = None,
+    latency_s: float = 2.0,
+    min_interval_s: float = 0.5,
+) -> int:
+    """Events per TiledWriter write: results show within ``latency_s`` yet the writer keeps pace.
 
-    ``TiledWriter(batch_size=1)`` makes two HTTP writes per event, which cannot keep pace with a
-    detector; its default (10,000) shows nothing until the run ends. A step scan is written one
-    row at a time (``points_per_row``), capped by what ``latency_s`` of frames at
-    ``frame_rate_hz`` amounts to; without either, 50 events.
+    ``TiledWriter(batch_size=1)`` makes two HTTP writes per event (about 7 events/s here), which
+    cannot keep pace with a detector; its default (10,000) shows nothing until the run ends. One
+    write costs ~0.1-0.3 s, so writes should come at most every ``min_interval_s``. A step scan is
+    written a row at a time (``points_per_row``), kept between ``frame_rate_hz * min_interval_s``
+    and ``frame_rate_hz * latency_s`` when the rate is known; with nothing known, 50 events.
     """
-    candidates = []
-    if points_per_row:
-        candidates.append(int(points_per_row))
     if frame_rate_hz:
-        candidates.append(int(frame_rate_hz * latency_s))
-    size = min(candidates) if candidates else 50
-    return max(1, size)
+        low = frame_rate_hz * min_interval_s
+        high = frame_rate_hz * latency_s
+        size = high if not points_per_row else min(max(points_per_row, low), high)
+    else:
+        size = points_per_row or 50
+    return max(1, int(size))
 
 
-def tiled_writer(catalog: Any, *, batch_size: int | None = None, **kwargs: Any) -> Any:
+def tiled_writer(
+    catalog: Any, *, batch_size: int | None = None, api_key: str | None = None, **kwargs: Any
+) -> Any:
     """bluesky-tiled-plugins' ``TiledWriter`` on ``catalog``, batched by :func:`writer_batch_size`.
 
     ``max_array_size=0`` stores every array as an array (tiled otherwise stores arrays of <= 16
@@ -144,4 +152,5 @@ def tiled_writer(catalog: Any, *, batch_size: int | None = None, **kwargs: Any) 
     from bluesky_tiled_plugins import TiledWriter
 
     kwargs.setdefault("max_array_size", 0)
-    return TiledWriter(open_catalog(catalog), batch_size=batch_size or writer_batch_size(), **kwargs)
+    client = open_catalog(catalog, api_key=api_key)
+    return TiledWriter(client, batch_size=batch_size or writer_batch_size(), **kwargs)

@@ -73,7 +73,10 @@ class ServerConfig:
         readable: more directories the catalogs may read: where detectors write their HDF5
             files (fly scans register them as StreamResources), files to ``tiled register``.
         catalog_uri: database of the run catalog; default ``sqlite:///<data_dir>/catalog.db``.
-            A facility gives ``postgresql://user@host/db`` (password through the environment).
+            A facility gives ``postgresql://user:${PGPASSWORD}@host/db``: ``${VAR}`` is expanded
+            from the environment when the server starts, so no password lands in the config.
+        files_catalog_uri: database of the /files catalog; default ``files.db`` next to the
+            run catalog (for PostgreSQL: database ``nanobeam_files`` on the same server).
         tables_uri: event-table storage; default SQLite in the data directory. Also
             ``duckdb:///...`` or ``postgresql://...``.
         host, port: where to listen; loopback by default.
@@ -91,6 +94,7 @@ class ServerConfig:
     scan_layout: dict[str, str] = field(default_factory=dict)
     readable: tuple[Path, ...] = ()
     catalog_uri: str | None = None
+    files_catalog_uri: str | None = None
     tables_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -135,6 +139,8 @@ class ServerConfig:
 
     def files_database(self) -> str:
         """The database of the /files catalog (next to the run catalog)."""
+        if self.files_catalog_uri:
+            return self.files_catalog_uri
         if self.catalog_uri and not self.catalog_uri.startswith("sqlite"):
             return self.catalog_uri.rsplit("/", 1)[0] + "/nanobeam_files"
         return f"sqlite:///{self.data_dir / 'files.db'}"
@@ -167,6 +173,8 @@ class ServerConfig:
             args += ["--readable", str(path)]
         if self.catalog_uri:
             args += ["--catalog-uri", self.catalog_uri]
+        if self.files_catalog_uri:
+            args += ["--files-catalog-uri", self.files_catalog_uri]
         if self.tables_uri:
             args += ["--tables-uri", self.tables_uri]
         return args
@@ -341,8 +349,8 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
 
     key = resolve_api_key(config.data_dir, api_key)
     write_server_config(config)
-    ensure_catalog(config.catalog_database())
-    ensure_catalog(config.files_database())
+    ensure_catalog(os.path.expandvars(config.catalog_database()))
+    ensure_catalog(os.path.expandvars(config.files_database()))
     os.environ[API_KEY_ENV] = key
     parsed = parse_configs(config.config_path)
     app = build_app_from_config(parsed)

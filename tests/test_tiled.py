@@ -321,8 +321,9 @@ def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, raw_run):
     sha = "ab" * 32
     writer = tiled_writer(runs, batch_size=10)
     bundle = compose_run(
-        metadata={"parent_uid": raw_run["uid"], "analysis_stage": "derived", "model_sha256": sha,
-                  "sample": "SIO-A"}
+        # The keys NanobeamCallback's derived runs carry.
+        metadata={"parent_uid": raw_run["uid"], "analysis_stage": "nanobeam_nn",
+                  "nanobeam": {"model_sha256": sha}, "sample": "SIO-A"}
     )
     writer("start", bundle.start_doc)
     keys = {k: {"source": "nanobeam", "dtype": "number", "shape": [], "dtype_numpy": "<f8"}
@@ -373,8 +374,9 @@ def test_simulate_scan_cli_writes_the_documented_layout(tmp_path):
 
 
 def test_writer_batch_size_keeps_pace_and_shows_rows():
-    assert writer_batch_size(points_per_row=165) == 165
-    assert writer_batch_size(points_per_row=165, frame_rate_hz=20, latency_s=2) == 40
+    assert writer_batch_size(points_per_row=165) == 165  # a row at a time
+    assert writer_batch_size(points_per_row=165, frame_rate_hz=20, latency_s=2) == 40  # shows in 2 s
+    assert writer_batch_size(points_per_row=4, frame_rate_hz=200) == 100  # writes every 0.5 s
     assert writer_batch_size() == 50 and writer_batch_size(frame_rate_hz=0.1) == 1
 
 
