@@ -226,6 +226,56 @@ def _add_simulate_scan(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_instrument(p)
     p.set_defaults(func=cmd_simulate_scan)
+# ------------------------------------------------------------------ listen
+def cmd_listen(args: argparse.Namespace) -> int:
+    from .callbacks import listen
+    from .inference import Predictor, load_pretrained
+
+    predictor = (Predictor.from_file(args.model, device=args.device) if args.model
+                 else load_pretrained(device=args.device))
+    instrument = _instrument(args.instrument) if args.instrument else None
+
+    def ready() -> None:
+        print(f"nanobeam listen: model {predictor.model_id} ({predictor.sha256[:12]}); raw documents from "
+              f"{args.from_address}, derived runs to {args.to_address} (prefix {args.out_prefix!r}); ready",
+              flush=True)
+
+    callback = listen(
+        predictor, args.from_address, args.to_address,
+        in_prefix=args.in_prefix.encode(), out_prefix=args.out_prefix.encode(),
+        maps_directory=args.maps, on_ready=ready, image_key=args.image_key,
+        stream_name=args.stream, batch_size=args.batch_size, instrument=instrument,
+        allow_instrument_mismatch=args.allow_instrument_mismatch,
+    )
+    s = callback.stats
+    print(f"nanobeam listen: stopped after {s.rows_emitted} derived rows "
+          f"(mean latency {s.mean_latency_s * 1e3:.1f} ms)", flush=True)
+    return 0
+
+
+def _add_listen(sub) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="analyse scans live from a 0MQ proxy and republish the derived strain/tilt runs",
+        description="Subscribe to a bluesky-0MQ-proxy, run NanobeamNN on every frame, publish the "
+        "derived runs back to the proxy with their own prefix. Start it before the scans.",
+    )
+    p.add_argument("--from", dest="from_address", required=True, metavar="ADDRESS",
+                   help="the proxy's out-address, raw documents (e.g. tcp://127.0.0.1:5578)")
+    p.add_argument("--to", dest="to_address", required=True, metavar="ADDRESS",
+                   help="the proxy's in-address, for the derived documents (e.g. tcp://127.0.0.1:5577)")
+    p.add_argument("--model", default=None, help="model file (default: the shipped pretrained model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--image-key", default=None, help="data key of the frames (default: found by shape)")
+    p.add_argument("--stream", default="primary", help="raw stream with the frames")
+    p.add_argument("--batch-size", type=int, default=1024, help="most frames per model call")
+    p.add_argument("--in-prefix", default="", help="only analyse documents with this 0MQ prefix")
+    p.add_argument("--out-prefix", default="nanobeam", help="0MQ prefix of the derived documents")
+    p.add_argument("--maps", default=None, metavar="DIR", help="also save live map PNGs here")
+    p.add_argument("--allow-instrument-mismatch", action="store_true",
+                   help="use the model even if the scan's instrument differs")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_listen)
 
 
 # ------------------------------------------------------------------ demo
@@ -251,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_simulate_library, _add_train, _add_preview, _add_serve,
-                _add_simulate_scan):
+                _add_simulate_scan, _add_listen):
         add(sub)
     return parser
 

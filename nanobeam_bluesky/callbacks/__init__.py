@@ -1,0 +1,35 @@
+"""Live analysis callbacks: raw diffraction frames -> a derived (strain, omega, chi) run.
+
+- :class:`NanobeamCallback`: the analysis, as an event-model DocumentRouter.
+- :class:`LiveStrainMaps`: matplotlib maps of the derived rows, saved as PNG at stop.
+- :func:`listen`: the callback behind bluesky's 0MQ RemoteDispatcher (``nanobeam listen``).
+"""
+
+from ._callback import CallbackStats, NanobeamCallback
+from ._derived import ANALYSIS_STAGE, DERIVED_FIELDS, DerivedRun, is_derived_start
+from ._frames import FrameLayout, ImageKeyError, Storage, find_frame_layout, find_position_keys
+from ._live_maps import LiveStrainMaps, MapGrid
+from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
+from ._zmq import DERIVED_PREFIX, GuardedCallback, listen
+
+__all__ = [
+    "ANALYSIS_STAGE",
+    "DERIVED_FIELDS",
+    "DERIVED_PREFIX",
+    "AreaDetectorHDF5Handler",
+    "CallbackStats",
+    "DerivedRun",
+    "FrameLayout",
+    "GuardedCallback",
+    "ImageKeyError",
+    "LiveStrainMaps",
+    "MapGrid",
+    "NanobeamCallback",
+    "Storage",
+    "StreamReadError",
+    "StreamResourceReader",
+    "find_frame_layout",
+    "find_position_keys",
+    "is_derived_start",
+    "listen",
+]

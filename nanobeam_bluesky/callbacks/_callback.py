@@ -1,0 +1,508 @@
+"""``NanobeamCallback``: raw diffraction frames in, a derived (strain, omega, chi) run out, live."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from event_model import DocumentRouter, Filler
+
+from ..inference import Flag, Predictor
+from ..physics import Instrument
+from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
+from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
+from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
+from ._rows import RowBlock, StreamJoin
+
+__all__ = ["CallbackStats", "NanobeamCallback"]
+
+logger = logging.getLogger(__name__)
+
+DocumentCallback = Callable[[str, dict[str, Any]], Any]
+
+
+@dataclass
+class CallbackStats:
+    """Running totals of a NanobeamCallback (updated by its analysis thread)."""
+
+    frames_received: int = 0
+    rows_emitted: int = 0
+    batches: int = 0
+    #: Seconds spent inside the model.
+    predict_s: float = 0.0
+    #: Sum and maximum of (row emitted - raw documents received), seconds.
+    latency_sum_s: float = 0.0
+    latency_max_s: float = 0.0
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.latency_sum_s / self.rows_emitted if self.rows_emitted else float("nan")
+
+
+@dataclass
+class _Run:
+    """Analysis-thread state of one raw run with a frame stream."""
+
+    derived: DerivedRun
+    layout: FrameLayout
+    position_keys: list[str]
+    join: StreamJoin
+    pending: list[RowBlock] = field(default_factory=list)
+    stream_resources: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    readers: dict[str, StreamResourceReader] = field(default_factory=dict)
+    filler: Filler | None = None
+    errors: list[str] = field(default_factory=list)
+    model_error_frames: int = 0
+    unreadable_frames: int = 0
+
+    @property
+    def pending_frames(self) -> int:
+        return sum(len(b) for b in self.pending)
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()
+        if self.filler is not None:
+            self.filler.close()
+
+
+# Work items passed from the calling (RunEngine) thread to the analysis thread.
+@dataclass
+class _Open:
+    start: Mapping[str, Any]
+    descriptor: Mapping[str, Any]
+    layout: FrameLayout
+    position_keys: list[str]
+
+
+@dataclass
+class _Doc:
+    name: str
+    doc: Mapping[str, Any]
+    received: float
+
+
+@dataclass
+class _Barrier:
+    done: threading.Event
+
+
+_CLOSE = object()
+
+
+class NanobeamCallback(DocumentRouter):
+    """Turns the diffraction frames of a raw Bluesky run into a derived run of (ε, ω, χ), live.
+
+    Subscribe it to a RunEngine (``RE.subscribe(callback)``) or any document source. Derived
+    documents go to the callables registered with :meth:`subscribe`. The model runs on a
+    background thread in batches: the raw documents are never blocked, copied or reordered.
+
+    Args:
+        predictor: a :class:`~nanobeam_bluesky.inference.Predictor` (e.g. ``load_pretrained()``).
+        image_key: the data key of the frames; None finds the one key of the model's frame shape
+            (binned 64 x 64 counts or raw 128 x 128 ROIs, optionally [1, H, W]).
+        stream_name: the raw stream that carries the frames.
+        position_keys: raw scalar keys copied into each derived row (sample x/y, µm); None takes
+            the start document's ``hints.dimensions`` and ``motors``.
+        batch_size: most frames per model call; smaller batches form when frames arrive slowly.
+        instrument: the data's instrument; None takes the start document's
+            ``nanobeam_instrument`` (if any). A model trained for another instrument is an error
+            at the descriptor unless ``allow_instrument_mismatch``.
+        handler_registry: extra legacy Resource spec handlers (``AD_HDF5`` is built in).
+        read_timeout_s: how long to wait for announced frames to appear in an HDF5 file.
+        analysis_stage: the ``analysis_stage`` label of the derived start document.
+        validate_pages: validate every derived EventPage against event-model's schema (slow:
+            about 0.2 ms per row); by default the first page of each run is validated, and the
+            start, descriptor and stop documents always are.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        image_key: str | None = None,
+        stream_name: str = "primary",
+        position_keys: Sequence[str] | None = None,
+        batch_size: int = 1024,
+        instrument: Instrument | None = None,
+        allow_instrument_mismatch: bool = False,
+        handler_registry: Mapping[str, Any] | None = None,
+        read_timeout_s: float = 10.0,
+        analysis_stage: str = ANALYSIS_STAGE,
+        validate_pages: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.predictor = predictor
+        self.image_key = image_key
+        self.stream_name = stream_name
+        self.position_keys = None if position_keys is None else list(position_keys)
+        self.batch_size = batch_size
+        self.instrument = instrument
+        self.allow_instrument_mismatch = allow_instrument_mismatch
+        self.handler_registry = {spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs}
+        self.handler_registry.update(handler_registry or {})
+        self.read_timeout_s = read_timeout_s
+        self.analysis_stage = analysis_stage
+        self.validate_pages = validate_pages
+        f = predictor.frame_pixels
+        raw = f * predictor.instrument.binning
+        self.frame_shapes = ((f, f), (raw, raw))
+        self.stats = CallbackStats()
+        # Calling-thread state: which documents matter.
+        self._starts: dict[str, Mapping[str, Any]] = {}
+        self._descriptors: dict[str, str] = {}  # frame-stream descriptor uid -> run uid
+        self._skipped_runs: set[str] = set()
+        # Analysis-thread state.
+        self._runs: dict[str, _Run] = {}
+        self._run_of_descriptor: dict[str, _Run] = {}
+        self._fillers: dict[str, Filler] = {}  # raw run uid -> legacy Resource/Datum filler
+        self._filler_of_resource: dict[str, Filler] = {}
+        self._last_start: str | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self._subscribers: dict[int, DocumentCallback] = {}
+        self._tokens = itertools.count()
+
+    # ------------------------------------------------------------------ public API
+    def subscribe(self, func: DocumentCallback) -> int:
+        """Send every derived document to ``func(name, doc)``; returns a token. Holds a strong ref."""
+        if not callable(func):
+            raise TypeError(f"subscribe needs a callable func(name, doc), got {func!r}")
+        token = next(self._tokens)
+        self._subscribers[token] = func
+        return token
+
+    def unsubscribe(self, token: int) -> None:
+        self._subscribers.pop(token, None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every frame received so far has its derived row emitted.
+
+        Returns False if ``timeout`` (s) passed first.
+        """
+        if self._worker is None:
+            return True
+        done = threading.Event()
+        self._queue.put(_Barrier(done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish queued work and stop the analysis thread."""
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            self._queue.put(_CLOSE)
+            worker.join(timeout)
+
+    def __enter__(self) -> NanobeamCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def emit(self, name: str, doc: dict[str, Any]) -> None:
+        """Pass one derived document to every subscriber (a failing subscriber is logged)."""
+        for func in list(self._subscribers.values()):
+            try:
+                func(name, doc)
+            except Exception:
+                logger.exception("subscriber %r failed on a derived %s document", func, name)
+
+    # ------------------------------------------------------------------ raw documents (caller thread)
+    def _put(self, item: Any) -> None:
+        if self._worker is None:
+            with self._worker_lock:
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="nanobeam-analysis",
+                                                    daemon=True)
+                    self._worker.start()
+        self._queue.put(item)
+
+    def start(self, doc):
+        if is_derived_start(doc):
+            self._skipped_runs.add(doc["uid"])
+        else:
+            self._starts[doc["uid"]] = doc
+            self._put(_Doc("start", doc, time.monotonic()))
+
+    def descriptor(self, doc):
+        run_uid = doc["run_start"]
+        if doc.get("name", "primary") != self.stream_name or run_uid in self._skipped_runs:
+            return
+        start = self._starts.get(run_uid)
+        if start is None:
+            self._warn_unknown_run(run_uid)
+            return
+        layout = find_frame_layout(doc, self.frame_shapes, self.image_key)
+        positions = find_position_keys(start, doc, self.position_keys)
+        instrument = self.instrument
+        if instrument is None and isinstance(start.get("nanobeam_instrument"), Mapping):
+            instrument = Instrument.from_dict(dict(start["nanobeam_instrument"]))
+        self.predictor.check_instrument(instrument, allow_mismatch=self.allow_instrument_mismatch)
+        self._descriptors[doc["uid"]] = run_uid
+        self._put(_Open(start, doc, layout, positions))
+
+    def event_page(self, doc):
+        if doc["descriptor"] in self._descriptors:
+            self._put(_Doc("event_page", doc, time.monotonic()))
+
+    def stream_resource(self, doc):
+        if doc.get("run_start", next(iter(self._starts), None)) in self._starts:
+            self._put(_Doc("stream_resource", doc, time.monotonic()))
+
+    def stream_datum(self, doc):
+        if doc["descriptor"] in self._descriptors:
+            self._put(_Doc("stream_datum", doc, time.monotonic()))
+
+    def resource(self, doc):
+        if self._starts:
+            self._put(_Doc("resource", doc, time.monotonic()))
+
+    def datum_page(self, doc):
+        if self._starts:
+            self._put(_Doc("datum_page", doc, time.monotonic()))
+
+    def datum(self, doc):
+        if self._starts:
+            self._put(_Doc("datum", doc, time.monotonic()))
+        return doc
+
+    def stop(self, doc):
+        run_uid = doc["run_start"]
+        self._skipped_runs.discard(run_uid)
+        if self._starts.pop(run_uid, None) is None:
+            return
+        for uid in [u for u, r in self._descriptors.items() if r == run_uid]:
+            del self._descriptors[uid]
+        self._put(_Doc("stop", doc, time.monotonic()))
+
+    def _warn_unknown_run(self, run_uid: str) -> None:
+        if run_uid not in self._skipped_runs:
+            self._skipped_runs.add(run_uid)
+            logger.warning(
+                "skipping run %s: its start document was not received (the callback joined "
+                "mid-run, e.g. a 0MQ subscriber that connected late). Start it before the scan.",
+                run_uid,
+            )
+
+    # ------------------------------------------------------------------ analysis thread
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(block=not self._pending_any())
+            except queue.Empty:  # nothing queued: predict what has accumulated
+                self._predict_all()
+                continue
+            if item is _CLOSE:
+                self._predict_all(force=True)
+                return
+            try:
+                self._handle(item)
+            except Exception:
+                logger.exception("NanobeamCallback could not process %r", item)
+            if sum(r.pending_frames for r in self._runs.values()) >= self.batch_size:
+                self._predict_all()
+
+    def _pending_any(self) -> bool:
+        return any(r.pending for r in self._runs.values())
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, _Barrier):
+            self._predict_all(force=True)
+            item.done.set()
+        elif isinstance(item, _Open):
+            self._open(item)
+        elif isinstance(item, _Doc):
+            getattr(self, f"_on_{item.name}")(item)
+
+    def _on_start(self, item: _Doc) -> None:
+        self._last_start = item.doc["uid"]
+        self._fillers[item.doc["uid"]] = Filler(dict(self.handler_registry), inplace=False)
+
+    def _open(self, item: _Open) -> None:
+        uid = item.start["uid"]
+        run = self._runs.get(uid)
+        if run is None:
+            derived = DerivedRun(item.start, item.descriptor, self.predictor, item.layout,
+                                 item.position_keys, analysis_stage=self.analysis_stage,
+                                 validate_pages=self.validate_pages)
+            run = _Run(derived, item.layout, item.position_keys, StreamJoin(item.position_keys),
+                       filler=self._fillers.get(uid))
+            self._runs[uid] = run
+            self.emit("start", derived.start_doc)
+            self.emit("descriptor", derived.descriptor_doc)
+        elif item.layout != run.layout:
+            run.errors.append(f"descriptor {item.descriptor['uid']} changed the frame key/shape; "
+                              "its frames were skipped")
+            return
+        self._run_of_descriptor[item.descriptor["uid"]] = run
+        if run.filler is not None:
+            run.filler.descriptor(item.descriptor)
+
+    def _on_event_page(self, item: _Doc) -> None:
+        run = self._run_of_descriptor.get(item.doc["descriptor"])
+        if run is None:
+            return
+        doc = item.doc
+        n = len(doc["seq_num"])
+        self.stats.frames_received += n
+        key = run.layout.image_key
+        frames: np.ndarray | None
+        try:
+            if run.layout.storage is Storage.DATUM:
+                if run.filler is None:
+                    raise StreamReadError("no Resource/Datum documents were received for these frames")
+                doc = run.filler.fill_event_page(dict(doc), include=[key], inplace=False)
+            frames = np.stack([np.asarray(f) for f in doc["data"][key]])
+            frames = frames.reshape(n, *run.layout.frame_shape)
+        except Exception as exc:  # unreadable or malformed frames: rows flagged INVALID
+            run.unreadable_frames += n
+            run.errors.append(f"frames {doc['seq_num'][0]}..{doc['seq_num'][-1]} unreadable: {exc!r}")
+            logger.warning("NanobeamCallback: %s", run.errors[-1])
+            frames = None
+        positions = {k: np.asarray(doc["data"][k], dtype=np.float64).reshape(n, -1)[:, 0]
+                     for k in run.position_keys if k in doc["data"]}
+        run.pending.append(RowBlock(np.asarray(doc["seq_num"], dtype=np.int64),
+                                    np.asarray(doc["time"], dtype=np.float64), frames, positions,
+                                    item.received))
+
+    def _on_stream_resource(self, item: _Doc) -> None:
+        doc = item.doc
+        run = self._runs.get(doc.get("run_start", ""))
+        if run is None and len(self._runs) == 1:
+            run = next(iter(self._runs.values()))
+        if run is not None and doc["data_key"] in (run.layout.image_key, *run.position_keys):
+            run.stream_resources[doc["uid"]] = doc
+
+    def _on_stream_datum(self, item: _Doc) -> None:
+        doc = item.doc
+        run = self._run_of_descriptor.get(doc["descriptor"])
+        if run is None or doc["stream_resource"] not in run.stream_resources:
+            return
+        resource = run.stream_resources[doc["stream_resource"]]
+        start, stop = doc["indices"]["start"], doc["indices"]["stop"]
+        seq_start = doc["seq_nums"]["start"]
+        n = doc["seq_nums"]["stop"] - seq_start
+        if n != stop - start:
+            run.errors.append(f"StreamDatum {doc['uid']} has {n} seq_nums for {stop - start} indices")
+            n = stop - start
+        key = resource["data_key"]
+        try:
+            reader = run.readers.get(resource["uid"])
+            if reader is None:
+                reader = run.readers[resource["uid"]] = StreamResourceReader(
+                    resource, timeout_s=self.read_timeout_s)
+            values: np.ndarray | None = reader.read(start, stop)
+        except (StreamReadError, OSError) as exc:
+            values = None
+            run.errors.append(f"{key} rows {start}..{stop - 1} unreadable: {exc}")
+            logger.warning("NanobeamCallback: %s", run.errors[-1])
+        if key == run.layout.image_key:
+            self.stats.frames_received += n
+            if values is None:
+                run.unreadable_frames += n
+            else:
+                values = values.reshape(n, *run.layout.frame_shape)
+            run.join.add_frames(seq_start, values, n, time.time(), item.received)
+        elif values is not None:
+            run.join.add_positions(key, seq_start, values)
+        run.pending.extend(run.join.pop_ready())
+
+    def _on_resource(self, item: _Doc) -> None:
+        filler = self._fillers.get(item.doc.get("run_start") or self._last_start or "")
+        if filler is not None:
+            filler.resource(item.doc)
+            self._filler_of_resource[item.doc["uid"]] = filler
+
+    def _on_datum(self, item: _Doc) -> None:
+        filler = self._filler_of_resource.get(item.doc["resource"])
+        if filler is not None:
+            filler.datum(item.doc)
+
+    def _on_datum_page(self, item: _Doc) -> None:
+        filler = self._filler_of_resource.get(item.doc["resource"])
+        if filler is not None:
+            filler.datum_page(item.doc)
+
+    def _on_stop(self, item: _Doc) -> None:
+        doc = item.doc
+        filler = self._fillers.pop(doc["run_start"], None)
+        for uid in [u for u, f in self._filler_of_resource.items() if f is filler]:
+            del self._filler_of_resource[uid]
+        run = self._runs.pop(doc["run_start"], None)
+        if run is None:
+            if filler is not None:
+                filler.close()
+            return
+        run.pending.extend(run.join.pop_ready(force=True))
+        self._predict(run)
+        raw_rows = (doc.get("num_events") or {}).get(self.stream_name)
+        reasons = [doc.get("reason", "")] if doc.get("reason") else []
+        if run.model_error_frames:
+            reasons.append(f"NanobeamNN model failed on {run.model_error_frames} of "
+                           f"{run.derived.rows} frames (flag MODEL_ERROR)")
+        if run.unreadable_frames:
+            reasons.append(f"{run.unreadable_frames} frames could not be read (flag INVALID)")
+        if raw_rows is not None and raw_rows != run.derived.rows:
+            reasons.append(f"raw run reports {raw_rows} frames, {run.derived.rows} were received")
+        reasons.extend(run.errors)
+        exit_status = doc.get("exit_status", "success")
+        if exit_status == "success" and (run.model_error_frames or run.unreadable_frames):
+            exit_status = "fail"
+        self.emit("stop", run.derived.stop(exit_status, "; ".join(reasons)))
+        run.close()
+        for uid in [u for u, r in self._run_of_descriptor.items() if r is run]:
+            del self._run_of_descriptor[uid]
+
+    def _predict_all(self, force: bool = False) -> None:
+        for run in list(self._runs.values()):
+            if force:
+                run.pending.extend(run.join.pop_ready(force=True))
+            self._predict(run)
+
+    def _predict(self, run: _Run) -> None:
+        """Run the model on a run's pending rows and emit them as one EventPage."""
+        if not run.pending:
+            return
+        blocks, run.pending = run.pending, []
+        n = sum(len(b) for b in blocks)
+        mean = np.full((n, 3), np.nan)
+        std = np.full((n, 3), np.nan)
+        flags = np.concatenate([b.flags for b in blocks])
+        readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
+        if readable.any():
+            frames = np.concatenate([b.frames for b in blocks if b.frames is not None])
+            t0 = time.perf_counter()
+            try:
+                result = self.predictor.predict(frames, check_instrument=False)
+                mean[readable] = np.stack([result[p].values for p in ("strain", "omega", "chi")], 1)
+                std[readable] = np.stack([result[f"{p}_std"].values for p in ("strain", "omega", "chi")], 1)
+                flags[readable] |= result["flag"].values.astype(np.uint8)
+            except Exception as exc:
+                logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR",
+                                 len(frames))
+                flags[readable] |= np.uint8(Flag.MODEL_ERROR)
+                run.model_error_frames += len(frames)
+                message = f"{type(exc).__name__}: {exc}"
+                if message not in run.errors:
+                    run.errors.append(message)
+            self.stats.predict_s += time.perf_counter() - t0
+            self.stats.batches += 1
+        page = run.derived.event_page(blocks, mean, std, flags)
+        self.emit("event_page", page)
+        now = time.monotonic()
+        latencies = np.concatenate([np.full(len(b), now - b.received) for b in blocks])
+        self.stats.rows_emitted += n
+        self.stats.latency_sum_s += float(latencies.sum())
+        self.stats.latency_max_s = max(self.stats.latency_max_s, float(latencies.max()))

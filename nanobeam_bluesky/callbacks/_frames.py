@@ -1,0 +1,146 @@
+"""Which data key of a raw stream holds the diffraction frames, and where its values live."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FrameLayout", "ImageKeyError", "Storage", "find_frame_layout", "find_position_keys"]
+
+
+class ImageKeyError(ValueError):
+    """The raw stream has no usable frame key, or the named one has the wrong shape."""
+
+
+class Storage(enum.Enum):
+    """Where the values of a data key are found."""
+
+    #: In the Event/EventPage itself (``bp.grid_scan`` with a classic ophyd detector).
+    INLINE = "inline"
+    #: In a file described by StreamResource/StreamDatum documents (ophyd-async fly scans).
+    STREAM = "stream"
+    #: In a file described by legacy Resource/Datum documents; events carry datum ids.
+    DATUM = "datum"
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How one raw stream delivers frames: the key, one frame's (rows, cols), and the storage."""
+
+    image_key: str
+    frame_shape: tuple[int, int]
+    storage: Storage
+
+    @staticmethod
+    def storage_of(data_key: Mapping[str, Any]) -> Storage:
+        external = data_key.get("external")
+        if not external:
+            return Storage.INLINE
+        return Storage.STREAM if str(external).startswith("STREAM:") else Storage.DATUM
+
+
+def _frame_shape(shape: Sequence[int | None]) -> tuple[int, int] | None:
+    """(rows, cols) of one frame for shapes [H, W] or [1, H, W]; None for anything else."""
+    dims = list(shape)
+    if len(dims) == 3 and dims[0] == 1:
+        dims = dims[1:]
+    if len(dims) != 2 or any(not isinstance(d, int) for d in dims):
+        return None
+    return int(dims[0]), int(dims[1])
+
+
+def find_frame_layout(
+    descriptor: Mapping[str, Any],
+    frame_shapes: Sequence[tuple[int, int]],
+    image_key: str | None = None,
+) -> FrameLayout:
+    """Find (or check) the frame key of a descriptor.
+
+    Args:
+        descriptor: the raw EventDescriptor.
+        frame_shapes: the frame shapes the model accepts, e.g. ((64, 64), (128, 128)).
+        image_key: the key to use; None looks for the one key of an accepted shape.
+
+    Raises ImageKeyError, saying what was found and how to fix it.
+    """
+    data_keys: Mapping[str, Any] = descriptor["data_keys"]
+    stream = descriptor.get("name", "?")
+    accepted = " or ".join(f"{h} x {w}" for h, w in frame_shapes)
+    arrays = {k: v.get("shape") for k, v in data_keys.items() if len(v.get("shape") or []) >= 2}
+    if image_key is not None:
+        if image_key not in data_keys:
+            hint = f"array keys there: {arrays}" if arrays else "it has no array keys at all"
+            raise ImageKeyError(
+                f"image_key {image_key!r} is not a data key of stream {stream!r} ({hint}). Pass the "
+                "detector's image key as NanobeamCallback(image_key=...), or image_key=None to find it."
+            )
+        shape = _frame_shape(data_keys[image_key].get("shape") or [])
+        if shape not in frame_shapes:
+            raise ImageKeyError(
+                f"data key {image_key!r} of stream {stream!r} has shape {data_keys[image_key].get('shape')}, "
+                f"but the model takes frames of {accepted} pixels (optionally [1, H, W]). Give the detector "
+                "a ROI of that size around the reflection (binned 64 x 64 or raw 128 x 128), or name "
+                "another image_key."
+            )
+        return FrameLayout(image_key, shape, FrameLayout.storage_of(data_keys[image_key]))
+    found = [k for k, v in data_keys.items() if _frame_shape(v.get("shape") or []) in frame_shapes]
+    if not found:
+        raise ImageKeyError(
+            f"stream {stream!r} has no frame key of {accepted} pixels (array keys: {arrays or 'none'}). "
+            "Set the detector ROI to the model's frame size, or pass image_key=... if the frames "
+            "are there under another shape."
+        )
+    if len(found) > 1:
+        raise ImageKeyError(
+            f"stream {stream!r} has several frame-shaped keys {found}; pass image_key=... to choose one."
+        )
+    key = found[0]
+    shape = _frame_shape(data_keys[key]["shape"])
+    assert shape is not None
+    return FrameLayout(key, shape, FrameLayout.storage_of(data_keys[key]))
+
+
+def _is_scalar_number(data_key: Mapping[str, Any]) -> bool:
+    shape = list(data_key.get("shape") or [])
+    return data_key.get("dtype") in ("number", "integer") and shape in ([], [1])
+
+
+def find_position_keys(
+    start: Mapping[str, Any],
+    descriptor: Mapping[str, Any],
+    position_keys: Sequence[str] | None = None,
+) -> list[str]:
+    """The scalar keys that give the sample position of each frame.
+
+    Explicit ``position_keys`` must all exist. Otherwise: the fields of the start document's
+    ``hints.dimensions`` for this stream, then the readings of the devices listed in
+    ``start['motors']``; only scalar numbers are kept.
+    """
+    data_keys: Mapping[str, Any] = descriptor["data_keys"]
+    if position_keys is not None:
+        missing = [k for k in position_keys if k not in data_keys]
+        if missing:
+            raise ImageKeyError(
+                f"position key(s) {missing} are not in stream {descriptor.get('name', '?')!r} "
+                f"(keys: {sorted(data_keys)}); pass position_keys=None to take the scan's motors."
+            )
+        return list(position_keys)
+    stream = descriptor.get("name")
+    candidates: list[str] = []
+    for dim in (start.get("hints") or {}).get("dimensions") or []:
+        try:
+            fields, dim_stream = dim
+        except (TypeError, ValueError):
+            continue
+        if dim_stream == stream:
+            candidates.extend([fields] if isinstance(fields, str) else list(fields))
+    object_keys = descriptor.get("object_keys") or {}
+    for motor in start.get("motors") or []:
+        candidates.extend(object_keys.get(motor, [motor]))
+    keys: list[str] = []
+    for key in candidates:
+        if key in data_keys and key not in keys and _is_scalar_number(data_keys[key]):
+            keys.append(key)
+    return keys

@@ -1,0 +1,93 @@
+"""Raw frames gathered into blocks of rows, in raw ``seq_num`` order, ready for the model."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..inference import Flag
+
+__all__ = ["RowBlock", "StreamJoin"]
+
+
+@dataclass
+class RowBlock:
+    """Consecutive raw frames with everything their derived rows carry.
+
+    ``frames`` is (n, H, W) counts, or None when they could not be read (the rows are then
+    flagged INVALID). ``positions`` maps a raw position key to its (n,) values (NaN if missing).
+    """
+
+    seq_nums: np.ndarray
+    times: np.ndarray
+    frames: np.ndarray | None
+    positions: dict[str, np.ndarray]
+    #: time.monotonic() when the raw documents reached the callback, for latency.
+    received: float
+    flags: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.flags is None:
+            self.flags = np.zeros(len(self.seq_nums), dtype=np.uint8)
+        if self.frames is None:
+            self.flags = self.flags | np.uint8(Flag.INVALID)
+
+    def __len__(self) -> int:
+        return len(self.seq_nums)
+
+
+@dataclass
+class _ImageChunk:
+    seq_start: int
+    frames: np.ndarray | None
+    n: int
+    time: float
+    received: float
+
+
+class StreamJoin:
+    """Joins StreamDatum chunks of the frame key and the position keys by raw seq_num.
+
+    ophyd-async emits one StreamDatum per data key for the same seq_num range; a block of rows
+    is released once every position key has covered its range (or when forced, at stop/flush,
+    with NaN for positions that never came).
+    """
+
+    def __init__(self, position_keys: list[str]) -> None:
+        self.position_keys = list(position_keys)
+        self._images: deque[_ImageChunk] = deque()
+        self._positions: dict[str, dict[int, float]] = {k: {} for k in self.position_keys}
+
+    def add_frames(self, seq_start: int, frames: np.ndarray | None, n: int, time: float,
+                   received: float) -> None:
+        self._images.append(_ImageChunk(seq_start, frames, n, time, received))
+
+    def add_positions(self, key: str, seq_start: int, values: np.ndarray) -> None:
+        store = self._positions.get(key)
+        if store is None:
+            return
+        flat = np.asarray(values, dtype=np.float64).reshape(len(values), -1)[:, 0]
+        store.update(zip(range(seq_start, seq_start + len(flat)), flat.tolist(), strict=True))
+
+    def _covered(self, chunk: _ImageChunk) -> bool:
+        last = chunk.seq_start + chunk.n - 1
+        return all(chunk.seq_start in s and last in s for s in self._positions.values())
+
+    def pop_ready(self, *, force: bool = False) -> list[RowBlock]:
+        blocks = []
+        while self._images and (force or self._covered(self._images[0])):
+            chunk = self._images.popleft()
+            seqs = np.arange(chunk.seq_start, chunk.seq_start + chunk.n, dtype=np.int64)
+            positions = {
+                key: np.array([store.pop(s, np.nan) for s in seqs.tolist()], dtype=np.float64)
+                for key, store in self._positions.items()
+            }
+            blocks.append(RowBlock(seqs, np.full(chunk.n, chunk.time), chunk.frames, positions,
+                                   chunk.received))
+        return blocks
+
+    @property
+    def pending_frames(self) -> int:
+        return sum(c.n for c in self._images)

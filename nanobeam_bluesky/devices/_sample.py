@@ -1,0 +1,121 @@
+"""The sample under the nanobeam and the frames it diffracts into the detector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..physics import Instrument, simulate, simulate_roi
+
+__all__ = ["FrameSimulator", "Sample", "SampleMap"]
+
+
+@runtime_checkable
+class Sample(Protocol):
+    """Anything that gives (strain, omega_deg, chi_deg) at stage positions in µm.
+
+    ``nanobeam_bluesky.phantoms.Phantom`` has this interface, as does :class:`SampleMap`.
+    """
+
+    def values_at(self, x_um, y_um) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class SampleMap:
+    """A minimal sample: (strain, omega, chi) maps over a regular grid of stage positions.
+
+    Map pixel (row, col) lies at stage x = origin_x + col * pixel_size, y = origin_y + row *
+    pixel_size (µm), the convention of ``nanobeam_bluesky.phantoms``. A position takes the value
+    of the nearest map pixel; positions outside the map take the nearest edge pixel.
+
+    Attributes:
+        strain: strain ε (dimensionless), (ny, nx).
+        omega_deg, chi_deg: lattice tilts in degrees, (ny, nx).
+        pixel_size_um: map pixel pitch in µm.
+        origin_um: stage (x, y) of map pixel (0, 0), µm.
+    """
+
+    strain: np.ndarray
+    omega_deg: np.ndarray
+    chi_deg: np.ndarray
+    pixel_size_um: float = 0.05
+    origin_um: tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        maps = [np.asarray(getattr(self, n), dtype=np.float64) for n in ("strain", "omega_deg", "chi_deg")]
+        if maps[0].ndim != 2 or any(m.shape != maps[0].shape for m in maps):
+            raise ValueError(f"strain, omega_deg and chi_deg must be 2-D maps of one shape, got "
+                             f"{[m.shape for m in maps]}")
+        if not self.pixel_size_um > 0:
+            raise ValueError(f"pixel_size_um must be positive, got {self.pixel_size_um!r}")
+        for name, m in zip(("strain", "omega_deg", "chi_deg"), maps, strict=True):
+            object.__setattr__(self, name, m)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.strain.shape  # type: ignore[return-value]
+
+    def values_at(self, x_um, y_um) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, y = np.broadcast_arrays(np.asarray(x_um, dtype=float), np.asarray(y_um, dtype=float))
+        col = np.clip(np.rint((x - self.origin_um[0]) / self.pixel_size_um), 0, self.shape[1] - 1).astype(int)
+        row = np.clip(np.rint((y - self.origin_um[1]) / self.pixel_size_um), 0, self.shape[0] - 1).astype(int)
+        return self.strain[row, col], self.omega_deg[row, col], self.chi_deg[row, col]
+
+
+@dataclass
+class FrameSimulator:
+    """Simulates what the detector records when the beam sits at a stage position.
+
+    Counts follow the library-wide convention of physics.md: a fully lit pixel at the Laue
+    maximum expects ``count_rate_per_s * exposure_s`` counts (700 /s x 10 ms = 7, the training
+    level), then Poisson noise.
+
+    Attributes:
+        sample: the sample (:class:`Sample`), positions in µm.
+        instrument: the nanoprobe (default: physics.md's table).
+        count_rate_per_s: expected counts per second of a fully lit pixel at the Laue maximum.
+        frame: "binned" 64 x 64 frames, or "raw" 128 x 128 ROIs (counts per 55 µm pixel).
+        upsample: simulator sub-pixels per binned pixel (4: fast enough for kHz scans).
+        seed: seed of the Poisson noise.
+    """
+
+    sample: Sample
+    instrument: Instrument = field(default_factory=Instrument)
+    count_rate_per_s: float = 700.0
+    frame: Literal["binned", "raw"] = "binned"
+    upsample: int = 4
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sample, Sample):
+            raise TypeError(f"sample needs a values_at(x_um, y_um) method, got {type(self.sample).__name__}")
+        if self.frame not in ("binned", "raw"):
+            raise ValueError(f"frame must be 'binned' or 'raw', got {self.frame!r}")
+        if not self.count_rate_per_s > 0:
+            raise ValueError(f"count_rate_per_s must be positive, got {self.count_rate_per_s!r}")
+        self._rng = np.random.default_rng(self.seed)
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        n = self.instrument.frame_pixels if self.frame == "binned" else self.instrument.roi_pixels
+        return n, n
+
+    def expected_counts(self, x_um, y_um, exposure_s: float) -> np.ndarray:
+        """Noise-free expected counts (N, H, W) at the positions, float32."""
+        strain, omega, chi = (np.atleast_1d(v) for v in self.sample.values_at(x_um, y_um))
+        if self.frame == "binned":
+            intensity = simulate(strain, omega, chi, self.instrument, upsample=self.upsample)
+            per_pixel = 1.0
+        else:
+            intensity = simulate_roi(strain, omega, chi, self.instrument, upsample=self.upsample)
+            # A raw pixel holds the mean over its area; binning sums binning**2 of them.
+            per_pixel = 1.0 / self.instrument.binning**2
+        return intensity * np.float32(self.count_rate_per_s * exposure_s * per_pixel)
+
+    def frames_at(self, x_um, y_um, exposure_s: float) -> np.ndarray:
+        """Poisson counts (N, H, W) as uint32 for an exposure of ``exposure_s`` seconds."""
+        if not exposure_s > 0:
+            raise ValueError(f"exposure_s must be positive, got {exposure_s!r}")
+        return self._rng.poisson(self.expected_counts(x_um, y_um, exposure_s)).astype(np.uint32)
