@@ -226,6 +226,74 @@ def _add_simulate_scan(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_instrument(p)
     p.set_defaults(func=cmd_simulate_scan)
+# ------------------------------------------------------------------ replay
+def _predictor(model: str | None, device: str = "cpu"):
+    from .inference import Predictor, load_pretrained
+
+    if model:
+        return Predictor.from_file(model, device=device)
+    try:
+        return load_pretrained(device=device)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{exc}; or give a model file with --model") from exc
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .replay import find_run, replay_run
+    from .tiled_catalog import open_catalog, tiled_writer
+
+    catalog = open_catalog(args.catalog, api_key=args.api_key)
+    run = find_run(catalog, args.run)
+    predictor = _predictor(args.model, args.device)
+    subscribers = [] if args.no_write else [tiled_writer(catalog, batch_size=args.page_size)]
+    result = replay_run(
+        run,
+        predictor,
+        subscribers=subscribers,
+        stream_name=args.stream,
+        image_key=args.image_key,
+        page_size=args.page_size,
+        allow_instrument_mismatch=args.allow_instrument_mismatch,
+        source=args.catalog,
+    )
+    data = result.data()
+    flagged = int(np.count_nonzero(data["flag"])) if "flag" in data else 0
+    where = "not written (--no-write)" if args.no_write else "written to the catalog"
+    print(f"replayed raw run {result.raw_uid}: {result.rows} frames in {result.seconds:.1f} s "
+          f"with model {predictor.model_id} (sha256 {predictor.sha256[:12]}), {flagged} flagged")
+    print(f"derived run {result.derived_uid} {where}; find it with "
+          f"runs.search(Key('parent_uid') == '{result.raw_uid}')")
+    stop = result.stop or {}
+    if stop.get("exit_status") not in (None, "success"):
+        print(f"derived run ended {stop['exit_status']}: {stop.get('reason', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_replay(sub) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="run a past raw run from Tiled through the model; store the derived run in Tiled",
+        description="Read a raw run from Tiled (frames from its arrays), feed it through the "
+        "NanobeamCallback and write the derived strain/tilt run back, linked by parent_uid.",
+    )
+    p.add_argument("catalog", help="tiled URI (http://127.0.0.1:8000 or .../api/v1/metadata/runs) "
+                   "or a tiled/databroker profile name")
+    p.add_argument("run", help="run uid, partial uid (>= 5 characters) or scan_id")
+    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--api-key", default=None,
+                   help="API key (default $TILED_API_KEY or $NANOBEAM_TILED_API_KEY)")
+    p.add_argument("--stream", default="primary", help="raw stream with the frames")
+    p.add_argument("--image-key", default=None, help="frame data key (default: found by shape)")
+    p.add_argument("--page-size", type=int, default=512, help="frames read and predicted at a time")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-write", action="store_true", help="analyse only; do not store the derived run")
+    p.add_argument("--allow-instrument-mismatch", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+
 # ------------------------------------------------------------------ listen
 def cmd_listen(args: argparse.Namespace) -> int:
     from .callbacks import listen
@@ -301,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_simulate_library, _add_train, _add_preview, _add_serve,
-                _add_simulate_scan, _add_listen):
+                _add_simulate_scan, _add_replay, _add_listen):
         add(sub)
     return parser
 

@@ -55,7 +55,10 @@ def workspace(tmp_path_factory):
     (scans / "notes.txt").write_text("not a scan")
     (root / "outside.h5").write_bytes(data)
     (scans / "link_outside.h5").symlink_to(root / "outside.h5")
-    return {"root": root, "library": root / "library.h5", "scans": scans, "maps": maps}
+    detector = root / "detector"  # where the fly-scan detector writes its HDF5 files
+    detector.mkdir()
+    return {"root": root, "library": root / "library.h5", "scans": scans, "maps": maps,
+            "detector": detector}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,7 @@ def server(workspace):
         library=workspace["library"],
         lazy_grid_points=GRID,
         scans=workspace["scans"],
+        readable=(workspace["detector"],),
         port=free_port(),
     )
     srv = TiledServer(config, env={"PYTHONPATH": str(WORKTREE)})
@@ -283,7 +287,7 @@ def raw_run(runs, ophyd_sim):
         operator="test",
     )
     return {"uid": uid, "frames": np.stack(frames), "seen": seen_during_scan, "start": start,
-            "shape": (ny, nx)}
+            "shape": (ny, nx), "scan_id": runs[uid].start["scan_id"]}
 
 
 def test_runengine_scan_stored_with_tiledwriter_and_visible_during_the_scan(runs, raw_run):
@@ -356,6 +360,94 @@ def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypa
     assert raw_run["uid"] in catalog
     with pytest.raises(ValueError, match="profile"):
         open_catalog("no-such-profile")
+
+
+# ---------------------------------------------------------------------------------- replay
+def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(server, runs, raw_run,
+                                                                              model):
+    from nanobeam_bluesky.cli import main
+    from nanobeam_bluesky.replay import find_run, replay_run
+
+    uid, n = raw_run["uid"], raw_run["frames"].shape[0]
+    writer = tiled_writer(runs, batch_size=8)
+    first = replay_run(find_run(runs, uid[:8]), model.predictor, subscribers=[writer], page_size=5,
+                       source=server.url)
+    assert first.rows == n and first.stop["exit_status"] == "success"
+    stored = runs[first.derived_uid]
+    start = stored.metadata["start"]
+    assert start["parent_uid"] == uid and start["nanobeam_replay"]["source"] == server.url
+    assert start["nanobeam"]["model_sha256"] == model.predictor.sha256
+    rows = first.data()
+    np.testing.assert_array_equal(rows["raw_seq_num"], np.arange(1, n + 1))
+    for key in ("strain", "omega", "chi", "strain_std", "x", "y"):
+        np.testing.assert_array_equal(stored["primary"][key].read(), rows[key])
+    assert first.derived_uid in derived_runs(runs, uid)
+    assert first.derived_uid in runs_analysed_by(runs, model.predictor.sha256)
+
+    # Again, from the command line, by scan_id: a second derived run with identical numbers.
+    before = set(derived_runs(runs, uid))
+    args = ["replay", server.url, str(raw_run["scan_id"]), "--api-key", server.api_key,
+            "--page-size", "5"]
+    assert main(args + (["--model", str(model.path)] if model.path else [])) == 0
+    (second,) = set(derived_runs(runs, uid)) - before
+    for key in ("strain", "omega", "chi", "strain_std", "omega_std", "chi_std", "flag"):
+        np.testing.assert_array_equal(runs[second]["primary"][key].read(), rows[key])
+
+
+def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, model, workspace,
+                                                                        phantom):
+    from bluesky import RunEngine
+    from ophyd_async.core import init_devices
+
+    from nanobeam_bluesky.callbacks import NanobeamCallback
+    from nanobeam_bluesky.devices import (
+        FrameSimulator,
+        NanoprobeFlyDetector,
+        NanoprobeStage,
+        RasterPath,
+        fly_raster_scan,
+    )
+    from nanobeam_bluesky.replay import replay_run
+
+    n = 4
+    RE = RunEngine({})
+    with init_devices():
+        stage = NanoprobeStage()
+        detector = NanoprobeFlyDetector(FrameSimulator(phantom(n, 0.1), seed=3), stage,
+                                        directory=workspace["detector"])
+    live = NanobeamCallback(model.predictor)
+    live_docs: list[tuple[str, dict]] = []
+    live.subscribe(lambda name, doc: live_docs.append((name, doc)))
+    RE.subscribe(tiled_writer(runs, batch_size=8))
+    RE.subscribe(live)
+    path = RasterPath.grid(0, 0.3, n, 0, 0.3, n, snake=True)
+    (uid,) = RE(fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001,
+                                flush_period_s=0.1), sample="SIO-fly")
+    assert live.flush(timeout=60)
+    live.close()
+    # The stored documents reference the detector file; they carry no frames.
+    names = {name for name, _ in runs[uid].documents()}
+    assert "stream_datum" in names and "event" not in names
+
+    replay = replay_run(runs[uid], model.predictor, page_size=16)
+    pages = [doc for name, doc in live_docs if name == "event_page"]
+    live_rows = {k: np.concatenate([p["data"][k] for p in pages]) for k in pages[0]["data"]}
+    order = np.argsort(live_rows["raw_seq_num"])
+    rows = replay.data()
+    np.testing.assert_array_equal(rows["raw_seq_num"], live_rows["raw_seq_num"][order])
+    np.testing.assert_allclose(rows["detector-x"], path.x_um)
+    for key in ("strain", "omega", "chi"):  # batches differ (live: as frames came), numbers agree
+        np.testing.assert_allclose(rows[key], live_rows[key][order], rtol=1e-5, atol=1e-9)
+
+
+def test_replay_refuses_a_derived_run(runs, raw_run, model):
+    from nanobeam_bluesky.replay import RunNotFoundError, find_run, replay_run
+
+    derived_uid = next(iter(derived_runs(runs, raw_run["uid"])))
+    with pytest.raises(ValueError, match="derived run"):
+        replay_run(runs[derived_uid], model.predictor)
+    with pytest.raises(RunNotFoundError):
+        find_run(runs, 999)
 
 
 # ---------------------------------------------------------------------------------- CLI, files
