@@ -40,6 +40,7 @@ __all__ = [
     "ScanSummary",
     "demo_maps",
     "inspect_scan_file",
+    "maps_from_sample",
     "simulate_scan_file",
     "write_scan_file",
 ]
@@ -315,6 +316,25 @@ def demo_maps(
     strain = 0.5 * (s_lo + s_hi) + 0.3 * (s_hi - s_lo) * np.sin(2 * np.pi * x) * np.cos(np.pi * y)
     omega = o_lo * 0.5 + (o_hi - o_lo) * 0.5 / (1 + np.exp(-(x - 0.5) / 0.05))
     chi = c_lo * 0.3 + (c_hi - c_lo) * 0.3 / (1 + np.exp(-(y - 0.4) / 0.05))
+    return {"strain": strain, "omega_deg": omega, "chi_deg": chi}
+
+
+def maps_from_sample(
+    sample: Any,
+    shape: tuple[int, int],
+    step_um: float,
+    origin_um: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, np.ndarray]:
+    """(strain, omega_deg, chi_deg) maps of a raster over any sample with ``values_at(x_um, y_um)``.
+
+    Works with ``nanobeam_bluesky.devices.SampleMap`` and the phantoms' ``Phantom``: the raster
+    has ``shape`` (scan_y, scan_x) points ``step_um`` apart from ``origin_um`` (x, y).
+    """
+    ny, nx = shape
+    y_um, x_um = np.meshgrid(origin_um[1] + np.arange(ny) * step_um,
+                             origin_um[0] + np.arange(nx) * step_um, indexing="ij")
+    strain, omega, chi = (np.asarray(v, dtype=np.float64).reshape(ny, nx)
+                          for v in sample.values_at(x_um, y_um))
     return {"strain": strain, "omega_deg": omega, "chi_deg": chi}
 
 

@@ -428,6 +428,11 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
     # The stored documents reference the detector file; they carry no frames.
     names = {name for name, _ in runs[uid].documents()}
     assert "stream_datum" in names and "event" not in names
+    # The server's validator router checks the registered detector file and fixes its shape.
+    assert runs[uid]["primary"]["detector"].shape == (n * n, 1, 64, 64)
+    with pytest.warns(UserWarning, match="shape mismatch"):
+        assert runs[uid].validate(raise_on_error=True)
+    assert runs[uid]["primary"]["detector"].shape == (n * n, 64, 64)
 
     replay = replay_run(runs[uid], model.predictor, page_size=16)
     pages = [doc for name, doc in live_docs if name == "event_page"]
@@ -463,6 +468,15 @@ def test_simulate_scan_cli_writes_the_documented_layout(tmp_path):
         assert set(h5["/entry/sample/truth"]) == {"strain", "omega_deg", "chi_deg"}
     with pytest.raises(ScanFileError, match="does not fit"):
         simulate_scan_file(tmp_path / "x.h5", **demo_maps((2, 2)), detector_shape=(100, 100))
+
+
+def test_scan_maps_from_any_sample_with_values_at(phantom):
+    from nanobeam_bluesky.scanfile import maps_from_sample
+
+    sample = phantom(6, 0.1)
+    maps = maps_from_sample(sample, (3, 6), step_um=0.1)
+    np.testing.assert_array_equal(maps["strain"], sample.strain[:3])
+    np.testing.assert_array_equal(maps["chi_deg"], sample.chi_deg[:3])
 
 
 def test_writer_batch_size_keeps_pace_and_shows_rows():
