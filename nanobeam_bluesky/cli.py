@@ -117,6 +117,183 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# ------------------------------------------------------------------ serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .tiled_server import ServerConfig, run_server
+
+    layout = {}
+    for item in args.scan_dataset or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--scan-dataset wants NAME=PATH (e.g. frames=/entry/data/data), got {item!r}")
+        layout[key] = value
+    config = ServerConfig(
+        data_dir=args.data_dir,
+        library=args.library,
+        lazy_library=not args.no_lazy_library,
+        instrument=args.instrument,
+        lazy_grid_points=args.grid,
+        scans=args.scans,
+        roi_center_px=tuple(args.roi_center) if args.roi_center else None,
+        roi=args.roi,
+        binning=args.binning,
+        scan_layout=layout,
+        readable=tuple(args.readable or ()),
+        catalog_uri=args.catalog_uri,
+        files_catalog_uri=args.files_catalog_uri,
+        tables_uri=args.tables_uri,
+        host=args.host,
+        port=args.port,
+    )
+    run_server(config, args.api_key, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="start a Tiled server: writable run catalog, the library, a directory of scans",
+        description="Start a Tiled server (loopback, API key) with a writable SQLite run catalog "
+        "at /runs for TiledWriter, the library at /library, a library simulated on demand at "
+        "/simulated and experimental scan files at /scans. The API key comes from --api-key, "
+        "$NANOBEAM_TILED_API_KEY, or DATA_DIR/api_key (made on first start).",
+    )
+    p.add_argument("--data-dir", default="nanobeam-tiled", help="catalog, arrays, tables, config")
+    p.add_argument("--library", default=None, help="library file to serve at /library")
+    p.add_argument("--no-lazy-library", action="store_true", help="do not serve /simulated")
+    p.add_argument("--grid", type=int, default=None, help="grid points of /simulated (default 41)")
+    p.add_argument("--scans", default=None, help="directory of experimental scan files (/scans)")
+    p.add_argument("--roi-center", type=float, nargs=2, metavar=("ROW", "COL"), default=None,
+                   help="ROI centre on the scans' detector, raw pixels (default: from each file)")
+    p.add_argument("--roi", type=int, default=None, help="ROI side in raw pixels (default 128)")
+    p.add_argument("--binning", type=int, default=None, help="ROI binning (default 2)")
+    p.add_argument("--scan-dataset", action="append", metavar="NAME=PATH",
+                   help="dataset path in the scan files: frames=, x_um=, y_um= (repeatable)")
+    p.add_argument("--readable", action="append", metavar="DIR",
+                   help="another directory the catalogs may read (detector files; repeatable)")
+    p.add_argument("--catalog-uri", default=None,
+                   help="run catalog database (default sqlite in DATA_DIR; postgresql://... )")
+    p.add_argument("--files-catalog-uri", default=None,
+                   help="database of the /files catalog (default next to the run catalog)")
+    p.add_argument("--tables-uri", default=None,
+                   help="event-table storage (default sqlite in DATA_DIR; duckdb:///..., postgresql://...)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="API key (prefer $NANOBEAM_TILED_API_KEY)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_serve)
+
+
+# ------------------------------------------------------------------ simulate-scan
+def cmd_simulate_scan(args: argparse.Namespace) -> int:
+    import time
+
+    from .scanfile import demo_maps, simulate_scan_file
+
+    instrument = _instrument(args.instrument)
+    maps = demo_maps((args.size, args.size), instrument)
+    start = time.perf_counter()
+    path = simulate_scan_file(
+        args.out,
+        **maps,
+        instrument=instrument,
+        step_um=args.step_um,
+        max_counts=args.max_counts,
+        detector_shape=(args.detector, args.detector),
+        roi_center_px=tuple(args.roi_center) if args.roi_center else (args.detector / 2,) * 2,
+        rng=args.seed,
+        sample=args.sample,
+    )
+    print(f"wrote {args.size}x{args.size} raw frames of {args.detector}x{args.detector} pixels to "
+          f"{path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_simulate_scan(sub) -> None:
+    p = sub.add_parser(
+        "simulate-scan",
+        help="write an example experimental scan file (HDF5, raw detector frames) from a phantom",
+    )
+    p.add_argument("--out", default="scans/simulated_scan.h5", help="output HDF5 file")
+    p.add_argument("--size", type=int, default=16, help="scan points per side")
+    p.add_argument("--step-um", type=float, default=0.05, help="stage step, micrometres")
+    p.add_argument("--detector", type=int, default=256, help="detector side, raw pixels")
+    p.add_argument("--roi-center", type=float, nargs=2, metavar=("ROW", "COL"), default=None,
+                   help="centre of the reflection on the detector (default: detector centre)")
+    p.add_argument("--max-counts", type=float, default=7.0, help="counts at the Laue maximum")
+    p.add_argument("--sample", default="simulated", help="sample name stored in the file")
+    p.add_argument("--seed", type=int, default=0)
+    _add_instrument(p)
+    p.set_defaults(func=cmd_simulate_scan)
+# ------------------------------------------------------------------ replay
+def _predictor(model: str | None, device: str = "cpu"):
+    from .inference import Predictor, load_pretrained
+
+    if model:
+        return Predictor.from_file(model, device=device)
+    try:
+        return load_pretrained(device=device)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{exc}; or give a model file with --model") from exc
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .replay import find_run, replay_run
+    from .tiled_catalog import open_catalog, tiled_writer
+
+    catalog = open_catalog(args.catalog, api_key=args.api_key)
+    run = find_run(catalog, args.run)
+    predictor = _predictor(args.model, args.device)
+    subscribers = [] if args.no_write else [tiled_writer(catalog, batch_size=args.page_size)]
+    result = replay_run(
+        run,
+        predictor,
+        subscribers=subscribers,
+        stream_name=args.stream,
+        image_key=args.image_key,
+        page_size=args.page_size,
+        allow_instrument_mismatch=args.allow_instrument_mismatch,
+        source=args.catalog,
+    )
+    data = result.data()
+    flagged = int(np.count_nonzero(data["flag"])) if "flag" in data else 0
+    where = "not written (--no-write)" if args.no_write else "written to the catalog"
+    print(f"replayed raw run {result.raw_uid}: {result.rows} frames in {result.seconds:.1f} s "
+          f"with model {predictor.model_id} (sha256 {predictor.sha256[:12]}), {flagged} flagged")
+    print(f"derived run {result.derived_uid} {where}; find it with "
+          f"runs.search(Key('parent_uid') == '{result.raw_uid}')")
+    stop = result.stop or {}
+    if stop.get("exit_status") not in (None, "success"):
+        print(f"derived run ended {stop['exit_status']}: {stop.get('reason', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_replay(sub) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="run a past raw run from Tiled through the model; store the derived run in Tiled",
+        description="Read a raw run from Tiled (frames from its arrays), feed it through the "
+        "NanobeamCallback and write the derived strain/tilt run back, linked by parent_uid.",
+    )
+    p.add_argument("catalog", help="tiled URI (http://127.0.0.1:8000 or .../api/v1/metadata/runs) "
+                   "or a tiled/databroker profile name")
+    p.add_argument("run", help="run uid, partial uid (>= 5 characters) or scan_id")
+    p.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    p.add_argument("--api-key", default=None,
+                   help="API key (default $TILED_API_KEY or $NANOBEAM_TILED_API_KEY)")
+    p.add_argument("--stream", default="primary", help="raw stream with the frames")
+    p.add_argument("--image-key", default=None, help="frame data key (default: found by shape)")
+    p.add_argument("--page-size", type=int, default=512, help="frames read and predicted at a time")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-write", action="store_true", help="analyse only; do not store the derived run")
+    p.add_argument("--allow-instrument-mismatch", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+
 # ------------------------------------------------------------------ listen
 def cmd_listen(args: argparse.Namespace) -> int:
     from .callbacks import listen
@@ -191,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_simulate_library, _add_train, _add_preview, _add_listen):
+    for add in (_add_demo, _add_simulate_library, _add_train, _add_preview, _add_serve,
+                _add_simulate_scan, _add_replay, _add_listen):
         add(sub)
     return parser
 

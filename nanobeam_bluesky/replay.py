@@ -1,0 +1,196 @@
+"""Replay a past raw run from Tiled through the live callback and store the derived run.
+
+Documents exported from Tiled do not carry frames filled in (fly scans reference detector files
+through StreamResource/StreamDatum; step-scan images live in Tiled arrays), so the replay
+rebuilds the run for :class:`~nanobeam_bluesky.callbacks.NanobeamCallback`: the raw start and
+descriptor, then EventPages whose frames and positions are read from the run's Tiled arrays
+page by page, then the raw stop. Each page is one model batch (the callback is flushed after
+every page), so replaying the same run with the same model gives identical numbers.
+
+The derived run links to its parent through ``parent_uid`` (set by the callback) and carries
+``nanobeam_replay`` (when and from which catalog) in its start document.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ReplayResult", "RunNotFoundError", "find_run", "replay_run"]
+
+DocumentCallback = Callable[[str, dict[str, Any]], Any]
+
+
+class RunNotFoundError(LookupError, ValueError):
+    """No run with the given uid or scan_id in the catalog."""
+
+
+@dataclass
+class ReplayResult:
+    """What a replay produced: the derived documents (as emitted) and their uids."""
+
+    raw_uid: str
+    derived_uid: str | None
+    rows: int
+    seconds: float
+    documents: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def data(self) -> dict[str, np.ndarray]:
+        """The derived rows, key by key (strain, omega, chi, their _std, flag, raw_seq_num...)."""
+        pages = [doc for name, doc in self.documents if name == "event_page"]
+        if not pages:
+            return {}
+        return {k: np.concatenate([np.asarray(p["data"][k]) for p in pages]) for k in pages[0]["data"]}
+
+    @property
+    def stop(self) -> dict[str, Any] | None:
+        stops = [doc for name, doc in self.documents if name == "stop"]
+        return stops[-1] if stops else None
+
+
+def find_run(catalog: Any, run: str | int) -> Any:
+    """A raw run by uid, partial uid (>= 5 characters) or scan_id (an int, or digits).
+
+    Derived runs copy their parent's scan_id, so a scan_id names the latest *raw* run with it.
+    """
+    from tiled.queries import Key
+
+    from .callbacks import is_derived_start
+
+    if isinstance(run, int) or (isinstance(run, str) and run.isdigit()):
+        matches = catalog.search(Key("start.scan_id") == int(run))
+        raw = [r for r in matches.values() if not is_derived_start(r.metadata.get("start", {}))]
+        if not raw:
+            raise RunNotFoundError(f"no raw run with scan_id {run} in the catalog")
+        return raw[-1]
+    try:
+        return catalog[run]
+    except (KeyError, ValueError) as exc:
+        raise RunNotFoundError(f"no run with uid {run!r} in the catalog ({exc})") from exc
+
+
+def _scalar_number(data_key: Mapping[str, Any]) -> bool:
+    return data_key.get("dtype") in ("number", "integer") and list(data_key.get("shape") or []) in ([], [1])
+
+
+def replay_run(
+    run: Any,
+    predictor: Any,
+    *,
+    subscribers: Iterable[DocumentCallback] = (),
+    stream_name: str = "primary",
+    image_key: str | None = None,
+    page_size: int = 512,
+    allow_instrument_mismatch: bool = False,
+    source: str = "",
+) -> ReplayResult:
+    """Feed a raw run (a tiled BlueskyRun client) through NanobeamCallback; return the result.
+
+    Args:
+        run: the raw run, e.g. ``catalog[uid]``.
+        predictor: the model (``Predictor.from_file(...)`` or ``load_pretrained()``).
+        subscribers: callables ``fn(name, doc)`` for the derived documents, e.g. a TiledWriter
+            (:func:`nanobeam_bluesky.tiled_catalog.tiled_writer`) to store the derived run.
+        stream_name, image_key: the raw stream and its frame key (None: found by shape).
+        page_size: frames read from Tiled and predicted at a time.
+        source: where the run came from (recorded in the derived start document).
+    """
+    from .callbacks import NanobeamCallback, find_frame_layout, is_derived_start
+
+    t0 = time.perf_counter()
+    start = copy.deepcopy(dict(run.start))
+    if is_derived_start(start):
+        raise ValueError(
+            f"run {start['uid']} is a derived run; replay its raw parent {start.get('parent_uid')}"
+        )
+    descriptors = [d for d in run.descriptors if d.get("name", "primary") == stream_name]
+    if not descriptors:
+        raise ValueError(f"run {start['uid']} has no stream {stream_name!r}; its streams: {list(run)}")
+    descriptor = copy.deepcopy(dict(descriptors[0]))
+    callback = NanobeamCallback(
+        predictor,
+        image_key=image_key,
+        stream_name=stream_name,
+        batch_size=max(page_size, 1),
+        allow_instrument_mismatch=allow_instrument_mismatch,
+    )
+    layout = find_frame_layout(descriptor, callback.frame_shapes, image_key)
+    stream = run[stream_name]
+    available = set(stream)
+    keys = [layout.image_key] + [
+        k for k, v in descriptor["data_keys"].items()
+        if k != layout.image_key and k in available and _scalar_number(v)
+    ]
+    # The frames (and positions) will be inline in the pages built below.
+    for key in keys:
+        descriptor["data_keys"][key].pop("external", None)
+    descriptor["uid"] = descriptor.get("uid") or str(uuid.uuid4())
+    descriptor["run_start"] = start["uid"]
+
+    documents: list[tuple[str, dict[str, Any]]] = []
+    replay_note = {"time": time.time(), "source": source}
+
+    def record(name: str, doc: dict[str, Any]) -> None:
+        documents.append((name, doc))
+
+    outputs = [record, *subscribers]
+
+    def forward(name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            doc = {**doc, "nanobeam_replay": replay_note}
+        for func in outputs:
+            func(name, doc)
+
+    callback.subscribe(forward)
+    try:
+        callback("start", start)
+        callback("descriptor", descriptor)
+        frames_node = stream[layout.image_key]
+        n = int(frames_node.shape[0])
+        seq = (np.asarray(stream["seq_num"].read(), dtype=np.int64) if "seq_num" in available
+               else np.arange(1, n + 1, dtype=np.int64))
+        times = (np.asarray(stream["time"].read(), dtype=np.float64) if "time" in available
+                 else np.full(n, float(descriptor.get("time", start["time"]))))
+        columns = {k: np.asarray(stream[k].read()).reshape(-1)[:n] for k in keys[1:]}
+        for i in range(0, n, page_size):
+            j = min(i + page_size, n)
+            frames = np.asarray(frames_node[i:j]).reshape(j - i, *layout.frame_shape)
+            data: dict[str, Any] = {layout.image_key: frames}
+            data.update({k: v[i:j].tolist() for k, v in columns.items()})
+            page = {
+                "descriptor": descriptor["uid"],
+                "seq_num": seq[i:j].tolist(),
+                "time": times[i:j].tolist(),
+                "uid": [str(uuid.uuid4()) for _ in range(j - i)],
+                "data": data,
+                "timestamps": {k: times[i:j].tolist() for k in data},
+                "filled": {},
+            }
+            callback("event_page", page)
+            callback.flush()  # one page = one model batch: replays are reproducible
+        stop = copy.deepcopy(dict(run.metadata.get("stop") or {}))
+        if not stop:
+            stop = {"uid": str(uuid.uuid4()), "time": time.time(), "exit_status": "abort",
+                    "reason": "the raw run has no stop document (interrupted); replayed the frames "
+                    "stored in Tiled"}
+        stop["run_start"] = start["uid"]
+        stop.setdefault("num_events", {})[stream_name] = n
+        callback("stop", stop)
+        callback.flush()
+    finally:
+        callback.close()
+    starts = [doc for name, doc in documents if name == "start"]
+    result = ReplayResult(
+        raw_uid=start["uid"],
+        derived_uid=starts[0]["uid"] if starts else None,
+        rows=callback.stats.rows_emitted,
+        seconds=time.perf_counter() - t0,
+        documents=documents,
+    )
+    return result

@@ -1,0 +1,28 @@
+"""Tiled adapters: the simulated library (from its file or simulated on demand), experimental
+scan files and directories of them, with the MIME types that register them in a catalog."""
+
+from .library import LIBRARY_SPEC, MAX_SIMULATED_FRAMES, LazyLibraryAdapter, SimulatedLibraryAdapter
+from .mimetypes import (
+    ADAPTERS_BY_MIMETYPE,
+    INSTRUMENT_MIMETYPE,
+    LIBRARY_MIMETYPE,
+    SCAN_MIMETYPE,
+    detect_mimetype,
+)
+from .scans import SCAN_SPEC, SCAN_SUFFIXES, ExperimentalScanAdapter, ScanDirectoryAdapter
+
+__all__ = [
+    "ADAPTERS_BY_MIMETYPE",
+    "INSTRUMENT_MIMETYPE",
+    "LIBRARY_MIMETYPE",
+    "LIBRARY_SPEC",
+    "MAX_SIMULATED_FRAMES",
+    "SCAN_MIMETYPE",
+    "SCAN_SPEC",
+    "SCAN_SUFFIXES",
+    "ExperimentalScanAdapter",
+    "LazyLibraryAdapter",
+    "ScanDirectoryAdapter",
+    "SimulatedLibraryAdapter",
+    "detect_mimetype",
+]
