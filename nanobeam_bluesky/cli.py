@@ -191,7 +191,7 @@ def _add_fit(sub) -> None:
     lib = p.add_mutually_exclusive_group()
     lib.add_argument("--library", help="library file from `nanobeam simulate-library`")
     lib.add_argument("--grid", type=int, default=None,
-                     help="no library file: simulate one in memory with this many points per axis")
+                     help="simulate the library in memory with this many points per axis (default 41)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--scan", help="frames (N, F, F) or a map (Y, X, F, F): .npy or HDF5")
     data.add_argument("--phantom", type=int, metavar="SIZE",

@@ -36,9 +36,11 @@ class CorrelationFitter(GridFitter):
             1.1 GB library matrix) or ``"full"`` (the literal frames x library correlation product).
         **kwargs: ``chunk_size``, ``memory_budget_bytes``, ``progress`` (see :class:`GridFitter`).
 
-    Known behaviour of the method (not a bug of this code): the minimum-subtracted centre of mass
-    is pulled towards the middle of the grid wherever a marginal is broad, and omega's marginal
-    carries strain information (both move the Laue band), so strain and omega errors correlate.
+    Known behaviour of the method (not a bug of this code): each marginal sums correlations over
+    every other grid value, so it is broad, and its minimum-subtracted centre of mass is pulled
+    towards the middle of the grid. On the 165 x 165 Fig. 3 phantom at 7 counts with the 41^3
+    library the estimates follow the truth with slopes 0.43 (strain), 0.61 (omega), 0.44 (chi),
+    and the strain error correlates with the true omega (-0.53): both move the Laue band.
     """
 
     method = "faithful"
