@@ -189,16 +189,16 @@ def _add_serve(sub) -> None:
 def cmd_simulate_scan(args: argparse.Namespace) -> int:
     import time
 
-    from .scanfile import demo_maps, simulate_scan_file
+    from .phantoms import fig3_phantom
+    from .scanfile import simulate_scan_file
 
     instrument = _instrument(args.instrument)
-    maps = demo_maps((args.size, args.size), instrument)
+    phantom = fig3_phantom(args.size, instrument=instrument, pixel_size_um=args.step_um)
     start = time.perf_counter()
     path = simulate_scan_file(
         args.out,
-        **maps,
+        phantom,
         instrument=instrument,
-        step_um=args.step_um,
         max_counts=args.max_counts,
         detector_shape=(args.detector, args.detector),
         roi_center_px=tuple(args.roi_center) if args.roi_center else (args.detector / 2,) * 2,

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
+from .phantoms import Phantom
 from .physics import Instrument, simulate_roi
 
 __all__ = [
@@ -38,9 +39,7 @@ __all__ = [
     "ScanFileError",
     "ScanLayout",
     "ScanSummary",
-    "demo_maps",
     "inspect_scan_file",
-    "maps_from_sample",
     "simulate_scan_file",
     "write_scan_file",
 ]
@@ -300,52 +299,11 @@ def write_scan_file(
     return path
 
 
-def demo_maps(
-    shape: tuple[int, int] = (16, 16), instrument: Instrument = Instrument()
-) -> dict[str, np.ndarray]:
-    """A small Fig. 3-style sample: strain domains (2-D sinusoid) and tilt steps (sigmoids).
-
-    Stand-in until ``nanobeam_bluesky.phantoms`` lands; values stay inside the instrument's
-    parameter ranges. Returns strain, omega_deg, chi_deg maps of ``shape`` (scan_y, scan_x).
-    """
-    ny, nx = shape
-    y, x = np.meshgrid(np.linspace(0, 1, ny), np.linspace(0, 1, nx), indexing="ij")
-    (s_lo, s_hi) = instrument.strain_range
-    (o_lo, o_hi) = instrument.omega_range_deg
-    (c_lo, c_hi) = instrument.chi_range_deg
-    strain = 0.5 * (s_lo + s_hi) + 0.3 * (s_hi - s_lo) * np.sin(2 * np.pi * x) * np.cos(np.pi * y)
-    omega = o_lo * 0.5 + (o_hi - o_lo) * 0.5 / (1 + np.exp(-(x - 0.5) / 0.05))
-    chi = c_lo * 0.3 + (c_hi - c_lo) * 0.3 / (1 + np.exp(-(y - 0.4) / 0.05))
-    return {"strain": strain, "omega_deg": omega, "chi_deg": chi}
-
-
-def maps_from_sample(
-    sample: Any,
-    shape: tuple[int, int],
-    step_um: float,
-    origin_um: tuple[float, float] = (0.0, 0.0),
-) -> dict[str, np.ndarray]:
-    """(strain, omega_deg, chi_deg) maps of a raster over any sample with ``values_at(x_um, y_um)``.
-
-    Works with ``nanobeam_bluesky.devices.SampleMap`` and the phantoms' ``Phantom``: the raster
-    has ``shape`` (scan_y, scan_x) points ``step_um`` apart from ``origin_um`` (x, y).
-    """
-    ny, nx = shape
-    y_um, x_um = np.meshgrid(origin_um[1] + np.arange(ny) * step_um,
-                             origin_um[0] + np.arange(nx) * step_um, indexing="ij")
-    strain, omega, chi = (np.asarray(v, dtype=np.float64).reshape(ny, nx)
-                          for v in sample.values_at(x_um, y_um))
-    return {"strain": strain, "omega_deg": omega, "chi_deg": chi}
-
-
 def simulate_scan_file(
     path: str | Path,
-    strain: np.ndarray,
-    omega_deg: np.ndarray,
-    chi_deg: np.ndarray,
+    phantom: Phantom,
     *,
     instrument: Instrument = Instrument(),
-    step_um: float = 0.05,
     max_counts: float = 7.0,
     scale: float = 1.0,
     detector_shape: tuple[int, int] = (256, 256),
@@ -355,7 +313,7 @@ def simulate_scan_file(
     layout: ScanLayout = ScanLayout(),
     upsample: int | None = None,
 ) -> Path:
-    """Simulate a raster scan over maps of (strain, omega_deg, chi_deg) and write it as a scan file.
+    """Simulate a raster scan over a phantom and write it as a scan file.
 
     Each point's 128 x 128 raw ROI (:func:`simulate_roi`, mean intensity per raw pixel) is placed
     on a ``detector_shape`` detector around ``roi_center_px`` and drawn as Poisson counts with
@@ -363,16 +321,10 @@ def simulate_scan_file(
     ROI has the 64 x 64 convention of the library (``max_counts`` at intensity ``scale``).
 
     Args:
-        strain, omega_deg, chi_deg: maps of shape (scan_y, scan_x) (dimensionless, degrees).
-        step_um: stage step in micrometres (x along columns, y along rows, origin at 0).
+        phantom: the sample; one scan point per map pixel, at the phantom's stage positions (µm).
         scale: intensity that maps to ``max_counts`` in a binned pixel (1 = Laue maximum).
     """
-    strain, omega_deg, chi_deg = (np.asarray(a, dtype=np.float64) for a in (strain, omega_deg, chi_deg))
-    if not (strain.shape == omega_deg.shape == chi_deg.shape) or strain.ndim != 2:
-        raise ScanFileError(
-            "strain, omega_deg and chi_deg must be maps of one (scan_y, scan_x) shape, got "
-            f"{strain.shape}, {omega_deg.shape}, {chi_deg.shape}"
-        )
+    strain, omega_deg, chi_deg = phantom.strain, phantom.omega_deg, phantom.chi_deg
     roi, binning = instrument.roi_pixels, instrument.binning
     height, width = detector_shape
     row0 = round(roi_center_px[0]) - roi // 2
@@ -384,7 +336,7 @@ def simulate_scan_file(
         )
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     ny, nx = strain.shape
-    y_um, x_um = np.meshgrid(np.arange(ny) * step_um, np.arange(nx) * step_um, indexing="ij")
+    y_um, x_um = np.meshgrid(phantom.y_um, phantom.x_um, indexing="ij")
 
     def rows() -> Iterator[np.ndarray]:
         for j in range(ny):

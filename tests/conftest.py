@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanobeam_bluesky.devices import SampleMap
 from nanobeam_bluesky.inference import Predictor, load_pretrained
+from nanobeam_bluesky.phantoms import Phantom
 
 #: A tiny ensemble (2 members, 64-64 MLP, a few thousand frames): trains in about a minute on 2
 #: busy cores, then comes from pytest's cache. Accurate enough to map a phantom recognisably.
@@ -78,7 +78,7 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_phantom(n: int = 8, pixel_size_um: float = 0.1) -> SampleMap:
+def make_phantom(n: int = 8, pixel_size_um: float = 0.1) -> Phantom:
     """An n x n sample whose maps each span most of their parameter range.
 
     Strain: domains (a product of sinusoids); omega: a substrate step along x; chi: a ramp along y.
@@ -87,10 +87,10 @@ def make_phantom(n: int = 8, pixel_size_um: float = 0.1) -> SampleMap:
     strain = 0.004 * np.sin(2 * np.pi * u) * np.cos(np.pi * v)
     omega = 0.04 * np.tanh(6 * (u - 0.5))
     chi = 0.16 * (v - 0.5)
-    return SampleMap(strain, omega, chi, pixel_size_um=pixel_size_um)
+    return Phantom(strain, omega, chi, pixel_size_um=pixel_size_um, description="test phantom")
 
 
 @pytest.fixture(scope="session")
-def phantom() -> Callable[..., SampleMap]:
-    """make_phantom(n=8, pixel_size_um=0.1) -> SampleMap."""
+def phantom() -> Callable[..., Phantom]:
+    """make_phantom(n=8, pixel_size_um=0.1) -> Phantom."""
     return make_phantom

@@ -19,8 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
+from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, bin_roi, grid_axes, simulate, to_counts, write_library
-from nanobeam_bluesky.scanfile import ScanFileError, demo_maps, inspect_scan_file, simulate_scan_file
+from nanobeam_bluesky.scanfile import ScanFileError, inspect_scan_file, simulate_scan_file
 from nanobeam_bluesky.tiled_catalog import (
     derived_runs,
     open_catalog,
@@ -45,8 +46,8 @@ def workspace(tmp_path_factory):
     write_library(root / "library.h5", Instrument(), grid_points=GRID, progress=False)
     scans = root / "scans"
     scans.mkdir()
-    maps = demo_maps(SCAN_SHAPE)
-    simulate_scan_file(scans / "good.h5", **maps, roi_center_px=ROI_CENTER, rng=1, sample="SIO-A")
+    simulate_scan_file(scans / "good.h5", fig3_phantom(SCAN_SHAPE), roi_center_px=ROI_CENTER, rng=1,
+                       sample="SIO-A")
     (scans / "corrupt.h5").write_bytes(b"this is not an HDF5 file")
     data = (scans / "good.h5").read_bytes()
     (scans / "truncated.h5").write_bytes(data[: len(data) // 2])
@@ -57,7 +58,7 @@ def workspace(tmp_path_factory):
     (scans / "link_outside.h5").symlink_to(root / "outside.h5")
     detector = root / "detector"  # where the fly-scan detector writes its HDF5 files
     detector.mkdir()
-    return {"root": root, "library": root / "library.h5", "scans": scans, "maps": maps,
+    return {"root": root, "library": root / "library.h5", "scans": scans,
             "detector": detector}
 
 
@@ -467,16 +468,7 @@ def test_simulate_scan_cli_writes_the_documented_layout(tmp_path):
         assert h5["/entry"].attrs["format"] == "nanobeam-scan"
         assert set(h5["/entry/sample/truth"]) == {"strain", "omega_deg", "chi_deg"}
     with pytest.raises(ScanFileError, match="does not fit"):
-        simulate_scan_file(tmp_path / "x.h5", **demo_maps((2, 2)), detector_shape=(100, 100))
-
-
-def test_scan_maps_from_any_sample_with_values_at(phantom):
-    from nanobeam_bluesky.scanfile import maps_from_sample
-
-    sample = phantom(6, 0.1)
-    maps = maps_from_sample(sample, (3, 6), step_um=0.1)
-    np.testing.assert_array_equal(maps["strain"], sample.strain[:3])
-    np.testing.assert_array_equal(maps["chi_deg"], sample.chi_deg[:3])
+        simulate_scan_file(tmp_path / "x.h5", fig3_phantom(2), detector_shape=(100, 100))
 
 
 def test_writer_batch_size_keeps_pace_and_shows_rows():

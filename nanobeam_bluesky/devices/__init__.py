@@ -17,7 +17,7 @@ from ._fly_detector import (
     NanoprobeTriggerLogic,
 )
 from ._plans import fly_raster_scan
-from ._sample import FrameSimulator, Sample, SampleMap
+from ._sample import FrameSimulator, Sample
 from ._stage import NanoprobeStage, RasterInfo, RasterPath, TriggerOutput, TriggerPulse
 from ._step_detector import NanoprobeStepDetector
 
@@ -33,7 +33,6 @@ __all__ = [
     "RasterInfo",
     "RasterPath",
     "Sample",
-    "SampleMap",
     "TriggerOutput",
     "TriggerPulse",
     "fly_raster_scan",

@@ -9,59 +9,17 @@ import numpy as np
 
 from ..physics import Instrument, simulate, simulate_roi
 
-__all__ = ["FrameSimulator", "Sample", "SampleMap"]
+__all__ = ["FrameSimulator", "Sample"]
 
 
 @runtime_checkable
 class Sample(Protocol):
     """Anything that gives (strain, omega_deg, chi_deg) at stage positions in µm.
 
-    ``nanobeam_bluesky.phantoms.Phantom`` has this interface, as does :class:`SampleMap`.
+    ``nanobeam_bluesky.phantoms.Phantom`` is one.
     """
 
     def values_at(self, x_um, y_um) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
-
-
-@dataclass(frozen=True, eq=False)
-class SampleMap:
-    """A minimal sample: (strain, omega, chi) maps over a regular grid of stage positions.
-
-    Map pixel (row, col) lies at stage x = origin_x + col * pixel_size, y = origin_y + row *
-    pixel_size (µm), the convention of ``nanobeam_bluesky.phantoms``. A position takes the value
-    of the nearest map pixel; positions outside the map take the nearest edge pixel.
-
-    Attributes:
-        strain: strain ε (dimensionless), (ny, nx).
-        omega_deg, chi_deg: lattice tilts in degrees, (ny, nx).
-        pixel_size_um: map pixel pitch in µm.
-        origin_um: stage (x, y) of map pixel (0, 0), µm.
-    """
-
-    strain: np.ndarray
-    omega_deg: np.ndarray
-    chi_deg: np.ndarray
-    pixel_size_um: float = 0.05
-    origin_um: tuple[float, float] = (0.0, 0.0)
-
-    def __post_init__(self) -> None:
-        maps = [np.asarray(getattr(self, n), dtype=np.float64) for n in ("strain", "omega_deg", "chi_deg")]
-        if maps[0].ndim != 2 or any(m.shape != maps[0].shape for m in maps):
-            raise ValueError(f"strain, omega_deg and chi_deg must be 2-D maps of one shape, got "
-                             f"{[m.shape for m in maps]}")
-        if not self.pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um must be positive, got {self.pixel_size_um!r}")
-        for name, m in zip(("strain", "omega_deg", "chi_deg"), maps, strict=True):
-            object.__setattr__(self, name, m)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.strain.shape  # type: ignore[return-value]
-
-    def values_at(self, x_um, y_um) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x, y = np.broadcast_arrays(np.asarray(x_um, dtype=float), np.asarray(y_um, dtype=float))
-        col = np.clip(np.rint((x - self.origin_um[0]) / self.pixel_size_um), 0, self.shape[1] - 1).astype(int)
-        row = np.clip(np.rint((y - self.origin_um[1]) / self.pixel_size_um), 0, self.shape[0] - 1).astype(int)
-        return self.strain[row, col], self.omega_deg[row, col], self.chi_deg[row, col]
 
 
 @dataclass
