@@ -15,10 +15,8 @@ import argparse
 import numpy as np
 
 from nanobeam_bluesky.inference import Predictor, load_pretrained
-from nanobeam_bluesky.physics import crlb, simulate, to_counts
+from nanobeam_bluesky.physics import PARAMETERS, crlb, simulate, to_counts
 from nanobeam_bluesky.training import random_parameters
-
-NAMES = ("strain", "omega", "chi")
 
 
 def main() -> None:
@@ -47,7 +45,7 @@ def main() -> None:
         print("{:<28}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}".format(*header))
         for predictor in predictors:
             ds = predictor.predict(counts)
-            for i, name in enumerate(NAMES):
+            for i, name in enumerate(PARAMETERS):
                 err = ds[name].values - params[:, i]
                 rmse = float(np.sqrt(np.nanmean(err**2)))
                 label = f"{predictor.model_id} (K={predictor.n_members})" if i == 0 else ""

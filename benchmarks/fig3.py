@@ -27,18 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
+from nanobeam_bluesky.evaluation import map_errors
 from nanobeam_bluesky.fitting import PARAMETERS, CorrelationFitter, Library, LikelihoodFitter
 from nanobeam_bluesky.phantoms import fig3_phantom, simulate_scan
 from nanobeam_bluesky.physics import Instrument, crlb
+from nanobeam_bluesky.plotting import save_map_comparison
 
-LABELS = {"strain": "ε", "omega": "ω (deg)", "chi": "χ (deg)"}
 UNITS = {"strain": "", "omega": " deg", "chi": " deg"}
 
 
@@ -117,47 +114,6 @@ def _times(ratio: float) -> str:
     return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.2g}x"
 
 
-def _metrics(result: xr.Dataset, truth: xr.Dataset) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in PARAMETERS:
-        err = (result[p].values - truth[p].values).ravel()
-        ok = np.isfinite(err)
-        out[p] = (float(np.sqrt(np.mean(err[ok] ** 2))), float(np.mean(err[ok])), float(np.mean(~ok)))
-    strain_err = (result["strain"].values - truth["strain"].values).ravel()
-    ok = np.isfinite(strain_err)
-    true_omega = truth["omega"].values.ravel()[ok]
-    out["corr_strain_err_true_omega"] = float(np.corrcoef(strain_err[ok], true_omega)[0, 1])
-    return out
-
-
-def _picture(path: Path, truth: xr.Dataset, results: dict[str, xr.Dataset], pixel_um: float) -> None:
-    columns = {"truth": truth, **results}
-    n_y, n_x = truth["strain"].shape
-    extent = (0, n_x * pixel_um, n_y * pixel_um, 0)
-    fig, axes = plt.subplots(3, len(columns), figsize=(3.1 * len(columns) + 1, 8.4), constrained_layout=True,
-                             squeeze=False)
-    for r, p in enumerate(PARAMETERS):
-        scale = 1e3 if p == "strain" else 1.0
-        lo, hi = float(truth[p].min()) * scale, float(truth[p].max()) * scale
-        pad = 0.1 * (hi - lo)
-        for c, (name, ds) in enumerate(columns.items()):
-            ax = axes[r, c]
-            im = ax.imshow(ds[p].values * scale, cmap="RdBu_r" if p == "strain" else "viridis",
-                           vmin=lo - pad, vmax=hi + pad, extent=extent, interpolation="nearest")
-            if r == 0:
-                ax.set_title(name, fontsize=10)
-            ax.set_xlabel("x (µm)", fontsize=8)
-            ax.set_ylabel("y (µm)", fontsize=8)
-            ax.tick_params(labelsize=7)
-        label = "ε (×10⁻³)" if p == "strain" else LABELS[p]
-        fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.85, label=label)
-    fig.suptitle(f"Fig. 3 phantom {n_y}×{n_x}: truth and fitted maps (shared colour scale per row)",
-                 fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--size", type=int, default=165, help="phantom side in pixels (165 as in the seed)")
@@ -229,15 +185,15 @@ def main() -> None:
     print("\n" + header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, result in results.items():
-        m = _metrics(result, truth)
+        m = map_errors(result, truth)
         prep, fit, peak, rise = timing[name]
-        print(f"| {name} | " + " | ".join(f"{m[p][0]:.3g}" for p in PARAMETERS) + " | "
-              + " | ".join(f"{m[p][1]:+.2g}" for p in PARAMETERS)
-              + f" | {m['corr_strain_err_true_omega']:+.2f} | {prep:.1f} | {fit:.1f} | {n_frames / fit:,.0f} "
+        print(f"| {name} | " + " | ".join(f"{m.rmse[p]:.3g}" for p in PARAMETERS) + " | "
+              + " | ".join(f"{m.bias[p]:+.2g}" for p in PARAMETERS)
+              + f" | {m.strain_error_vs_omega:+.2f} | {prep:.1f} | {fit:.1f} | {n_frames / fit:,.0f} "
               f"| {peak:,.0f} (+{rise:,.0f}) |")
-        missing = [p for p in PARAMETERS if m[p][2] > 0]
+        missing = [p for p in PARAMETERS if m.missing[p] > 0]
         if missing:
-            print(f"  ({name}: NaN on {', '.join(f'{m[p][2]:.1%} of {p}' for p in missing)})")
+            print(f"  ({name}: NaN on {', '.join(f'{m.missing[p]:.1%} of {p}' for p in missing)})")
     if "NN" in timing:
         nn = timing["NN"][1]
         print()
@@ -245,7 +201,9 @@ def main() -> None:
             if name != "NN":
                 print(f"NN vs {name}: {_times(fit / nn)} the speed of the fit alone, "
                       f"{_times((prep + fit) / nn)} with library preparation")
-    _picture(Path(args.out), truth, results, phantom.pixel_size_um)
+    save_map_comparison(args.out, truth, results, phantom.pixel_size_um,
+                        f"Fig. 3 phantom {args.size}×{args.size}: truth and fitted maps "
+                        "(shared colour scale per row)")
     print(f"\nwrote {args.out}")
 
 

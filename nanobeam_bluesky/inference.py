@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from .models import NanobeamMLP, build_model, load_model_file, normalise_counts
-from .physics import Instrument, bin_roi, simulate
+from .physics import PARAMETERS, UNITS, Instrument, bin_roi, simulate
 
 __all__ = [
     "PRETRAINED_FILE",
@@ -27,8 +27,6 @@ __all__ = [
     "load_pretrained",
 ]
 
-PARAMETERS = ("strain", "omega", "chi")
-UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 PRETRAINED_FILE = "nanobeam-default.pt"
 
 

@@ -1,18 +1,28 @@
-"""Pictures: simulated frames and (strain, omega, chi) maps. Matplotlib, Agg backend."""
+"""Pictures: simulated frames and (strain, omega, chi) maps.
+
+Matplotlib's object API on an Agg canvas: works headless and never changes the user's backend.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+import xarray as xr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from .physics import Instrument, simulate, to_counts
+from .physics import PARAMETERS, Instrument, simulate, to_counts
 
-__all__ = ["save_frame_gallery"]
+__all__ = ["save_frame_gallery", "save_map_comparison"]
+
+LABELS = {"strain": "ε (×10⁻³)", "omega": "ω (deg)", "chi": "χ (deg)"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def save_frame_gallery(
@@ -28,7 +38,8 @@ def save_frame_gallery(
     out.parent.mkdir(parents=True, exist_ok=True)
     names = ("strain", "omega", "chi")
     labels = {"strain": "ε", "omega": "ω (deg)", "chi": "χ (deg)"}
-    fig, axes = plt.subplots(6, n_steps, figsize=(2.1 * n_steps, 12.6), constrained_layout=True)
+    fig = _figure(2.1 * n_steps, 12.6)
+    axes = fig.subplots(6, n_steps)
     rng = np.random.default_rng(seed)
     for p, name in enumerate(names):
         low, high = instrument.parameter_ranges[name]
@@ -50,5 +61,42 @@ def save_frame_gallery(
         fontsize=10,
     )
     fig.savefig(out, dpi=90)
-    plt.close(fig)
     return out
+
+
+def save_map_comparison(
+    path: str | Path,
+    truth: xr.Dataset,
+    results: dict[str, xr.Dataset],
+    pixel_um: float,
+    title: str,
+) -> Path:
+    """One figure: a row per parameter (ε, ω, χ), a column for the truth and each method.
+
+    Every row shares one colour scale (the truth's range, padded 10 %), with units; map axes in µm.
+    ``truth`` and each result hold ``strain``, ``omega`` and ``chi`` maps of one shape (scan_y, scan_x).
+    """
+    path = Path(path)
+    columns = {"truth": truth, **results}
+    n_y, n_x = truth["strain"].shape
+    extent = (0, n_x * pixel_um, n_y * pixel_um, 0)
+    fig = _figure(3.1 * len(columns) + 1, 8.4)
+    axes = fig.subplots(3, len(columns), squeeze=False)
+    for r, p in enumerate(PARAMETERS):
+        scale = 1e3 if p == "strain" else 1.0
+        lo, hi = float(truth[p].min()) * scale, float(truth[p].max()) * scale
+        pad = 0.1 * (hi - lo) or 1e-6
+        for c, (name, ds) in enumerate(columns.items()):
+            ax = axes[r, c]
+            im = ax.imshow(np.asarray(ds[p].values) * scale, cmap="RdBu_r" if p == "strain" else "viridis",
+                           vmin=lo - pad, vmax=hi + pad, extent=extent, interpolation="nearest")
+            if r == 0:
+                ax.set_title(name, fontsize=10)
+            ax.set_xlabel("x (µm)", fontsize=8)
+            ax.set_ylabel("y (µm)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=axes[r, :].tolist(), shrink=0.85, label=LABELS[p])
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path

@@ -15,7 +15,7 @@ import numpy as np
 from event_model import DocumentRouter, Filler
 
 from ..inference import Flag, Predictor
-from ..physics import Instrument
+from ..physics import PARAMETERS, Instrument
 from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
 from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
@@ -499,8 +499,8 @@ class NanobeamCallback(DocumentRouter):
             t0 = time.perf_counter()
             try:
                 result = self.predictor.predict(frames, check_instrument=False)
-                mean[readable] = np.stack([result[p].values for p in ("strain", "omega", "chi")], 1)
-                std[readable] = np.stack([result[f"{p}_std"].values for p in ("strain", "omega", "chi")], 1)
+                mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
+                std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
                 flags[readable] |= result["flag"].values.astype(np.uint8)
             except Exception as exc:
                 logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR",

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..physics import PARAMETERS
 from .base import GridFitter, available_memory_bytes, default_memory_budget
 from .correlation import CorrelationFitter
-from .library import PARAMETERS, Library, LibraryMismatchError
+from .library import Library, LibraryMismatchError
 from .likelihood import LikelihoodFitter
 
 __all__ = [

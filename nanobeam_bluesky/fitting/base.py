@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..inference import Flag
-from ..physics import Instrument
-from .library import PARAMETERS, UNITS, Library
+from ..physics import PARAMETERS, UNITS, Instrument
+from .library import Library
 
 __all__ = ["GridFitter", "available_memory_bytes", "default_memory_budget", "rows_times"]
 

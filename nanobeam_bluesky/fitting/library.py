@@ -15,13 +15,11 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..physics import Instrument, grid_axes, iter_grid, library_instrument, open_library
+from ..physics import PARAMETERS, Instrument, grid_axes, iter_grid, library_instrument, open_library
 
 __all__ = ["PARAMETERS", "Library", "LibraryMismatchError"]
 
 #: Fitted parameters in library-axis order; omega and chi are in degrees.
-PARAMETERS = ("strain", "omega", "chi")
-UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 
 
 class LibraryMismatchError(ValueError):

@@ -3,11 +3,13 @@
 from .counts import bin_roi, orient, to_counts
 from .crlb import crlb, fisher_information
 from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi
-from .instrument import HC_KEV_ANGSTROM, Instrument, InstrumentError
+from .instrument import HC_KEV_ANGSTROM, PARAMETERS, UNITS, Instrument, InstrumentError
 from .library import LibraryError, grid_axes, library_instrument, open_library, write_library
 
 __all__ = [
     "HC_KEV_ANGSTROM",
+    "PARAMETERS",
+    "UNITS",
     "Instrument",
     "InstrumentError",
     "LibraryError",

@@ -14,10 +14,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["HC_KEV_ANGSTROM", "Instrument", "InstrumentError"]
+__all__ = ["HC_KEV_ANGSTROM", "PARAMETERS", "UNITS", "Instrument", "InstrumentError"]
 
 #: h c in keV * Angstrom, as fixed by physics.md (lambda[A] = 12.398 / E[keV]).
 HC_KEV_ANGSTROM = 12.398
+#: The sample parameters, in the order every array and model output uses.
+PARAMETERS = ("strain", "omega", "chi")
+#: Their units: strain is dimensionless, the tilts are in degrees.
+UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 
 
 class InstrumentError(ValueError):

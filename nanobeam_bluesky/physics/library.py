@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .forward import iter_grid
-from .instrument import Instrument
+from .instrument import PARAMETERS, Instrument
 
 __all__ = ["LibraryError", "grid_axes", "library_instrument", "open_library", "write_library"]
 
@@ -126,7 +126,7 @@ def open_library(path: str | Path) -> xr.Dataset:
         raise LibraryError(f"{path} is incomplete (its writer was interrupted); regenerate it")
     frames = h5["frames"]
     data = dask.array.from_array(frames, chunks=frames.chunks)
-    coords = {name: (name, h5[name][()]) for name in ("strain", "omega", "chi")}
+    coords = {name: (name, h5[name][()]) for name in PARAMETERS}
     n_pix = frames.shape[-1]
     coords |= {"row": np.arange(n_pix), "col": np.arange(n_pix)}
     ds = xr.Dataset(

@@ -27,7 +27,7 @@ from tiled.structures.core import Spec
 from tiled.utils import path_from_uri
 
 from .._version import __version__
-from ..physics import Instrument, LibraryError, grid_axes, simulate
+from ..physics import PARAMETERS, Instrument, LibraryError, grid_axes, simulate
 from ..physics.library import FORMAT as LIBRARY_FORMAT
 from ._arrays import (
     BlockwiseArrayAdapter,
@@ -270,7 +270,7 @@ def _inspect_library(path: Path) -> dict[str, Any]:
             frames = h5["frames"]
             shape = tuple(frames.shape)
             chunks = frames.chunks or (1, 1, *shape[2:])
-            axes = {name: np.asarray(h5[name][()], dtype=np.float64) for name in ("strain", "omega", "chi")}
+            axes = {name: np.asarray(h5[name][()], dtype=np.float64) for name in PARAMETERS}
     except LibraryError:
         raise
     except (OSError, KeyError) as exc:

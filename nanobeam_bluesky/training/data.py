@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..physics import Instrument, open_library, simulate
+from ..physics import PARAMETERS, Instrument, open_library, simulate
 from .recipes import Recipe
 
 __all__ = ["GridData", "OnTheFlyData", "Standardiser", "make_data", "noisy_counts", "random_parameters"]
@@ -140,7 +140,7 @@ class GridData(_Data):
         if library is not None:
             ds = open_library(library)
             noise_free = ds["frames"].values.reshape(-1, *ds["frames"].shape[-2:])
-            axes = [ds[name].values for name in ("strain", "omega", "chi")]
+            axes = [ds[name].values for name in PARAMETERS]
             scale = ds.attrs["scale"]
             ds.close()
         else:

@@ -16,14 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import build_model
-from ..physics import Instrument, crlb
+from ..physics import PARAMETERS, Instrument, crlb
 from .data import Standardiser, make_data, random_parameters
 from .recipes import Recipe
 
 __all__ = ["MemberResult", "crlb_reference", "evaluate", "loss_weights", "train_member"]
-
-PARAMETERS = ("strain", "omega", "chi")
-
 
 @dataclass
 class MemberResult:
