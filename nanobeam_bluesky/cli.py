@@ -441,16 +441,25 @@ def _add_fit(sub) -> None:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    # The live fly-scan demo replaces this once the callback and Tiled parts exist.
-    return cmd_preview(args)
+    from .demo import main as demo_main
+
+    return demo_main(args)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: simulate frames and write a picture of them")
-    p.add_argument("--out", default="nanobeam-output/frames.png")
-    p.add_argument("--max-counts", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
-    _add_instrument(p)
+    p = sub.add_parser(
+        "demo",
+        help="the main job: a simulated fly scan analysed live, stored in Tiled, maps as pictures",
+    )
+    p.add_argument("--size", type=int, default=64, help="scan points per side (165: the seed's map)")
+    p.add_argument("--out", default="nanobeam-output", help="directory for Tiled, detector files, PNGs")
+    p.add_argument("--model", default=None, help="model file (default: the shipped ensemble)")
+    p.add_argument("--exposure-ms", type=float, default=10.0)
+    p.add_argument("--dead-time-ms", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the detector's Poisson noise")
+    p.add_argument("--no-fit", action="store_true", help="skip the correlation fits")
+    p.add_argument("--port", type=int, default=None, help="Tiled port (default: a free one)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
 
