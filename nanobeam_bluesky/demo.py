@@ -13,8 +13,11 @@ Ctrl-C stops the scan cleanly: the partial raw and derived runs are closed and s
 from __future__ import annotations
 
 import contextlib
+import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,36 @@ class _ScanProgress:
     def close(self) -> None:
         self.bar.set_postfix(analysed=self.callback.stats.rows_emitted)
         self.bar.close()
+
+
+class _StopOnSigint:
+    """RunEngine context manager: the first Ctrl-C pauses the scan at once (bluesky's own handler
+    only asks for a pause at the next checkpoint, which a fly scan reaches at its end); the
+    demo then aborts the run, so its stop document is written and the partial runs stay readable.
+    """
+
+    def __init__(self, RE: Any) -> None:
+        self._RE = RE
+        self._requested = threading.Event()
+        self._released = threading.Event()
+
+    def _watch(self) -> None:
+        while not self._released.is_set():
+            if self._requested.wait(0.2) and not self._released.is_set():
+                self._requested.clear()
+                with contextlib.suppress(Exception):  # already pausing or idle
+                    self._RE.request_pause(defer=False)
+
+    def __enter__(self) -> _StopOnSigint:
+        self._released.clear()
+        self._previous = signal.getsignal(signal.SIGINT)
+        threading.Thread(target=self._watch, daemon=True, name="demo-sigint").start()
+        signal.signal(signal.SIGINT, lambda signum, frame: self._requested.set())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._released.set()
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def _maps_from_rows(rows: dict[str, np.ndarray], phantom: Phantom) -> xr.Dataset:
@@ -139,7 +172,8 @@ def run_demo(
         log(f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
             f"({phantom.pixel_size_um * 1e3:.0f} nm steps), model {predictor.model_id} "
             f"(K={predictor.n_members}, sha256 {predictor.sha256[:12]})")
-        RE = RunEngine({})
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        RE = RunEngine({}, context_managers=[_StopOnSigint] if in_main_thread else [])
         with init_devices():
             stage = NanoprobeStage(name="stage")
             detector = NanoprobeFlyDetector(FrameSimulator(phantom, instrument, seed=seed), stage,
@@ -153,8 +187,10 @@ def run_demo(
         for subscriber in (derived_writer, maps, _record_rows(rows)):
             callback.subscribe(subscriber)
         bar = _ScanProgress(size * size, callback, progress)
+        raw_starts: list[str] = []
         for subscriber in (raw_writer, callback, bar):
             RE.subscribe(subscriber)
+        RE.subscribe(lambda name, doc: raw_starts.append(doc["uid"]), "start")
 
         path = RasterPath.grid(phantom.x_um[0], phantom.x_um[-1], size,
                                phantom.y_um[0], phantom.y_um[-1], size, snake=True)
@@ -162,7 +198,7 @@ def run_demo(
             f"{dead_time_s * 1e3:g} ms dead time, analysed live (Ctrl-C stops it cleanly)")
         scan_start = time.perf_counter()
         try:
-            (result.raw_uid,) = RE(
+            RE(
                 fly_raster_scan(detector, stage, path, exposure_s=exposure_s, dead_time_s=dead_time_s,
                                 flush_period_s=0.5),
                 sample="Fig. 3 phantom (simulated SrIrO3 on LSAT)", scan_type="fly_raster_scan",
@@ -170,9 +206,14 @@ def run_demo(
             )
         except (RunEngineInterrupted, KeyboardInterrupt):
             result.interrupted = True
+            # Aborting cancels the raster; bluesky logs that cancellation as an error: expected here.
+            quiet = logging.getLogger("bluesky")
+            level, quiet.level = quiet.level, logging.CRITICAL
             with contextlib.suppress(Exception):
                 RE.abort("interrupted by the user (Ctrl-C)")
+            quiet.setLevel(level)
         finally:
+            result.raw_uid = raw_starts[0] if raw_starts else None
             callback.flush(timeout=120)
             callback.close()
             bar.close()
@@ -183,7 +224,8 @@ def run_demo(
         starts = list(runs.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
         result.derived_uid = starts[0] if starts else None
         if result.interrupted or not result.raw_uid:
-            log(f"interrupted: {result.derived_rows} frames analysed; partial runs are in Tiled")
+            log(f"interrupted: {result.derived_rows} frames recorded and analysed; the partial raw and "
+                "derived runs are closed and readable in Tiled")
             result.wall_s = time.perf_counter() - t0
             return result
 
