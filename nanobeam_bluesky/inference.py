@@ -149,9 +149,8 @@ class Predictor:
         """Raise InstrumentMismatchError if ``instrument`` is not the model's (unless allowed)."""
         if instrument is None or allow_mismatch:
             return
-        diff = self.instrument.differences(instrument)
-        if diff:
-            detail = ", ".join(f"{k}: model {a!r} vs data {b!r}" for k, (a, b) in diff.items())
+        detail = self.instrument.describe_differences(instrument, "model", "data")
+        if detail:
             raise InstrumentMismatchError(
                 f"model {self.model_id} was trained for another instrument ({detail}). Train one "
                 "for this instrument with `nanobeam train --instrument <config>`, or pass "

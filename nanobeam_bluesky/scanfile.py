@@ -32,7 +32,7 @@ import numpy as np
 
 from ._version import __version__
 from .phantoms import Phantom
-from .physics import Instrument, simulate_roi
+from .physics import Instrument, roi_origin, simulate_roi
 
 __all__ = [
     "FORMAT",
@@ -327,13 +327,10 @@ def simulate_scan_file(
     strain, omega_deg, chi_deg = phantom.strain, phantom.omega_deg, phantom.chi_deg
     roi, binning = instrument.roi_pixels, instrument.binning
     height, width = detector_shape
-    row0 = round(roi_center_px[0]) - roi // 2
-    col0 = round(roi_center_px[1]) - roi // 2
-    if row0 < 0 or col0 < 0 or row0 + roi > height or col0 + roi > width:
-        raise ScanFileError(
-            f"a {roi} x {roi} ROI around {roi_center_px} does not fit on a {height} x {width} "
-            "detector; move roi_center_px or enlarge detector_shape"
-        )
+    try:
+        row0, col0 = roi_origin(roi_center_px, roi, detector_shape)
+    except ValueError as exc:
+        raise ScanFileError(f"{exc} (roi_center_px / detector_shape)") from None
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     ny, nx = strain.shape
     y_um, x_um = np.meshgrid(phantom.y_um, phantom.x_um, indexing="ij")

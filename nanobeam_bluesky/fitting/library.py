@@ -154,9 +154,8 @@ class Library:
                 "detector with `nanobeam simulate-library --instrument <config>`."
             )
         if instrument is not None:
-            diff = self.instrument.differences(instrument)
-            if diff:
-                detail = ", ".join(f"{k}: library {a!r} vs data {b!r}" for k, (a, b) in diff.items())
+            detail = self.instrument.describe_differences(instrument, "library", "data")
+            if detail:
                 raise LibraryMismatchError(
                     f"the library was simulated for another instrument ({detail}). Make one for the "
                     "data's instrument with `nanobeam simulate-library --instrument <config>` (or "

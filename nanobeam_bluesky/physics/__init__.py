@@ -1,6 +1,6 @@
 """The forward model of ``shared/docs/physics.md`` and what surrounds it."""
 
-from .counts import bin_roi, orient, to_counts
+from .counts import bin_roi, orient, roi_origin, to_counts
 from .crlb import crlb, fisher_information
 from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi
 from .instrument import HC_KEV_ANGSTROM, PARAMETERS, UNITS, Instrument, InstrumentError
@@ -22,6 +22,7 @@ __all__ = [
     "library_instrument",
     "open_library",
     "orient",
+    "roi_origin",
     "simulate",
     "simulate_exact",
     "simulate_roi",

@@ -6,7 +6,7 @@ import numpy as np
 
 from .instrument import Instrument
 
-__all__ = ["bin_roi", "orient", "to_counts"]
+__all__ = ["bin_roi", "orient", "roi_origin", "to_counts"]
 
 
 def to_counts(
@@ -52,6 +52,25 @@ def orient(frames: np.ndarray, instrument: Instrument) -> np.ndarray:
     return frames
 
 
+def roi_origin(
+    center: tuple[float, float], roi: int, detector_shape: tuple[int, int]
+) -> tuple[int, int]:
+    """First (row, col) of a ``roi`` x ``roi`` ROI around ``center``; ValueError if it does not fit.
+
+    The ROI is rows ``round(row) - roi//2 ... round(row) + roi//2 - 1`` (likewise columns), so its
+    centre lies between two pixels as in physics.md.
+    """
+    height, width = detector_shape
+    row0 = round(center[0]) - roi // 2
+    col0 = round(center[1]) - roi // 2
+    if row0 < 0 or col0 < 0 or row0 + roi > height or col0 + roi > width:
+        raise ValueError(
+            f"a {roi} x {roi} ROI around pixel {tuple(center)} does not fit on the {height} x "
+            f"{width} detector; move the ROI centre or choose a smaller roi"
+        )
+    return row0, col0
+
+
 def bin_roi(
     raw_frames: np.ndarray,
     center: tuple[float, float],
@@ -65,9 +84,8 @@ def bin_roi(
 
     Args:
         raw_frames: detector images (..., H, W) in counts.
-        center: (row, col) of the central reflected ray on the detector, in raw pixels; the ROI is
-            rows ``round(row) - roi//2 ... round(row) + roi//2 - 1`` (likewise columns), so its
-            centre lies between two pixels as in physics.md.
+        center: (row, col) of the central reflected ray on the detector, in raw pixels (see
+            :func:`roi_origin`).
         roi: ROI side in raw pixels (128 in the seed).
         binning: binning factor (2: 128 x 128 -> 64 x 64).
         instrument: its detector orientation options (transpose, flips) are applied to the ROI.
@@ -82,14 +100,7 @@ def bin_roi(
         raise ValueError(f"roi ({roi}) must be a multiple of binning ({binning})")
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-    height, width = raw.shape[-2:]
-    row0 = round(center[0]) - roi // 2
-    col0 = round(center[1]) - roi // 2
-    if row0 < 0 or col0 < 0 or row0 + roi > height or col0 + roi > width:
-        raise ValueError(
-            f"a {roi} x {roi} ROI around pixel {tuple(center)} does not fit on the {height} x "
-            f"{width} detector; move the ROI centre or choose a smaller roi"
-        )
+    row0, col0 = roi_origin(center, roi, raw.shape[-2:])
     cut = raw[..., row0 : row0 + roi, col0 : col0 + roi]
     if instrument is not None:
         cut = orient(cut, instrument)

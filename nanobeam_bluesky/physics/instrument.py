@@ -196,6 +196,12 @@ class Instrument:
             if not math.isclose(mine[key], theirs[key], rel_tol=rtol)
         }
 
+    def describe_differences(self, other: Instrument, mine: str, theirs: str) -> str:
+        """"" if the physics matches, else e.g. "detector_distance_m: model 0.85 vs data 1.2"."""
+        return ", ".join(
+            f"{k}: {mine} {a!r} vs {theirs} {b!r}" for k, (a, b) in self.differences(other).items()
+        )
+
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

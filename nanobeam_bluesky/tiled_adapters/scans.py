@@ -30,7 +30,7 @@ from tiled.structures.container import ContainerStructure
 from tiled.structures.core import Spec
 from tiled.utils import path_from_uri
 
-from ..physics import Instrument, bin_roi
+from ..physics import Instrument, bin_roi, roi_origin
 from ..scanfile import ScanFileError, ScanLayout, ScanSummary, inspect_scan_file
 from ._arrays import BlockwiseArrayAdapter, ContainerAdapter, coordinate, h5_read, served_errors
 
@@ -239,14 +239,10 @@ def _instrument(value: Instrument | str | Path | dict[str, Any] | None, summary:
 
 
 def _check_roi(summary: ScanSummary, center: tuple[float, float], roi: int, binning: int) -> None:
-    height, width = summary.detector_shape
-    row0 = round(center[0]) - roi // 2
-    col0 = round(center[1]) - roi // 2
-    if row0 < 0 or col0 < 0 or row0 + roi > height or col0 + roi > width:
-        raise ScanFileError(
-            f"{summary.path.name}: a {roi} x {roi} ROI around {center} does not fit on the "
-            f"{height} x {width} detector; fix roi_center_px in the server config"
-        )
+    try:
+        roi_origin(center, roi, summary.detector_shape)
+    except ValueError as exc:
+        raise ScanFileError(f"{summary.path.name}: {exc}; fix roi_center_px in the server config") from None
     if roi % binning:
         raise ScanFileError(f"roi ({roi}) must be a multiple of binning ({binning})")
 
