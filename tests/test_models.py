@@ -182,3 +182,15 @@ def test_paper_recipe_is_the_published_one():
     assert PAPER_RECIPE.split == (0.8, 0.1, 0.1) and PAPER_RECIPE.data == "grid"
     assert PAPER_RECIPE.max_counts == 7.0 and not PAPER_RECIPE.fresh_noise
     json.dumps(PAPER_RECIPE.to_dict())
+
+
+def test_paper_recipe_trains_on_a_grid_library(tmp_path):
+    from nanobeam_bluesky.physics import write_library
+
+    library = write_library(tmp_path / "lib.h5", grid_points=6, upsample=4, progress=False)
+    recipe = PAPER_RECIPE.replace(epochs=2, grid_points=6)
+    result = train_member(recipe, seed=0, library=str(library), progress=False)
+    # 6^3 frames split 80/10/10: one pass over 173 training frames per epoch, batch 64.
+    assert len(result.history) == 2 and result.metrics["test_frames"] == 21
+    assert result.history[1]["val_loss"] < result.history[0]["val_loss"]
+    assert sum(p.numel() for p in result.state_dict.values()) == 27_771

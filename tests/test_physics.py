@@ -10,12 +10,16 @@ import pytest
 from nanobeam_bluesky.physics import (
     Instrument,
     InstrumentError,
+    LibraryError,
     bin_roi,
     crlb,
+    library_instrument,
+    open_library,
     simulate,
     simulate_exact,
     simulate_roi,
     to_counts,
+    write_library,
 )
 
 DEFAULT = Instrument()
@@ -232,3 +236,38 @@ def test_crlb_matches_documented_values():
     bound = crlb(*_random_parameters(150, seed=4))
     rms = np.sqrt((bound**2).mean(axis=0))
     np.testing.assert_allclose(rms, [8.4e-5, 1.0e-4, 2.9e-4], rtol=0.06)
+
+
+def test_library_round_trip(tmp_path):
+    path = write_library(tmp_path / "lib.h5", grid_points=5, upsample=4, progress=False)
+    assert not (tmp_path / "lib.h5.partial").exists()
+    ds = open_library(path)
+    assert dict(ds["frames"].sizes) == {"strain": 5, "omega": 5, "chi": 5, "row": 64, "col": 64}
+    assert ds["frames"].chunks is not None  # lazy: read chunk by chunk
+    np.testing.assert_allclose(ds["omega"], np.linspace(-0.05, 0.05, 5))
+    frame = ds["frames"].isel(strain=1, omega=3, chi=4).values
+    label = ds["labels"].isel(strain=1, omega=3, chi=4).values
+    np.testing.assert_allclose(label, [-0.0025, 0.025, 0.1])
+    np.testing.assert_allclose(frame, simulate(*label, upsample=4)[0], atol=1e-6)
+    assert library_instrument(ds) == Instrument()
+    assert ds.attrs["scale"] == pytest.approx(float(ds["frames"].max()))
+    assert ds.attrs["upsample"] == 4 and ds.attrs["max_counts"] == 7.0
+    ds.close()
+
+
+def test_interrupted_library_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    import nanobeam_bluesky.physics.library as library
+
+    def crash(*args, **kwargs):
+        yield 0, np.zeros((3, 3, 64, 64), np.float32)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(library, "iter_grid", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_library(tmp_path / "lib.h5", grid_points=3, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(LibraryError, match="not a readable HDF5"):
+        open_library(tmp_path / "bad.h5")
+    with pytest.raises(LibraryError, match="no library"):
+        open_library(tmp_path / "missing.h5")

@@ -5,6 +5,7 @@ Layout (``format = "nanobeam-library"``, version 1):
 * ``frames``: float32 (n_strain, n_omega, n_chi, F, F), chunked one (strain, omega) row per chunk,
   shuffled and compressed;
 * ``strain``, ``omega``, ``chi``: the grid axes (omega and chi in degrees);
+* ``labels``: (n_strain, n_omega, n_chi, 3) the parameters of every frame;
 * attributes: the full instrument (JSON), ``scale`` (the library-wide maximum intensity: counts
   are ``max_counts * frames / scale``), ``max_counts``, ``upsample``, the package version, and
   ``complete``. The file is written under a temporary name and renamed only when complete.
@@ -77,6 +78,10 @@ def write_library(
             for name, values in axes.items():
                 h5.create_dataset(name, data=values)
                 h5[name].make_scale(name)
+            # Per-frame labels (strain, omega_deg, chi_deg), redundant with the axes but explicit.
+            grids = np.meshgrid(*axes.values(), indexing="ij")
+            labels = h5.create_dataset("labels", data=np.stack(grids, axis=-1))
+            labels.attrs["columns"] = list(PARAMETERS)
             frames = h5.create_dataset(
                 "frames",
                 shape=shape,
@@ -128,9 +133,12 @@ def open_library(path: str | Path) -> xr.Dataset:
     data = dask.array.from_array(frames, chunks=frames.chunks)
     coords = {name: (name, h5[name][()]) for name in PARAMETERS}
     n_pix = frames.shape[-1]
-    coords |= {"row": np.arange(n_pix), "col": np.arange(n_pix)}
+    coords |= {"row": np.arange(n_pix), "col": np.arange(n_pix), "parameter": list(PARAMETERS)}
     ds = xr.Dataset(
-        {"frames": (("strain", "omega", "chi", "row", "col"), data)},
+        {
+            "frames": (("strain", "omega", "chi", "row", "col"), data),
+            "labels": (("strain", "omega", "chi", "parameter"), h5["labels"][()]),
+        },
         coords=coords,
         attrs={
             "instrument": attrs["instrument"],
