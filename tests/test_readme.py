@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_readme_python_examples_run(model, tmp_path, monkeypatch):
     (tmp_path / "docs" / "example-instrument.yaml").write_text(
         (ROOT / "docs" / "example-instrument.yaml").read_text())
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() stays in here
     namespace: dict = {"__name__": "readme"}
     blocks = _blocks("python")
     assert len(blocks) >= 6
