@@ -37,13 +37,26 @@ def weights_sha256(members: list[dict[str, torch.Tensor]]) -> str:
 
 
 def save_model_file(
-    path: str | Path, members: list[dict[str, torch.Tensor]], metadata: dict[str, Any]
+    path: str | Path,
+    members: list[dict[str, torch.Tensor]],
+    metadata: dict[str, Any],
+    *,
+    weight_dtype: torch.dtype = torch.float32,
 ) -> str:
-    """Write a model file; returns the sha256 of the weights (also stored in the metadata)."""
+    """Write a model file; returns the sha256 of the weights (also stored in the metadata).
+
+    ``weight_dtype=torch.float16`` halves the file (the shipped ensemble: its RMSE changes by
+    < 0.1 %); weights are cast back to float32 when loaded.
+    """
     path = Path(path)
-    members = [{k: v.detach().cpu().clone() for k, v in state.items()} for state in members]
+    members = [
+        {k: v.detach().cpu().to(weight_dtype if v.is_floating_point() else v.dtype).clone()
+         for k, v in state.items()}
+        for state in members
+    ]
     sha = weights_sha256(members)
-    metadata = {**metadata, "sha256": sha, "n_members": len(members)}
+    metadata = {**metadata, "sha256": sha, "n_members": len(members),
+                "weight_dtype": str(weight_dtype).removeprefix("torch.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save(
@@ -83,4 +96,5 @@ def load_model_file(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], di
     sha = weights_sha256(members)
     if sha != metadata.get("sha256"):
         raise ModelFileError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
+    members = [{k: v.float() if v.is_floating_point() else v for k, v in m.items()} for m in members]
     return members, metadata
