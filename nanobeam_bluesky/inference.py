@@ -237,7 +237,8 @@ class Predictor:
 
     def range_flags(self, mean: np.ndarray) -> np.ndarray:
         """OUT_OF_RANGE where a prediction is more than 5 % of its range outside the box."""
-        ranges = np.array(list(self.metadata["parameter_ranges"].values()), dtype=float)
+        # By name: the metadata JSON is stored with sorted keys.
+        ranges = np.array([self.metadata["parameter_ranges"][p] for p in PARAMETERS], dtype=float)
         margin = 0.05 * (ranges[:, 1] - ranges[:, 0])
         with np.errstate(invalid="ignore"):
             outside = ((mean < ranges[:, 0] - margin) | (mean > ranges[:, 1] + margin)).any(axis=1)
