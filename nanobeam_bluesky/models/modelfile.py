@@ -80,9 +80,10 @@ def load_model_file(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], di
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
+        # torch's own message suggests weights_only=False, which we never do: keep it out.
         raise ModelFileError(
-            f"{path} is not a loadable nanobeam model file ({type(exc).__name__}: {exc}); "
-            "it may be truncated or not a model file"
+            f"{path} is not a loadable nanobeam model file ({type(exc).__name__}); it may be truncated, "
+            "corrupt or not a model file. Train one with `nanobeam train` or use the shipped default."
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a nanobeam model file (format {FORMAT!r} expected)")
