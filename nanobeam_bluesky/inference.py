@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .models import NanobeamMLP, build_model, load_model_file
+from .models import NanobeamMLP, build_model, load_model_file, normalise_counts
 from .physics import PARAMETERS, UNITS, Instrument, bin_roi, simulate
 
 __all__ = [
@@ -65,13 +65,11 @@ class _StackedMLP(torch.nn.Module):
             for i in range(1, len(linears[0]))
         )
         self.k = len(members)
-        if len({(m.register, m.max_shift, m.frame_pixels) for m in members}) != 1:
-            raise ValueError("ensemble members must share their input settings (register, max_shift)")
-        self.features = members[0].features  # the same input transform for every member
+        self.frame_pixels = members[0].frame_pixels
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, F, F) counts -> (K, N, 3) standardised outputs."""
-        x = self.features(frames)
+        x = normalise_counts(frames).flatten(1)
         h = torch.addmm(self.first_b, x, self.first_w.T)  # (N, K * h1)
         h = torch.relu(h).reshape(len(x), self.k, -1).transpose(0, 1)  # (K, N, h1)
         last = len(self.weights) - 1

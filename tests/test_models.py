@@ -228,22 +228,3 @@ def test_predictions_outside_the_training_box_are_flagged(tiny_model):
                      [0.0, 0.0, 0.3]])
     assert predictor.range_flags(mean).tolist() == [0, 0, Flag.OUT_OF_RANGE, Flag.OUT_OF_RANGE,
                                                     Flag.OUT_OF_RANGE]
-
-
-def test_registration_shifts_frames_by_whole_pixels_without_loss():
-    from nanobeam_bluesky.models.mlp import register_frames
-
-    frames = torch.as_tensor(simulate([0.002, -0.003], [0.02, -0.015], [0.05, -0.04]))
-    centred, shift = register_frames(frames, max_shift=16)
-    for frame, out, (dr, dc) in zip(frames, centred, shift.long().tolist(), strict=True):
-        assert (dr, dc) != (0, 0)
-        # The output is the input moved by whole pixels: the same numbers, nothing interpolated.
-        expected = torch.zeros_like(frame)  # pixel (i, j) of the output is (i + dr, j + dc) of the input
-        src = frame[max(dr, 0): 64 + min(dr, 0), max(dc, 0): 64 + min(dc, 0)]
-        expected[max(-dr, 0): 64 + min(-dr, 0), max(-dc, 0): 64 + min(-dc, 0)] = src
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-        assert abs(float((out * rows).sum() / out.sum()) - 31.5) <= 0.5
-        assert abs(float((out * cols).sum() / out.sum()) - 31.5) <= 0.5
-    model = NanobeamMLP(hidden=(16,), register=True)
-    assert model(frames).shape == (2, 3)
