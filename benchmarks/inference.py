@@ -30,6 +30,8 @@ def _rate(fn, n: int, repeats: int = 3) -> float:
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: time their completion
     return time.perf_counter() - start
 
 
