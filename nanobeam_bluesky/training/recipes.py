@@ -37,6 +37,10 @@ class Recipe:
     frames_per_epoch: int = 500_000
     #: Stop when validation has not improved for this many epochs (None: never).
     early_stopping_patience: int | None = None
+    #: Early stopping is armed only from this fraction of ``epochs`` on: at a high learning rate
+    #: the validation loss jumps by 2x from epoch to epoch, and a streak of bad epochs there says
+    #: nothing about convergence (it stopped a 30-epoch member at epoch 10).
+    early_stopping_from: float = 0.0
     #: "equal": MSE on range-standardised outputs; "crlb": each parameter weighted by
     #: (range / Cramer-Rao bound)^2, so each is learnt to the same fraction of its physical limit.
     loss_weights: Literal["equal", "crlb"] = "equal"
@@ -87,6 +91,7 @@ DEFAULT_RECIPE = Recipe(
     epochs=40,
     frames_per_epoch=500_000,
     early_stopping_patience=6,
+    early_stopping_from=0.5,
     loss_weights="crlb",
     pool_size=200_000,
     pool_refresh_fraction=0.1,

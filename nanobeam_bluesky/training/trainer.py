@@ -158,7 +158,7 @@ def train_member(
                         "optimiser": optimiser.state_dict(), "best_val": best_val,
                         "since_best": since_best, "best_model": best_state,
                         "history": json.dumps(history)}, ckpt_path)
-        if recipe.early_stopping_patience is not None and since_best >= recipe.early_stopping_patience:
+        if _should_stop(recipe, epoch, since_best):
             stopped_early = True
             break
     pbar.close()
@@ -171,6 +171,13 @@ def train_member(
                 "stopped_early": stopped_early, "test_frames": len(test_params)}
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     return MemberResult(state_dict=state, metrics=metrics, history=history)
+
+
+def _should_stop(recipe: Recipe, epoch: int, since_best: int) -> bool:
+    """Early stopping: ``patience`` epochs without improvement, once the stopping is armed."""
+    armed = epoch + 1 >= recipe.early_stopping_from * recipe.epochs
+    return (recipe.early_stopping_patience is not None and armed
+            and since_best >= recipe.early_stopping_patience)
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
