@@ -3,6 +3,10 @@
 One ``nanobeam serve`` process (loopback, API key) serves the whole module: a 5^3 library file,
 a 5^3 library simulated on demand, and a directory of scan files (one good, one corrupt, one
 truncated, one in another layout). Every test talks to it over HTTP with the real tiled client.
+
+The catalogs are SQLite. With ``NANOBEAM_TEST_POSTGRES=user@host:port`` (and ``PGPASSWORD``) the
+same tests run on PostgreSQL, as docs/tiled.md deploys it: empty databases ``nanobeam_runs``,
+``nanobeam_files`` and ``nanobeam_tables`` owned by that user, and ``${PGPASSWORD}`` in the URIs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def server(workspace):
         scans=workspace["scans"],
         readable=(workspace["detector"],),
         port=free_port(),
+        **_postgres_uris(),
     )
     srv = TiledServer(config, env={"PYTHONPATH": str(WORKTREE)})
     srv.start()
@@ -79,6 +84,15 @@ def server(workspace):
     finally:
         srv.stop()
     assert not srv.alive()
+
+
+def _postgres_uris() -> dict[str, str]:
+    where = os.environ.get("NANOBEAM_TEST_POSTGRES")
+    if not where:
+        return {}
+    user, host = where.split("@")
+    uri = f"postgresql://{user}:${{PGPASSWORD}}@{host}/nanobeam_"
+    return {"catalog_uri": uri + "runs", "files_catalog_uri": uri + "files", "tables_uri": uri + "tables"}
 
 
 @pytest.fixture(scope="module")
