@@ -8,6 +8,7 @@ frame, map the phantom, link to its raw run and validate against event-model's s
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -230,6 +231,38 @@ def test_model_error_mid_scan_is_flagged_and_the_scan_finishes(model: ModelUnder
     failed = (rows["flag"] & Flag.MODEL_ERROR) != 0
     assert 1 <= failed.sum() < 16
     assert np.isnan(rows["strain"][failed]).all() and np.isfinite(rows["strain"][~failed]).all()
+    callback.close()
+
+
+class StalledPredictor(Predictor):
+    """The real model on an analysis node that stalls until ``release`` is set."""
+
+    release = threading.Event()
+
+    def predict(self, frames, **kwargs):
+        assert self.release.wait(60), "test never released the model"
+        return super().predict(frames, **kwargs)
+
+
+def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(model: ModelUnderTest,
+                                                                 beamline: Beamline, caplog) -> None:
+    bl = beamline
+    stalled = copy.copy(model.predictor)
+    stalled.__class__ = StalledPredictor
+    callback = NanobeamCallback(stalled, batch_size=4, lag_warning_s=0.0)
+    derived = Recorder()
+    callback.subscribe(derived)
+    bl.RE.subscribe(callback)
+    bl.RE(bp.grid_scan([bl.step_detector], bl.stage.y, 0, 0.3, 4, bl.stage.x, 0, 0.3, 4))
+    # The scan finished while the model had not produced a single row.
+    assert callback.stats.rows_emitted == 0
+    StalledPredictor.release.set()
+    assert callback.flush(timeout=60)
+    assert callback.stats.rows_emitted == 16
+    # The lag was reported, once (at most one warning a minute).
+    assert callback.stats.lag_warnings == 1
+    assert any("behind the scan" in r.getMessage() for r in caplog.records)
+    check_derived_run(model, bl.raw, derived, 16)
     callback.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -40,6 +41,8 @@ class CallbackStats:
     #: Sum and maximum of (row emitted - raw documents received), seconds.
     latency_sum_s: float = 0.0
     latency_max_s: float = 0.0
+    #: Times the "analysis is behind the scan" warning was logged.
+    lag_warnings: int = 0
 
     @property
     def mean_latency_s(self) -> float:
@@ -122,6 +125,8 @@ class NanobeamCallback(DocumentRouter):
         validate_pages: validate every derived EventPage against event-model's schema (slow:
             about 0.2 ms per row); by default the first page of each run is validated, and the
             start, descriptor and stop documents always are.
+        lag_warning_s: log a warning (at most once a minute) when a derived row is emitted this
+            many seconds after its raw frame arrived: the model is not keeping pace.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class NanobeamCallback(DocumentRouter):
         read_timeout_s: float = 10.0,
         analysis_stage: str = ANALYSIS_STAGE,
         validate_pages: bool = False,
+        lag_warning_s: float = 10.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -154,6 +160,8 @@ class NanobeamCallback(DocumentRouter):
         self.read_timeout_s = read_timeout_s
         self.analysis_stage = analysis_stage
         self.validate_pages = validate_pages
+        self.lag_warning_s = lag_warning_s
+        self._last_lag_warning = -math.inf
         f = predictor.frame_pixels
         raw = f * predictor.instrument.binning
         self.frame_shapes = ((f, f), (raw, raw))
@@ -519,3 +527,17 @@ class NanobeamCallback(DocumentRouter):
         self.stats.rows_emitted += n
         self.stats.latency_sum_s += float(latencies.sum())
         self.stats.latency_max_s = max(self.stats.latency_max_s, float(latencies.max()))
+        self._warn_if_behind(float(latencies.max()))
+
+    def _warn_if_behind(self, lag_s: float) -> None:
+        # Frames are never dropped and the scan never waits, so a model slower than the detector
+        # shows up only as a growing lag (and memory): say so, at most once a minute.
+        now = time.monotonic()
+        if lag_s < self.lag_warning_s or now - self._last_lag_warning < 60.0:
+            return
+        self._last_lag_warning = now
+        self.stats.lag_warnings += 1
+        logger.warning(
+            "analysis is %.1f s behind the scan (%d documents queued): no frame is dropped and the "
+            "scan is not slowed, but memory grows. Use a GPU (device='cuda', `nanobeam listen "
+            "--device cuda` on an analysis node) or a larger batch_size.", lag_s, self._queue.qsize())
