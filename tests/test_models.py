@@ -13,6 +13,7 @@ from nanobeam_bluesky.models import (
     ModelFileError,
     NanobeamMLP,
     PaperCNN,
+    as_stored,
     count_parameters,
     load_model_file,
     save_model_file,
@@ -133,6 +134,30 @@ def test_model_file_round_trip(tiny_model, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelFileError, match="truncated"):
         load_model_file(tmp_path / "truncated.pt")
+
+
+def test_int8_rows_storage_is_compact_and_within_half_a_step(tmp_path):
+    torch.manual_seed(0)
+    big = torch.randn(256, 4096) * torch.logspace(-4, 0, 256)[:, None]  # rows of very different scale
+    big[3] = 0.0  # a dead unit
+    state = {"layers.0.weight": big, "layers.0.bias": torch.randn(256), "step": torch.tensor(7)}
+    sha = save_model_file(tmp_path / "q.pt", [state], {"name": "q"}, weight_dtype=torch.float16,
+                          int8_rows=True)
+    save_model_file(tmp_path / "h.pt", [state], {"name": "h"}, weight_dtype=torch.float16)
+    (loaded,), meta = load_model_file(tmp_path / "q.pt")
+    assert meta["sha256"] == sha and meta["int8_rows"] is True
+    assert sorted(loaded) == sorted(state) and loaded["step"].item() == 7
+    # Each element within half a quantisation step of its row: max|row| / 127 / 2.
+    step = big.abs().amax(1, keepdim=True) / 127
+    assert ((loaded["layers.0.weight"] - big).abs() <= step * 0.5001).all()  # + float32 rounding
+    assert (loaded["layers.0.weight"][3] == 0).all()
+    torch.testing.assert_close(loaded["layers.0.bias"], state["layers.0.bias"].half().float())
+    # int8 plus a float32 scale per row: about half of float16.
+    assert (tmp_path / "q.pt").stat().st_size < 0.55 * (tmp_path / "h.pt").stat().st_size
+    # What as_stored() predicts is what the file gives back.
+    (expected,) = as_stored([state], weight_dtype=torch.float16, int8_rows=True)
+    for key in state:
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0)
 
 
 def test_save_model_file_records_sha256(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .mlp import NanobeamMLP, normalise_counts
-from .modelfile import ModelFileError, load_model_file, save_model_file, weights_sha256
+from .modelfile import ModelFileError, as_stored, load_model_file, save_model_file, weights_sha256
 from .paper import PaperCNN
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ModelFileError",
     "NanobeamMLP",
     "PaperCNN",
+    "as_stored",
     "build_model",
     "count_parameters",
     "load_model_file",
