@@ -2,7 +2,7 @@
 
 from .counts import bin_roi, orient, roi_origin, to_counts
 from .crlb import crlb, fisher_information
-from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi
+from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi, simulate_tensor
 from .instrument import HC_KEV_ANGSTROM, PARAMETERS, UNITS, Instrument, InstrumentError
 from .library import LibraryError, grid_axes, library_instrument, open_library, write_library
 
@@ -26,6 +26,7 @@ __all__ = [
     "simulate",
     "simulate_exact",
     "simulate_roi",
+    "simulate_tensor",
     "to_counts",
     "write_library",
 ]

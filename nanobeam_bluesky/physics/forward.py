@@ -30,6 +30,7 @@ __all__ = [
     "simulate",
     "simulate_exact",
     "simulate_roi",
+    "simulate_tensor",
 ]
 
 # Frames processed together by the fast path, and pairs of tilts per mask batch (bounds memory).
@@ -173,7 +174,7 @@ class _PixelGrid:
 
 
 def _mask_moments(
-    normals: np.ndarray, instrument: Instrument, grid: _PixelGrid
+    normals: np.ndarray, instrument: Instrument, grid: _PixelGrid, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sub-pixel-sampled annulus mask per pixel: fraction lit and its first moments.
 
@@ -187,22 +188,22 @@ def _mask_moments(
     n_pix, delta, s = grid.n_pix, grid.delta, grid.s
     n_sub = n_pix * s
 
-    n = torch.as_tensor(normals, dtype=torch.float64)  # (P, 3)
+    n = torch.as_tensor(normals, dtype=torch.float64, device=device)  # (P, 3)
 
     def householder(vec: np.ndarray) -> torch.Tensor:
-        vec_t = torch.as_tensor(vec, dtype=torch.float64)
+        vec_t = torch.as_tensor(vec, dtype=torch.float64, device=device)
         return vec_t - 2 * (n @ vec_t)[:, None] * n  # (P, 3)
 
     # H w = A + U B + V C, with U, V in pixels; k_in is parallel to H w.
     a_vec = instrument.detector_distance_m * householder(geo.k_out0)
     b_vec = delta * householder(geo.e_col)
     c_vec = delta * householder(geo.e_row)
-    v_sub = (torch.arange(n_sub, dtype=torch.float64) + 0.5) / s - n_pix / 2  # (T,)
+    v_sub = (torch.arange(n_sub, dtype=torch.float64, device=device) + 0.5) / s - n_pix / 2  # (T,)
     a_rows = a_vec[:, None, :] + v_sub[None, :, None] * c_vec[:, None, :]  # (P, T, 3)
     bx, by, bz = (b_vec[:, i, None] for i in range(3))
     ax, ay, az = a_rows.unbind(-1)
 
-    first_col = torch.arange(n_pix, dtype=torch.float32) * s  # first sub-column of each pixel
+    first_col = torch.arange(n_pix, dtype=torch.float32, device=device) * s  # first sub-column
     last_col = first_col + (s - 1)
 
     def counts(radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +235,7 @@ def _mask_moments(
     lit_u = moment_out - moment_in
     p = len(normals)
     lit = lit.reshape(p, n_pix, s, n_pix)
-    row_offset = ((torch.arange(s, dtype=torch.float32) + 0.5) / s - 0.5)[None, None, :, None]
+    row_offset = ((torch.arange(s, dtype=torch.float32, device=device) + 0.5) / s - 0.5)[None, None, :, None]
     norm = 1.0 / (s * s)
     m0 = lit.sum(2) * norm
     mv = (lit * row_offset).sum(2) * norm
@@ -243,18 +244,17 @@ def _mask_moments(
 
 
 def _laue_fields(
-    normals: np.ndarray, instrument: Instrument, grid: _PixelGrid
+    normals: np.ndarray, instrument: Instrument, grid: _PixelGrid, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q - G0 at pixel centres and dq/dU, dq/dV (1/Angstrom per pixel), float32 (P, F, F).
 
     q = 2 k (w . n) / |w|, with w the unnormalised outgoing direction and G0 = 2 pi l / c.
     """
     geo = lab_geometry(instrument)
-    n = torch.as_tensor(normals, dtype=torch.float64)
-    alpha = n @ torch.as_tensor(geo.k_out0)
-    beta = n @ torch.as_tensor(geo.e_col)
-    gamma = n @ torch.as_tensor(geo.e_row)
-    centres = torch.as_tensor(grid.centres, dtype=torch.float64)
+    n = torch.as_tensor(normals, dtype=torch.float64, device=device)
+    alpha, beta, gamma = (n @ torch.as_tensor(v, dtype=torch.float64, device=device)
+                          for v in (geo.k_out0, geo.e_col, geo.e_row))
+    centres = torch.as_tensor(grid.centres, dtype=torch.float64, device=device)
     big_u = centres[None, None, :] * grid.delta  # metres along columns
     big_v = centres[None, :, None] * grid.delta
     r_det = instrument.detector_distance_m
@@ -278,12 +278,14 @@ def _sinc2_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sinc * sinc, 2 * sinc * dsinc
 
 
-def _tilt_fields(normals: np.ndarray, instrument: Instrument, grid: _PixelGrid) -> list[torch.Tensor]:
+def _tilt_fields(normals: np.ndarray, instrument: Instrument, grid: _PixelGrid,
+                 device: torch.device = torch.device("cpu")) -> list[torch.Tensor]:
     """Everything a frame needs that depends on the tilts only: mask moments and q fields."""
     pieces = []
     for p0 in range(0, len(normals), _PAIR_CHUNK):
         sub = normals[p0 : p0 + _PAIR_CHUNK]
-        pieces.append(_mask_moments(sub, instrument, grid) + _laue_fields(sub, instrument, grid))
+        pieces.append(_mask_moments(sub, instrument, grid, device)
+                      + _laue_fields(sub, instrument, grid, device))
     return [torch.cat(parts) for parts in zip(*pieces, strict=False)]
 
 
@@ -294,7 +296,7 @@ def _render(
     m0, mu, mv, dq, dq_du, dq_dv = fields
     g0 = 2 * math.pi * instrument.reflection_l / instrument.lattice_c_angstrom
     g_shift = 2 * math.pi * instrument.reflection_l / (instrument.lattice_c_angstrom * (1 + strain))
-    shift = torch.as_tensor(g_shift - g0, dtype=torch.float32)[:, None, None]
+    shift = torch.as_tensor(g_shift - g0, dtype=torch.float32, device=m0.device)[:, None, None]
     half_t = instrument.film_thickness_angstrom / 2
     x = half_t * (dq[idx] - shift)
     laue, slope = _sinc2_and_slope(x)
@@ -308,9 +310,10 @@ def _simulate_fast(
     chi: np.ndarray,
     instrument: Instrument,
     grid: _PixelGrid,
-) -> np.ndarray:
+    device: torch.device = torch.device("cpu"),
+) -> torch.Tensor:
     n_frames = len(strain)
-    out = np.empty((n_frames, grid.n_pix, grid.n_pix), dtype=np.float32)
+    out = torch.empty((n_frames, grid.n_pix, grid.n_pix), dtype=torch.float32, device=device)
     tilts, pair_of_frame = np.unique(np.stack([omega, chi], axis=1), axis=0, return_inverse=True)
     pair_of_frame = pair_of_frame.reshape(-1)
     normals = _normals(tilts[:, 0], tilts[:, 1], instrument.bragg_angle_rad)
@@ -318,9 +321,9 @@ def _simulate_fast(
     for start in range(0, n_frames, _FRAME_CHUNK):
         frames = order[start : start + _FRAME_CHUNK]
         pairs, local = np.unique(pair_of_frame[frames], return_inverse=True)
-        fields = _tilt_fields(normals[pairs], instrument, grid)
-        idx = torch.as_tensor(local.reshape(-1))
-        out[frames] = _render(fields, idx, strain[frames], instrument).numpy()
+        fields = _tilt_fields(normals[pairs], instrument, grid, device)
+        idx = torch.as_tensor(local.reshape(-1), device=device)
+        out[torch.as_tensor(frames, device=device)] = _render(fields, idx, strain[frames], instrument)
     return out
 
 
@@ -372,7 +375,27 @@ def simulate(
     strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
     s = _resolve_upsample(instrument, upsample)
     grid = _PixelGrid(instrument.frame_pixels, instrument.binned_pixel_m, s)
-    return _simulate_fast(strain, omega, chi, instrument, grid)
+    return _simulate_fast(strain, omega, chi, instrument, grid).numpy()
+
+
+def simulate_tensor(
+    strain,
+    omega_deg,
+    chi_deg,
+    instrument: Instrument = Instrument(),
+    *,
+    upsample: int | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """:func:`simulate` computed on ``device`` and returned there: float32 tensor (N, F, F).
+
+    On a GPU this is what keeps a training pool fed without the CPU (units and arguments as in
+    :func:`simulate`).
+    """
+    strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
+    s = _resolve_upsample(instrument, upsample)
+    grid = _PixelGrid(instrument.frame_pixels, instrument.binned_pixel_m, s)
+    return _simulate_fast(strain, omega, chi, instrument, grid, torch.device(device))
 
 
 def simulate_roi(
@@ -392,4 +415,4 @@ def simulate_roi(
     strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
     s = max(1, _resolve_upsample(instrument, upsample) // instrument.binning)
     grid = _PixelGrid(instrument.roi_pixels, instrument.detector_pixel_m, s)
-    return _simulate_fast(strain, omega, chi, instrument, grid)
+    return _simulate_fast(strain, omega, chi, instrument, grid).numpy()

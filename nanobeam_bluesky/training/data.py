@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..physics import PARAMETERS, Instrument, open_library, simulate
+from ..physics import PARAMETERS, Instrument, open_library, simulate, simulate_tensor
 from .recipes import Recipe
 
 __all__ = ["GridData", "OnTheFlyData", "Standardiser", "make_data", "noisy_counts", "random_parameters"]
@@ -113,7 +113,7 @@ class _Data:
         )[:per_epoch]
         for start in range(0, per_epoch, recipe.batch_size):
             idx = order[start : start + recipe.batch_size]
-            x = self.frames[idx].to(device)
+            x = self.frames[idx.to(self.frames.device)].to(device)
             if self.fixed_counts:
                 x = x.float()
             else:
@@ -192,10 +192,12 @@ class OnTheFlyData(_Data):
     """A pool of off-grid frames; block (epoch - 1) mod B is re-simulated at each epoch >= 1.
 
     Every block's content is a function of (seed, block, epoch of generation) only, so training
-    resumed from a checkpoint sees exactly the frames an uninterrupted run would.
+    resumed from a checkpoint sees exactly the frames an uninterrupted run would. With ``device``
+    a GPU, the pool is simulated and kept there: the CPU no longer sets the pace.
     """
 
-    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress=None) -> None:
+    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress=None,
+                 device: str = "cpu") -> None:
         self.instrument = instrument
         self.recipe = recipe
         self.seed = seed
@@ -203,7 +205,9 @@ class OnTheFlyData(_Data):
         self.n_blocks = max(1, round(1 / recipe.pool_refresh_fraction))
         self.block_size = recipe.pool_size // self.n_blocks
         n_pix = instrument.frame_pixels
-        self.frames = torch.empty((self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16)
+        self.device = torch.device(device)
+        self.frames = torch.empty((self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16,
+                                  device=self.device)
         self.labels = torch.empty((self.n_blocks * self.block_size, 3), dtype=torch.float32)
         self.train_index = torch.arange(len(self.frames))
         self.fixed_counts = False
@@ -213,9 +217,10 @@ class OnTheFlyData(_Data):
     def _generate(self, block: int, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, 1, block, epoch])
         params = random_parameters(self.instrument, self.block_size, rng)
-        frames = simulate(*params.T, self.instrument, upsample=self.recipe.upsample)
+        frames = simulate_tensor(*params.T, self.instrument, upsample=self.recipe.upsample,
+                                 device=self.device)
         sl = slice(block * self.block_size, (block + 1) * self.block_size)
-        self.frames[sl] = torch.as_tensor(frames.astype(np.float16))
+        self.frames[sl] = frames.half()
         self.labels[sl] = torch.as_tensor(self.std.forward(params), dtype=torch.float32)
 
     def _generated_at(self, block: int, epoch: int) -> int:
@@ -252,9 +257,9 @@ class OnTheFlyData(_Data):
 
 
 def make_data(instrument: Instrument, recipe: Recipe, seed: int, *, library: str | None = None,
-              progress=None) -> GridData | OnTheFlyData:
+              progress=None, device: str = "cpu") -> GridData | OnTheFlyData:
     if recipe.data == "grid":
         return GridData(instrument, recipe, seed, library=library)
     if recipe.data == "on_the_fly":
-        return OnTheFlyData(instrument, recipe, seed, progress=progress)
+        return OnTheFlyData(instrument, recipe, seed, progress=progress, device=device)
     raise ValueError(f"unknown data source {recipe.data!r}; use 'grid' or 'on_the_fly'")

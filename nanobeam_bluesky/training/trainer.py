@@ -93,7 +93,7 @@ def train_member(
     """
     torch.manual_seed(seed)
     bar = tqdm if progress else None
-    data = make_data(instrument, recipe, seed, library=library, progress=bar)
+    data = make_data(instrument, recipe, seed, library=library, progress=bar, device=device)
     model = build_model(recipe.architecture, **recipe.architecture_kwargs).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     weights = loss_weights(recipe, instrument).to(device)
