@@ -89,6 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=540, help="whole script, seconds")
     parser.add_argument("--model", default=None, help="ensemble for the inference benchmark")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per member (default: as many as fit the budget)")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference benchmark")
     parser.add_argument("--smoke", action="store_true",
                         help="check this script on the CPU: tiny pool and epochs, no GPU needed")
     args = parser.parse_args()
@@ -111,12 +114,13 @@ def main() -> None:
     bench = [sys.executable, "benchmarks/inference.py", "--device", device, "--frames",
              "2048" if args.smoke else "65536",
              "--batch", "8192", "--threads", "16"] + (["--model", args.model] if args.model else [])
-    bench_run = subprocess.run(bench, capture_output=True, text=True)
-    note(bench_run.stdout + bench_run.stderr[-2000:])
+    if not args.no_inference:
+        bench_run = subprocess.run(bench, capture_output=True, text=True)
+        note(bench_run.stdout + bench_run.stderr[-2000:])
 
     costs = time_costs(device)
     elapsed = time.perf_counter() - t0
-    epochs = 2 if args.smoke else choose_epochs(costs, args.budget_s - elapsed - 60)  # 60 s: assembly
+    epochs = 2 if args.smoke else args.epochs or choose_epochs(costs, args.budget_s - elapsed - 60)
     note(f"costs {json.dumps(costs)}; elapsed {elapsed:.0f} s -> {epochs} epochs per member")
 
     work = Path("/tmp/gpu-ensemble")

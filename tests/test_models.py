@@ -81,11 +81,13 @@ def test_training_is_seeded_and_reproducible():
 def test_early_stopping_waits_for_the_low_learning_rate_half():
     from nanobeam_bluesky.training.trainer import _should_stop
 
-    recipe = DEFAULT_RECIPE.replace(epochs=30)  # patience 6, armed from half the epochs
-    # A 6-epoch streak without improvement at epoch 10 (lr still ~0.7 of its peak) trains on...
+    recipe = DEFAULT_RECIPE.replace(epochs=30)  # patience 6, counting from epoch 15 (0-based)
+    # A 6-epoch streak without improvement at epoch 10 (lr still ~0.7 of its peak) trains on,
     assert not _should_stop(recipe, epoch=10, since_best=6)
-    # ... the same streak in the second half stops, a shorter one does not.
-    assert _should_stop(recipe, epoch=14, since_best=6)
+    # and so does a streak that began before the counting did;
+    assert not _should_stop(recipe, epoch=19, since_best=12)
+    # six bad epochs all in the second half stop it, five do not.
+    assert _should_stop(recipe, epoch=20, since_best=6)
     assert not _should_stop(recipe, epoch=20, since_best=5)
     assert not _should_stop(recipe.replace(early_stopping_patience=None), epoch=29, since_best=29)
     assert _should_stop(recipe.replace(early_stopping_from=0.0), epoch=6, since_best=6)

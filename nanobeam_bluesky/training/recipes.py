@@ -37,9 +37,9 @@ class Recipe:
     frames_per_epoch: int = 500_000
     #: Stop when validation has not improved for this many epochs (None: never).
     early_stopping_patience: int | None = None
-    #: Early stopping is armed only from this fraction of ``epochs`` on: at a high learning rate
-    #: the validation loss jumps by 2x from epoch to epoch, and a streak of bad epochs there says
-    #: nothing about convergence (it stopped a 30-epoch member at epoch 10).
+    #: Early stopping counts only epochs from this fraction of ``epochs`` on: at a high learning
+    #: rate the validation loss jumps by 2x from epoch to epoch, and a streak of bad epochs there
+    #: says nothing about convergence (it stopped 30-epoch members at epochs 10 and 14).
     early_stopping_from: float = 0.0
     #: "equal": MSE on range-standardised outputs; "crlb": each parameter weighted by
     #: (range / Cramer-Rao bound)^2, so each is learnt to the same fraction of its physical limit.

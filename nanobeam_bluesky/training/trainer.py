@@ -174,10 +174,12 @@ def train_member(
 
 
 def _should_stop(recipe: Recipe, epoch: int, since_best: int) -> bool:
-    """Early stopping: ``patience`` epochs without improvement, once the stopping is armed."""
-    armed = epoch + 1 >= recipe.early_stopping_from * recipe.epochs
-    return (recipe.early_stopping_patience is not None and armed
-            and since_best >= recipe.early_stopping_patience)
+    """Early stopping: ``patience`` epochs without improvement, all of them after arming."""
+    patience = recipe.early_stopping_patience
+    if patience is None:
+        return False
+    armed_at = math.ceil(recipe.early_stopping_from * recipe.epochs)  # first armed epoch, 0-based
+    return since_best >= patience and epoch + 1 - armed_at >= patience
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
