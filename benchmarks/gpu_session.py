@@ -1,11 +1,13 @@
 """One GPU session, sized to fit a 10-minute lease: inference speed and ensemble training on CUDA.
 
-    OUT=results/ python benchmarks/gpu_session.py --budget-s 540
+    OUT=results/ python benchmarks/gpu_session.py --budget-s 540 [--epochs 30] [--no-inference]
 
 1. ``benchmarks/inference.py --device cuda`` (paper CNN, one of our networks, an ensemble).
-2. Times the two costs of one default-recipe epoch on this machine: simulating the pool (CPU,
-   4 threads) and a training step (GPU), then picks the largest epoch count that lets four members,
-   trained at once in four processes, finish inside the budget.
+2. Times a training step (GPU) and the simulator on 4 CPU threads, and, unless ``--epochs`` is
+   given, picks the largest epoch count that lets four members, trained at once in four
+   processes, finish inside the budget. (The estimate assumes the pool is simulated on the CPU,
+   as it was before ``simulate_tensor``; with the pool on the GPU it is pessimistic: 4 x 30
+   epochs took 293 s on an H200.)
 3. Trains them (``nanobeam train --recipe default --members 1 --seed k --device cuda``) and joins
    them into one model file with the single command that would train all four in turn, which
    finds the finished members in its work folder and only assembles and scores them.
