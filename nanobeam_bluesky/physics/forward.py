@@ -372,10 +372,7 @@ def simulate(
 
     Unnormalised: the annulus times sinc^2, so a fully lit pixel at the Laue maximum is 1.
     """
-    strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
-    s = _resolve_upsample(instrument, upsample)
-    grid = _PixelGrid(instrument.frame_pixels, instrument.binned_pixel_m, s)
-    return _simulate_fast(strain, omega, chi, instrument, grid).numpy()
+    return simulate_tensor(strain, omega_deg, chi_deg, instrument, upsample=upsample).numpy()
 
 
 def simulate_tensor(
