@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     command = "nanobeam train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     sha, meta = train_ensemble(recipe, members, args.out, _instrument(args.instrument),
                                seed=args.seed, workdir=args.workdir, device=args.device,
-                               library=args.library, command=command)
+                               library=args.library, command=command, base=args.base)
     ens = meta["metrics"]["ensemble"]
     print(f"wrote {args.out} ({members} members, sha256 {sha[:12]})")
     print("test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg"
@@ -100,8 +100,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an ensemble (paper or default recipe) into a model file")
-    p.add_argument("--recipe", choices=["default", "paper"], default="default")
+    p = sub.add_parser("train", help="train an ensemble (paper, default or registered recipe) into a file")
+    p.add_argument("--recipe", choices=["default", "paper", "registered"], default="default",
+                   help="registered: the refining stage for the --base model (see README)")
+    p.add_argument("--base", default=None, help="coarse model file the registered recipe refines")
     p.add_argument("--members", type=int, default=None, help="ensemble size (default 4; paper 1)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--workdir", default=None, help="checkpoints and metrics logs; resumes from it")

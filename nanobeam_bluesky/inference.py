@@ -16,7 +16,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .models import NanobeamMLP, build_model, load_model_file, normalise_counts
+from .models import (
+    NanobeamMLP,
+    RegisteredMLP,
+    TiltRegistration,
+    build_model,
+    load_model_file,
+    normalise_counts,
+)
 from .physics import PARAMETERS, UNITS, Instrument, bin_roi, simulate
 
 __all__ = [
@@ -49,9 +56,13 @@ class InstrumentMismatchError(ValueError):
 
 
 class _StackedMLP(torch.nn.Module):
-    """K NanobeamMLP members evaluated together: one GEMM for all first layers, then bmm."""
+    """K dense members evaluated together: one GEMM for all first layers, then bmm.
 
-    def __init__(self, members: list[NanobeamMLP]) -> None:
+    ``forward`` takes frames (NanobeamMLP members); ``stacked`` takes the members' common input
+    features (N, D) (RegisteredMLP members, whose features depend on the shifts).
+    """
+
+    def __init__(self, members: list[NanobeamMLP] | list[RegisteredMLP]) -> None:
         super().__init__()
         linears = [[m for m in member.layers if isinstance(m, torch.nn.Linear)] for member in members]
         self.first_w = torch.nn.Parameter(torch.cat([ls[0].weight for ls in linears]), requires_grad=False)
@@ -69,7 +80,10 @@ class _StackedMLP(torch.nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, F, F) counts -> (K, N, 3) standardised outputs."""
-        x = normalise_counts(frames).flatten(1)
+        return self.stacked(normalise_counts(frames).flatten(1))
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) input features -> (K, N, outputs)."""
         h = torch.addmm(self.first_b, x, self.first_w.T)  # (N, K * h1)
         h = torch.relu(h).reshape(len(x), self.k, -1).transpose(0, 1)  # (K, N, h1)
         last = len(self.weights) - 1
@@ -81,9 +95,16 @@ class _StackedMLP(torch.nn.Module):
 
 
 class Predictor:
-    """An ensemble of trained networks with the metadata to use them correctly."""
+    """An ensemble of trained networks with the metadata to use them correctly.
+
+    With ``refiners`` (a model file with a ``refiner`` section), the tilts are predicted in two
+    stages: the ensemble's mean tilts give each frame a whole-pixel shift that centres the
+    annulus, and the refiners predict the sub-pixel rest from the shifted frame. Strain and its
+    std come from the first ensemble, omega and chi and their std from the refiners.
+    """
 
     def __init__(self, members: list[torch.nn.Module], metadata: dict[str, Any], *,
+                 refiners: list[RegisteredMLP] | None = None,
                  device: str = "cpu", batch_size: int = 8192) -> None:
         self.metadata = metadata
         self.device = torch.device(device)
@@ -100,6 +121,15 @@ class Predictor:
         else:
             self._net = None
             self._members = [m.to(self.device) for m in members]
+        self._refiner: _StackedMLP | None = None
+        if refiners:
+            for m in refiners:
+                m.eval().requires_grad_(False)
+            ref = metadata["refiner"]
+            self.registration = TiltRegistration(**ref["registration"])
+            self._refiner_features = refiners[0].to(self.device).features
+            self._refiner = _StackedMLP(refiners).to(self.device)
+            self._refiner_half = torch.tensor(ref["output_normalisation"]["half_range"], dtype=torch.float64)
         counts = metadata["count_level"]
         low = min(1.0, counts.get("augmentation", [1.0, 1.0])[0])
         typical = metadata.get("typical_frame_sum") or float(
@@ -112,13 +142,16 @@ class Predictor:
     @classmethod
     def from_states(cls, states: list[dict[str, torch.Tensor]], metadata: dict[str, Any],
                     **kwargs: Any) -> Predictor:
-        arch = metadata["architecture"]
-        members = []
-        for state in states:
+        def build(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
             model = build_model(arch["name"], **arch.get("kwargs", {}))
             model.load_state_dict(state)
-            members.append(model)
-        return cls(members, metadata, **kwargs)
+            return model
+
+        n_refiners = metadata["refiner"]["n_members"] if "refiner" in metadata else 0
+        coarse, fine = states[: len(states) - n_refiners], states[len(states) - n_refiners :]
+        members = [build(metadata["architecture"], s) for s in coarse]
+        refiners = [build(metadata["refiner"]["architecture"], s) for s in fine]
+        return cls(members, metadata, refiners=refiners, **kwargs)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Predictor:
@@ -140,6 +173,11 @@ class Predictor:
     @property
     def n_members(self) -> int:
         return self._net.k if self._net is not None else len(self._members)
+
+    @property
+    def n_refiners(self) -> int:
+        """Members of the refining stage (0: single-stage model)."""
+        return self._refiner.k if self._refiner is not None else 0
 
     @property
     def frame_pixels(self) -> int:
@@ -188,11 +226,24 @@ class Predictor:
             else:
                 out = torch.stack([m(x[:, None]) for m in self._members])
             out = out.double().cpu() * self._half + self._centre  # (K, N, 3)
-            means.append(out.mean(0))
-            stds.append(out.std(0, correction=0) if out.shape[0] > 1 else torch.zeros_like(out[0]))
+            mean = out.mean(0)
+            std = out.std(0, correction=0) if out.shape[0] > 1 else torch.zeros_like(out[0])
+            if self._refiner is not None:
+                tilts = self._refine(x, mean[:, 1], mean[:, 2])  # (K2, N, 2)
+                mean[:, 1:] = tilts.mean(0)
+                std[:, 1:] = tilts.std(0, correction=0) if tilts.shape[0] > 1 else 0.0
+            means.append(mean)
+            stds.append(std)
         if not means:
             return np.zeros((0, 3)), np.zeros((0, 3))
         return torch.cat(means).numpy(), torch.cat(stds).numpy()
+
+    def _refine(self, frames: torch.Tensor, omega_deg: torch.Tensor, chi_deg: torch.Tensor) -> torch.Tensor:
+        """Refined (omega, chi) in degrees per refiner, (K2, N, 2), from coarse tilts (N,)."""
+        rows, cols = self.registration.shifts(omega_deg, chi_deg)
+        features = self._refiner_features(frames, rows.to(self.device), cols.to(self.device))
+        residual = self._refiner.stacked(features).double().cpu() * self._refiner_half
+        return residual + torch.stack(self.registration.tilts(rows, cols), 1)
 
     def quality_flags(self, frames: np.ndarray) -> np.ndarray:
         """Flag bits per frame for unusable input (INVALID, LOW_COUNTS)."""

@@ -13,9 +13,11 @@ from nanobeam_bluesky.models import (
     ModelFileError,
     NanobeamMLP,
     PaperCNN,
+    TiltRegistration,
     as_stored,
     count_parameters,
     load_model_file,
+    register_frames,
     save_model_file,
 )
 from nanobeam_bluesky.physics import Instrument, simulate, to_counts
@@ -23,6 +25,7 @@ from nanobeam_bluesky.training import (
     DEFAULT_RECIPE,
     PAPER_RECIPE,
     OnTheFlyData,
+    random_parameters,
     train_ensemble,
     train_member,
 )
@@ -239,7 +242,6 @@ def test_paper_recipe_trains_on_a_grid_library(tmp_path):
 def test_shipped_model_predicts_simulated_frames_within_its_stated_accuracy():
     from nanobeam_bluesky import load_pretrained
     from nanobeam_bluesky.physics import simulate_exact
-    from nanobeam_bluesky.training import random_parameters
 
     predictor = load_pretrained()
     assert predictor.instrument == Instrument()
@@ -268,3 +270,83 @@ def test_predictions_outside_the_training_box_are_flagged(tiny_model):
                      [0.0, 0.0, 0.3]])
     assert predictor.range_flags(mean).tolist() == [0, 0, Flag.OUT_OF_RANGE, Flag.OUT_OF_RANGE,
                                                     Flag.OUT_OF_RANGE]
+
+
+# ------------------------------------------------------------------ the refining stage
+def test_register_frames_shifts_by_whole_pixels_with_zero_fill():
+    frames = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 6, 6) + 1
+    rows, cols = torch.tensor([2, -1]), torch.tensor([-3, 1])
+    out = register_frames(frames, rows, cols, pad=4)
+    for n in range(2):
+        for i in range(6):
+            for j in range(6):
+                r, c = i + int(rows[n]), j + int(cols[n])
+                inside = 0 <= r < 6 and 0 <= c < 6
+                assert out[n, i, j] == (frames[n, r, c] if inside else 0)
+
+
+def test_registration_centres_the_annulus():
+    registration = TiltRegistration.for_instrument(Instrument())
+    # physics.md: 13.49 binned pixels at omega = 0.05 deg, 7.37 at chi = 0.1 deg.
+    assert registration.pixels_per_deg_omega * 0.05 == pytest.approx(13.49, abs=0.01)
+    assert registration.pixels_per_deg_chi * 0.1 == pytest.approx(7.37, abs=0.01)
+    assert registration.max_shift >= 14
+    omega, chi = np.array([0.015, -0.012, 0.004]), np.array([0.05, -0.03, -0.09])
+    frames = torch.as_tensor(simulate(0.0, omega, chi))
+    rows, cols = registration.shifts(torch.as_tensor(omega), torch.as_tensor(chi))
+    assert rows.tolist() == [4, -2, -7] and cols.tolist() == [4, -3, 1]
+    back_omega, back_chi = registration.tilts(rows, cols)
+    assert np.all(np.abs(back_omega.numpy() - omega) <= 0.5 / registration.pixels_per_deg_omega)
+    assert np.all(np.abs(back_chi.numpy() - chi) <= 0.5 / registration.pixels_per_deg_chi)
+    registered = register_frames(frames, rows, cols, registration.max_shift).numpy()
+    lit = registered > 0.0
+    grid = np.arange(64) + 0.5  # pixel centres; the frame centre is 32.0 in these units
+    for k in range(3):
+        # The lit annulus of the registered frame is centred to within the half-pixel rounding
+        # plus the annulus' small projection asymmetry (0.3 px).
+        row_centre = (lit[k].sum(1) * grid).sum() / lit[k].sum()
+        col_centre = (lit[k].sum(0) * grid).sum() / lit[k].sum()
+        assert abs(row_centre - 32.0) < 0.8 and abs(col_centre - 32.0) < 0.8, (k, row_centre, col_centre)
+
+
+REFINE = TINY.replace(name="registered", architecture="registered_mlp", epochs=4,
+                      registration_jitter_deg=(2e-3, 5e-3))  # the tiny coarse model is ~5x coarser
+
+
+def test_registered_training_lowers_the_loss():
+    result = train_member(REFINE.replace(lr_schedule="constant"), seed=1, progress=False)
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[-1] < losses[0] / 3, losses
+    assert set(result.metrics) >= {"test_rmse_omega", "test_rmse_chi"}
+
+
+def test_refined_model_beats_its_coarse_stage_and_round_trips(tiny_model, tmp_path):
+    out = tmp_path / "refined.pt"
+    sha, _ = train_ensemble(REFINE, 2, out, seed=3, progress=False, base=tiny_model[0])
+    states, loaded = load_model_file(out)
+    assert loaded["sha256"] == sha and len(states) == 4  # 2 coarse + 2 refining members
+    refiner = loaded["refiner"]
+    assert refiner["n_members"] == 2 and refiner["parameters"] == ["omega", "chi"]
+    assert refiner["base_sha256"] == tiny_model[1]
+    coarse, refined = Predictor.from_file(tiny_model[0]), Predictor.from_file(out)
+    assert (refined.n_members, refined.n_refiners) == (2, 2)
+    rng = np.random.default_rng(1)
+    params = random_parameters(Instrument(), 400, rng)
+    counts = to_counts(simulate(*params.T), 7.0, scale=1.0, rng=rng)
+    before, after = coarse.predict(counts), refined.predict(counts)
+    np.testing.assert_array_equal(before["strain"], after["strain"])  # strain: the coarse stage's
+    for i, name in ((1, "omega"), (2, "chi")):
+        rmse = [float(np.sqrt(np.mean((ds[name].values - params[:, i]) ** 2))) for ds in (before, after)]
+        # Measured: omega 1.6e-3 -> 3.0e-4 deg, chi 3.6e-3 -> 1.1e-3 deg.
+        assert rmse[1] < 0.5 * rmse[0], (name, rmse)
+        assert np.all(after[f"{name}_std"].values > 0)
+
+
+def test_registered_recipe_needs_a_coarse_base_for_the_same_instrument(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="--base"):
+        train_ensemble(REFINE, 1, tmp_path / "x.pt", progress=False)
+    other = Instrument().replace(detector_distance_m=0.9)
+    with pytest.raises(InstrumentMismatchError, match="another instrument"):
+        train_ensemble(REFINE, 1, tmp_path / "x.pt", other, progress=False, base=tiny_model[0])
+    with pytest.raises(ValueError, match="only for the registered recipe"):
+        train_ensemble(TINY, 1, tmp_path / "x.pt", progress=False, base=tiny_model[0])

