@@ -1,10 +1,11 @@
-"""Inference speed on this machine: the paper CNN, one of our networks, and the shipped ensemble.
+"""Inference speed on this machine: the paper CNN, one of our networks, and the shipped model.
 
     python benchmarks/inference.py [--model FILE] [--frames 16384] [--threads 2]
 
 All three run on the same Poisson frames in one process, batched, in inference mode; printed as
 frames/s with the ratio to the paper model. "predict()" adds input checks, flags and the
-xarray result around the raw ensemble forward pass.
+xarray result around the raw forward pass; a two-stage model is also timed without its
+refining stage.
 """
 
 from __future__ import annotations
@@ -61,18 +62,20 @@ def main() -> None:
         for i in range(0, len(x), args.batch):
             model(x[i : i + args.batch, None])
 
+    k = f"K={predictor.n_members}" + (f"+{predictor.n_refiners} refining" if predictor.n_refiners else "")
     rates = {
         "paper CNN (1 network)": _rate(lambda: run(paper), len(x)),
         f"ours: {arch['name']} (1 network)": _rate(lambda: run(single), len(x)),
-        f"shipped ensemble, forward (K={predictor.n_members})": _rate(
-            lambda: predictor.predict_arrays(frames), len(x)),
-        f"shipped ensemble, predict() (K={predictor.n_members})": _rate(
-            lambda: predictor.predict(frames), len(x)),
+        f"shipped, forward ({k})": _rate(lambda: predictor.predict_arrays(frames), len(x)),
+        f"shipped, predict() ({k})": _rate(lambda: predictor.predict(frames), len(x)),
     }
+    if predictor.n_refiners:
+        rates[f"shipped, coarse stage only (K={predictor.n_members})"] = _rate(
+            lambda: predictor.predict(frames, refine=False), len(x))
     print(f"{args.frames} frames, batch {args.batch}, {args.threads} threads, device {args.device}")
     paper_rate = rates["paper CNN (1 network)"]
     for name, rate in rates.items():
-        print(f"{name:<45}{rate:>12,.0f} frames/s{rate / paper_rate:>8.1f}x paper")
+        print(f"{name:<52}{rate:>12,.0f} frames/s{rate / paper_rate:>8.1f}x paper")
 
 
 if __name__ == "__main__":

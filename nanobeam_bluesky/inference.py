@@ -216,8 +216,11 @@ class Predictor:
         return arr.astype(np.float32, copy=False)
 
     @torch.inference_mode()
-    def predict_arrays(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, F, F) counts -> (mean (N, 3), std (N, 3)) in physical units, no checks or flags."""
+    def predict_arrays(self, frames: np.ndarray, *, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(N, F, F) counts -> (mean (N, 3), std (N, 3)) in physical units, no checks or flags.
+
+        ``refine=False`` skips the refining stage (the coarse ensemble alone).
+        """
         means, stds = [], []
         for start in range(0, len(frames), self.batch_size):
             x = torch.as_tensor(frames[start : start + self.batch_size]).to(self.device)
@@ -228,7 +231,7 @@ class Predictor:
             out = out.double().cpu() * self._half + self._centre  # (K, N, 3)
             mean = out.mean(0)
             std = out.std(0, correction=0) if out.shape[0] > 1 else torch.zeros_like(out[0])
-            if self._refiner is not None:
+            if self._refiner is not None and refine:
                 tilts = self._refine(x, mean[:, 1], mean[:, 2])  # (K2, N, 2)
                 mean[:, 1:] = tilts.mean(0)
                 std[:, 1:] = tilts.std(0, correction=0) if tilts.shape[0] > 1 else 0.0
@@ -261,6 +264,7 @@ class Predictor:
         instrument: Instrument | None = None,
         allow_instrument_mismatch: bool = False,
         check_instrument: bool = True,
+        refine: bool = True,
     ) -> xr.Dataset:
         """Predict (strain, omega, chi) and their ensemble spread for every frame.
 
@@ -268,6 +272,8 @@ class Predictor:
             frames: counts (N, 64, 64), or raw ROIs (N, 128, 128) binned here.
             instrument: the data's instrument; a different one than the model's is an error.
             allow_instrument_mismatch: use the model anyway.
+            refine: use the refining stage when the model has one (False: the coarse ensemble's
+                tilts, 2-3x less accurate, twice as fast).
 
         Returns a Dataset over ``frame``: strain (1), omega and chi (deg), their ``_std``, and
         ``flag`` (see :class:`Flag`); unusable frames get NaN.
@@ -280,11 +286,11 @@ class Predictor:
         mean = np.full((len(arr), 3), np.nan)
         std = np.full((len(arr), 3), np.nan)
         if usable.all():
-            mean, std = self.predict_arrays(arr)
+            mean, std = self.predict_arrays(arr, refine=refine)
         elif usable.any():
-            mean[usable], std[usable] = self.predict_arrays(np.ascontiguousarray(arr[usable]))
+            mean[usable], std[usable] = self.predict_arrays(np.ascontiguousarray(arr[usable]), refine=refine)
         flags |= self.range_flags(mean)
-        return self.to_dataset(mean, std, flags)
+        return self.to_dataset(mean, std, flags, refined=refine and self.n_refiners > 0)
 
     def range_flags(self, mean: np.ndarray) -> np.ndarray:
         """OUT_OF_RANGE where a prediction is more than 5 % of its range outside the box."""
@@ -295,7 +301,8 @@ class Predictor:
             outside = ((mean < ranges[:, 0] - margin) | (mean > ranges[:, 1] + margin)).any(axis=1)
         return np.where(outside, Flag.OUT_OF_RANGE, 0).astype(np.uint8)
 
-    def to_dataset(self, mean: np.ndarray, std: np.ndarray, flags: np.ndarray) -> xr.Dataset:
+    def to_dataset(self, mean: np.ndarray, std: np.ndarray, flags: np.ndarray, *,
+                   refined: bool = False) -> xr.Dataset:
         data: dict[str, Any] = {}
         for i, name in enumerate(PARAMETERS):
             attrs = {"units": UNITS[name]}
@@ -308,7 +315,7 @@ class Predictor:
             data,
             coords={"frame": np.arange(len(mean))},
             attrs={"model_id": self.model_id, "model_sha256": self.metadata.get("sha256", ""),
-                   "n_members": self.n_members},
+                   "n_members": self.n_members, "n_refiners": self.n_refiners if refined else 0},
         )
 
 

@@ -70,6 +70,7 @@ class DerivedRun:
                 "model_id": predictor.model_id,
                 "model_sha256": predictor.sha256,
                 "n_members": predictor.n_members,
+                "n_refiners": predictor.n_refiners,
                 "instrument": predictor.instrument.to_dict(),
                 "image_key": layout.image_key,
                 "frame_shape": list(layout.frame_shape),

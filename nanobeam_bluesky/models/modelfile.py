@@ -21,8 +21,10 @@ import torch
 __all__ = ["ModelFileError", "as_stored", "load_model_file", "save_model_file", "weights_sha256"]
 
 FORMAT = "nanobeam-model"
-FORMAT_VERSION = 2  # 2: int8 rows; version-1 files (no int8) read the same way
-_READABLE_VERSIONS = (1, 2)
+#: 2: int8 rows; 3: an optional refining stage (metadata "refiner", its members listed last).
+#: Older versions read the same way; older packages refuse version 3 with "upgrade".
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 _ROW_SCALE = ".__row_scale"
 #: Matrices with at least this many elements are stored as int8 rows when asked for: the MLP's
 #: input layer (256 x 4096). Its 256 x 256 hidden layer is not: as int8 it cost 6 % on omega.
