@@ -43,7 +43,7 @@ def main() -> None:
         counts = to_counts(frames, level, scale=1.0, rng=rng)
         print(f"\n-- {level:g} counts at the Laue maximum --")
         header = ("model", "param", "RMSE", "bias", "CRLB", "RMSE/CRLB", "mean std")
-        print("{:<34}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}".format(*header))
+        print("{:<42}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}".format(*header))
         runs = [(p, True) for p in predictors] + [(p, False) for p in predictors if p.n_refiners]
         for predictor, refine in runs:
             ds = predictor.predict(counts, refine=refine)
@@ -52,9 +52,9 @@ def main() -> None:
             for i, name in enumerate(PARAMETERS):
                 err = ds[name].values - params[:, i]
                 rmse = float(np.sqrt(np.nanmean(err**2)))
-                label = (predictor.model_id.split("+")[0] if not refine else predictor.model_id)[:22]
+                label = predictor.model_id if refine else predictor.model_id.split("+")[0]
                 label = f"{label} ({k})" if i == 0 else ""
-                print(f"{label:<34}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
+                print(f"{label:<42}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
                       f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}")
 
 

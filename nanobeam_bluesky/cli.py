@@ -93,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                seed=args.seed, workdir=args.workdir, device=args.device,
                                library=args.library, command=command, base=args.base)
     ens = meta["metrics"]["ensemble"]
-    print(f"wrote {args.out} ({members} members, sha256 {sha[:12]})")
+    what = f"{members} refining members on {args.base}" if "refiner" in meta else f"{members} members"
+    print(f"wrote {args.out} ({what}, sha256 {sha[:12]})")
     print("test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg"
           .format(**ens))
     return 0
