@@ -171,7 +171,8 @@ def run_demo(
         truth = phantom.to_dataset()
         log(f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
             f"({phantom.pixel_size_um * 1e3:.0f} nm steps), model {predictor.model_id} "
-            f"(K={predictor.n_members}, sha256 {predictor.sha256[:12]})")
+            f"(K={predictor.n_members}{f'+{predictor.n_refiners} refining' if predictor.n_refiners else ''}, "
+            f"sha256 {predictor.sha256[:12]})")
         in_main_thread = threading.current_thread() is threading.main_thread()
         RE = RunEngine({}, context_managers=[_StopOnSigint] if in_main_thread else [])
         with init_devices():
