@@ -66,9 +66,16 @@ def find_run(catalog: Any, run: str | int) -> Any:
     if isinstance(run, int) or (isinstance(run, str) and run.isdigit()):
         matches = catalog.search(Key("start.scan_id") == int(run))
         raw = [r for r in matches.values() if not is_derived_start(r.metadata.get("start", {}))]
-        if not raw:
+        if raw:
+            return raw[-1]
+        # A uid prefix can be all digits (2 % of 8-character prefixes): try it as one.
+        if isinstance(run, int) or len(run) < 5:
             raise RunNotFoundError(f"no raw run with scan_id {run} in the catalog")
-        return raw[-1]
+        try:
+            return catalog[run]
+        except (KeyError, ValueError) as exc:
+            raise RunNotFoundError(f"no raw run with scan_id {run}, nor a run whose uid starts with "
+                                   f"{run!r}, in the catalog") from exc
     try:
         return catalog[run]
     except (KeyError, ValueError) as exc:

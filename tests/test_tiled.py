@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import time
+import uuid
 from pathlib import Path
 
 import h5py
@@ -503,3 +504,20 @@ def test_server_api_key_resolution(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="letters and digits"):
         resolve_api_key(tmp_path, "bad key!")
     assert os.environ[API_KEY_ENV] == "fromenv123"
+
+
+def test_find_run_takes_a_uid_prefix_made_of_digits(runs):
+    from event_model import compose_run
+
+    from nanobeam_bluesky.replay import RunNotFoundError, find_run
+
+    # 2 % of 8-character uid prefixes are all digits: they must still find their run.
+    uid = "20261126-0000-4000-8000-" + uuid.uuid4().hex[:12]
+    bundle = compose_run(uid=uid, metadata={"scan_id": 777})
+    writer = tiled_writer(runs)
+    writer("start", bundle.start_doc)
+    writer("stop", bundle.compose_stop())
+    assert find_run(runs, uid[:8]).metadata["start"]["uid"] == uid
+    assert find_run(runs, 777).metadata["start"]["uid"] == uid  # digits that are a scan_id
+    with pytest.raises(RunNotFoundError, match="nor a run whose uid starts with"):
+        find_run(runs, "99999999")
