@@ -1,6 +1,6 @@
 """nanobeam_bluesky: live strain and tilt maps from scanning X-ray nanodiffraction.
 
-The main entry points: :func:`load_pretrained` (the shipped NanobeamNN ensemble),
+The main entry points: :func:`load_pretrained` (the shipped two-stage NanobeamNN model),
 :class:`Predictor`, :mod:`nanobeam_bluesky.physics` (the forward model),
 :mod:`nanobeam_bluesky.callbacks` (live analysis in Bluesky) and the ``nanobeam`` command line.
 """
