@@ -139,6 +139,20 @@ class Predictor:
         )
         #: Frames with fewer total counts are flagged LOW_COUNTS and not predicted.
         self.min_total_counts = 0.1 * low * counts["max_counts"] * typical
+        # Expected error: the test RMSE at max_counts (frames uniform over the box), scaled to
+        # each frame's counts as 1/sqrt(counts) -- the Cramer-Rao bound scales so, and is flat
+        # over the box to +-4 %.
+        metrics = metadata.get("metrics", {})
+        self._test_rmse = {
+            refined: np.array([(stage or {}).get(f"rmse_{p}", np.nan) for p in PARAMETERS])
+            for refined, stage in ((True, metrics.get("ensemble")),
+                                   (False, metrics.get("coarse_ensemble", metrics.get("ensemble"))))
+        }
+        rng = np.random.default_rng(0)
+        box = [rng.uniform(lo, hi, 64) for lo, hi in self.instrument.parameter_ranges.values()]
+        #: Mean expected total counts of a test frame (max_counts, uniform over the box).
+        self.reference_total_counts = counts["max_counts"] * float(
+            simulate(*box, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -277,8 +291,10 @@ class Predictor:
             refine: use the refining stage when the model has one (False: the coarse ensemble's
                 tilts, 2-3x less accurate, twice as fast).
 
-        Returns a Dataset over ``frame``: strain (1), omega and chi (deg), their ``_std``, and
-        ``flag`` (see :class:`Flag`); unusable frames get NaN.
+        Returns a Dataset over ``frame``: strain (1), omega and chi (deg), their ``_std`` (the
+        members' spread), their ``_err`` (the error to expect at this frame's counts: the model's
+        test RMSE scaled by 1/sqrt(counts)), and ``flag`` (see :class:`Flag`); unusable frames
+        get NaN.
         """
         if check_instrument:
             self.check_instrument(instrument, allow_mismatch=allow_instrument_mismatch)
@@ -292,7 +308,21 @@ class Predictor:
         elif usable.any():
             mean[usable], std[usable] = self.predict_arrays(np.ascontiguousarray(arr[usable]), refine=refine)
         flags |= self.range_flags(mean)
-        return self.to_dataset(mean, std, flags, refined=refine and self.n_refiners > 0)
+        refined = refine and self.n_refiners > 0
+        err = self.expected_error(arr, refined=refined)
+        err[np.isnan(mean)] = np.nan
+        return self.to_dataset(mean, std, flags, refined=refined, err=err)
+
+    def expected_error(self, frames: np.ndarray, *, refined: bool = True) -> np.ndarray:
+        """(N, 3) RMSE to expect per frame (strain, deg, deg): test RMSE x sqrt(reference / counts).
+
+        Calibrated on simulated frames of the model's instrument: it does not know about a real
+        detector's or sample's departures from the simulation.
+        """
+        totals = frames.reshape(len(frames), -1).sum(axis=1, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.sqrt(self.reference_total_counts / totals)
+        return scale[:, None] * self._test_rmse[refined][None, :]
 
     def range_flags(self, mean: np.ndarray) -> np.ndarray:
         """OUT_OF_RANGE where a prediction is more than 5 % of its range outside the box."""
@@ -304,12 +334,15 @@ class Predictor:
         return np.where(outside, Flag.OUT_OF_RANGE, 0).astype(np.uint8)
 
     def to_dataset(self, mean: np.ndarray, std: np.ndarray, flags: np.ndarray, *,
-                   refined: bool = False) -> xr.Dataset:
+                   refined: bool = False, err: np.ndarray | None = None) -> xr.Dataset:
+        err = np.full_like(mean, np.nan) if err is None else err
         data: dict[str, Any] = {}
         for i, name in enumerate(PARAMETERS):
             attrs = {"units": UNITS[name]}
             data[name] = ("frame", mean[:, i], attrs | {"long_name": f"{name} (ensemble mean)"})
             data[f"{name}_std"] = ("frame", std[:, i], attrs | {"long_name": f"{name} ensemble std"})
+            data[f"{name}_err"] = ("frame", err[:, i], attrs | {
+                "long_name": f"{name} expected error (test RMSE scaled to the frame's counts)"})
         data["flag"] = ("frame", flags.astype(np.uint8),
                         {"flag_masks": [int(f) for f in Flag if f],
                          "flag_meanings": " ".join(f.name.lower() for f in Flag if f)})

@@ -142,8 +142,11 @@ def check_derived_run(model: ModelUnderTest, raw: Recorder, derived: Recorder, n
     (descriptor,) = derived.of("descriptor")
     keys = descriptor["data_keys"]
     assert keys["strain"]["units"] == "1" and keys["omega"]["units"] == keys["chi"]["units"] == "deg"
+    assert keys["omega_err"]["units"] == "deg" and "expected error" in keys["omega_err"]["description"]
     assert all("dtype_numpy" in k for k in keys.values())
     rows = derived.rows()
+    predicted = (rows["flag"] & (Flag.INVALID | Flag.LOW_COUNTS | Flag.MODEL_ERROR)) == 0
+    assert predicted.any() and np.all(np.asarray(rows["chi_err"])[predicted] > 0)
     assert sorted(rows["raw_seq_num"].tolist()) == list(range(1, n_frames + 1))
     (raw_stop,), (stop,) = raw.of("stop"), derived.of("stop")
     assert raw_stop["num_events"]["primary"] == stop["num_events"]["primary"] == n_frames

@@ -500,6 +500,7 @@ class NanobeamCallback(DocumentRouter):
         n = sum(len(b) for b in blocks)
         mean = np.full((n, 3), np.nan)
         std = np.full((n, 3), np.nan)
+        err = np.full((n, 3), np.nan)
         flags = np.concatenate([b.flags for b in blocks])
         readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
         if readable.any():
@@ -509,6 +510,7 @@ class NanobeamCallback(DocumentRouter):
                 result = self.predictor.predict(frames, check_instrument=False)
                 mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
                 std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
+                err[readable] = np.stack([result[f"{p}_err"].values for p in PARAMETERS], 1)
                 flags[readable] |= result["flag"].values.astype(np.uint8)
             except Exception as exc:
                 logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR",
@@ -520,7 +522,7 @@ class NanobeamCallback(DocumentRouter):
                     run.errors.append(message)
             self.stats.predict_s += time.perf_counter() - t0
             self.stats.batches += 1
-        page = run.derived.event_page(blocks, mean, std, flags)
+        page = run.derived.event_page(blocks, mean, std, flags, err)
         self.emit("event_page", page)
         now = time.monotonic()
         latencies = np.concatenate([np.full(len(b), now - b.received) for b in blocks])

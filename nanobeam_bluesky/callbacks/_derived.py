@@ -19,7 +19,7 @@ __all__ = ["ANALYSIS_STAGE", "DERIVED_FIELDS", "DerivedRun", "is_derived_start"]
 #: The ``analysis_stage`` label of every derived run start document.
 ANALYSIS_STAGE = "nanobeam_nn"
 #: Data keys of the derived stream besides the raw seq_num and the positions.
-DERIVED_FIELDS = (*PARAMETERS, *(f"{p}_std" for p in PARAMETERS), "flag")
+DERIVED_FIELDS = (*PARAMETERS, *(f"{p}_std" for p in PARAMETERS), *(f"{p}_err" for p in PARAMETERS), "flag")
 #: Raw start keys copied into the derived start when present (maps, shape, sample...).
 COPIED_START_KEYS = ("scan_id", "sample", "shape", "extents", "snaking", "motors", "num_points",
                      "hints", "proposal", "beamline_id", "data_session", "owner", "group", "project")
@@ -31,8 +31,10 @@ def is_derived_start(start: Mapping[str, Any]) -> bool:
 
 
 def _parameter_key(name: str, source: str) -> dict[str, Any]:
-    base = name.removesuffix("_std")
-    what = "ensemble standard deviation" if name.endswith("_std") else "ensemble mean"
+    base = name.removesuffix("_std").removesuffix("_err")
+    what = {"_std": "ensemble standard deviation",
+            "_err": "expected error (the model's test RMSE scaled to the frame's counts)"}.get(
+        name[len(base):], "ensemble mean")
     return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [],
             "units": UNITS[base], "precision": 6, "description": f"{base}, {what}"}
 
@@ -41,7 +43,7 @@ class DerivedRun:
     """Composes the documents of one derived run from model results.
 
     The start links to the raw run (``parent_uid``) and names the model; the single stream
-    (``primary``) has one row per raw frame: strain, omega, chi (deg) and their ``_std``, the
+    (``primary``) has one row per raw frame: strain, omega, chi (deg), their ``_std`` and ``_err``, the
     quality ``flag``, the raw ``raw_seq_num`` and the raw positions.
     """
 
@@ -105,8 +107,9 @@ class DerivedRun:
         self.rows = 0
 
     def event_page(self, blocks: Sequence[RowBlock], mean: np.ndarray, std: np.ndarray,
-                   flags: np.ndarray) -> dict[str, Any]:
-        """One EventPage for consecutive blocks; mean/std (n, 3), flags (n,) cover all their rows."""
+                   flags: np.ndarray, err: np.ndarray | None = None) -> dict[str, Any]:
+        """One EventPage for consecutive blocks; mean/std/err (n, 3), flags (n,) cover all their rows."""
+        err = np.full_like(mean, np.nan) if err is None else err
         seq = np.concatenate([b.seq_nums for b in blocks])
         times = np.concatenate([b.times for b in blocks])
         n = len(seq)
@@ -114,6 +117,7 @@ class DerivedRun:
         for i, name in enumerate(PARAMETERS):
             data[name] = mean[:, i].tolist()
             data[f"{name}_std"] = std[:, i].tolist()
+            data[f"{name}_err"] = err[:, i].tolist()
         data["flag"] = flags.astype(int).tolist()
         data["raw_seq_num"] = seq.astype(int).tolist()
         for key in self.position_keys:

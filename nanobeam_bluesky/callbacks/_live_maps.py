@@ -172,11 +172,12 @@ class LiveStrainMaps(DocumentRouter):
             ylabel, xlabel = self._grid.keys
         self._images = {}
         for ax, f in zip(axes, self.fields, strict=True):
-            base = f.removesuffix("_std")
+            base = f.removesuffix("_std").removesuffix("_err")
             image = ax.imshow(self.maps[f], extent=extent, interpolation="nearest",
                               cmap=colormaps["viridis"].with_extremes(bad="0.85"))
             unit = UNITS.get(base, "")
-            ax.set_title(f"{_LABELS.get(base, base)}{' std' if f.endswith('_std') else ''}"
+            what = {"_std": " std", "_err": " expected error"}.get(f[len(base):], "")
+            ax.set_title(f"{_LABELS.get(base, base)}{what}"
                          f"{f' ({unit})' if unit not in ('', '1') else ''}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
