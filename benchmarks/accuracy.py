@@ -4,7 +4,8 @@
 
 For each count level (expected counts of the Laue maximum), simulates frames at random
 (off-grid) parameters over the model's box, draws Poisson counts, predicts, and prints the RMSE
-and bias per parameter beside the RMS CRLB at the same parameters and their ratio. Several
+and bias per parameter beside the RMS CRLB at the same parameters and their ratio, then the
+mean ensemble std and the rms expected error (``*_err``, which should match the RMSE). Several
 models (--model A --model B) are measured side by side on the same frames; a two-stage model
 also without its refining stage.
 """
@@ -42,8 +43,8 @@ def main() -> None:
         bound_rms = np.sqrt((bound**2).mean(axis=0))
         counts = to_counts(frames, level, scale=1.0, rng=rng)
         print(f"\n-- {level:g} counts at the Laue maximum --")
-        header = ("model", "param", "RMSE", "bias", "CRLB", "RMSE/CRLB", "mean std")
-        print("{:<42}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}".format(*header))
+        header = ("model", "param", "RMSE", "bias", "CRLB", "RMSE/CRLB", "mean std", "rms err")
+        print("{:<42}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}{:>11}".format(*header))
         runs = [(p, True) for p in predictors] + [(p, False) for p in predictors if p.n_refiners]
         for predictor, refine in runs:
             ds = predictor.predict(counts, refine=refine)
@@ -55,7 +56,8 @@ def main() -> None:
                 label = predictor.model_id if refine else predictor.model_id.split("+")[0]
                 label = f"{label} ({k})" if i == 0 else ""
                 print(f"{label:<42}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
-                      f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}")
+                      f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}"
+                      f"{np.sqrt(np.nanmean(ds[f'{name}_err'] ** 2)):>11.2e}")
 
 
 if __name__ == "__main__":
