@@ -55,8 +55,10 @@ def _encode(state: dict[str, torch.Tensor], weight_dtype: torch.dtype,
             scale = (v.float().abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
             out[k] = torch.round(v.float() / scale).clamp(-127, 127).to(torch.int8)
             out[k + _ROW_SCALE] = scale
-        elif v.is_floating_point():
+        elif v.is_floating_point() and v.ndim >= 2:
             out[k] = v.to(weight_dtype).clone()
+        elif v.is_floating_point():  # biases: a few KB, and they carry the int8 bias correction
+            out[k] = v.float().clone()
         else:
             out[k] = v.clone()
     return out
@@ -92,8 +94,9 @@ def save_model_file(
     """Write a model file; returns the sha256 of the weights (also stored in the metadata).
 
     ``weight_dtype=torch.float16`` halves the file (the shipped ensemble: its RMSE changes by
-    < 0.1 %); ``int8_rows=True`` halves the large matrices again (int8, one float32 scale per row; RMSE
-    change < 0.2 %). Weights are float32 again when loaded.
+    < 0.1 %); ``int8_rows=True`` halves the large matrices again (int8, one float32 scale per
+    row; RMSE change < 0.2 %). Biases stay float32 (a few KB). Weights are float32 again when
+    loaded.
     """
     path = Path(path)
     members = [_encode(state, weight_dtype, int8_rows) for state in members]

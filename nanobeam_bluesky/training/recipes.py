@@ -52,7 +52,7 @@ class Recipe:
     #: Sub-pixels per binned pixel for the training frames (None: the instrument's).
     upsample: int | None = None
     #: Refining stage only: std (omega, chi, degrees) of the coarse estimate's error simulated
-    #: in training, about twice the shipped coarse ensemble's RMSE (2.7e-4, 6.3e-4 deg).
+    #: in training, about twice the shipped coarse ensemble's RMSE (2.8e-4, 6.5e-4 deg).
     registration_jitter_deg: tuple[float, float] = (5e-4, 1.2e-3)
 
     def replace(self, **changes: Any) -> Recipe:

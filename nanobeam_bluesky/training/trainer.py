@@ -114,7 +114,8 @@ class RegisteredObjective(Objective):
         self.jitter = torch.as_tensor(recipe.registration_jitter_deg, dtype=torch.float64)
         self.model_kwargs = {"max_shift": self.registration.max_shift}
 
-    def _shifts_and_targets(self, tilts: torch.Tensor, noise: torch.Tensor):
+    def shifts_and_targets(self, tilts: torch.Tensor, noise: torch.Tensor):
+        """Whole-pixel shifts for true tilts (N, 2) deg plus ``noise`` x jitter; their tilts; targets."""
         coarse = tilts + noise * self.jitter.to(tilts.device)
         rows, cols = self.registration.shifts(coarse[:, 0], coarse[:, 1])
         base = torch.stack(self.registration.tilts(rows, cols), 1)
@@ -124,7 +125,7 @@ class RegisteredObjective(Objective):
     def outputs_and_targets(self, model, counts, labels, generator):
         tilts = labels[:, 1:].double() * self._box_half.to(labels.device) + self._box_centre.to(labels.device)
         noise = torch.randn(tilts.shape, generator=generator, device=tilts.device, dtype=torch.float64)
-        rows, cols, _, target = self._shifts_and_targets(tilts, noise)
+        rows, cols, _, target = self.shifts_and_targets(tilts, noise)
         return model(counts, rows, cols), target
 
     @torch.inference_mode()
@@ -132,7 +133,7 @@ class RegisteredObjective(Objective):
         model.eval()
         tilts = torch.as_tensor(truth[:, 1:], dtype=torch.float64)
         noise = torch.randn(tilts.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-        rows, cols, base, _ = self._shifts_and_targets(tilts, noise)
+        rows, cols, base, _ = self.shifts_and_targets(tilts, noise)
         out = [model(counts[i : i + batch].to(device), rows[i : i + batch].to(device),
                      cols[i : i + batch].to(device)).cpu() for i in range(0, len(counts), batch)]
         model.train()
