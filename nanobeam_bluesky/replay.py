@@ -63,23 +63,21 @@ def find_run(catalog: Any, run: str | int) -> Any:
 
     from .callbacks import is_derived_start
 
-    if isinstance(run, int) or (isinstance(run, str) and run.isdigit()):
+    digits = isinstance(run, str) and run.isdigit()
+    if isinstance(run, int) or digits:
         matches = catalog.search(Key("start.scan_id") == int(run))
         raw = [r for r in matches.values() if not is_derived_start(r.metadata.get("start", {}))]
         if raw:
             return raw[-1]
-        # A uid prefix can be all digits (2 % of 8-character prefixes): try it as one.
+        # A uid prefix can be all digits (2 % of 8-character prefixes): try it as one below.
         if isinstance(run, int) or len(run) < 5:
             raise RunNotFoundError(f"no raw run with scan_id {run} in the catalog")
-        try:
-            return catalog[run]
-        except (KeyError, ValueError) as exc:
-            raise RunNotFoundError(f"no raw run with scan_id {run}, nor a run whose uid starts with "
-                                   f"{run!r}, in the catalog") from exc
     try:
         return catalog[run]
     except (KeyError, ValueError) as exc:
-        raise RunNotFoundError(f"no run with uid {run!r} in the catalog ({exc})") from exc
+        what = f"no raw run with scan_id {run}, nor a run whose uid starts with {run!r}," if digits \
+            else f"no run with uid {run!r}"
+        raise RunNotFoundError(f"{what} in the catalog ({exc})") from exc
 
 
 def _scalar_number(data_key: Mapping[str, Any]) -> bool:

@@ -123,11 +123,10 @@ def train_ensemble(
         # input layer adds a near-constant shift: it biased chi by -0.2x the CRLB until corrected.
         mean_input = mean_registered_input(recipe, instrument, seed=seed)
         stored = as_stored(quantisation_bias_correction(states, stored, mean_input), **storage)
-    states = stored
-    if refining:
+        states = as_stored(base_states, **storage) + stored
         metadata = _refined_metadata(base_meta, recipe, instrument, n_members, member_metrics, command)
-        states = as_stored(base_states, **storage) + states
     else:
+        states = stored
         metadata = model_metadata(recipe, instrument, {"members": member_metrics}, command=command)
     predictor = Predictor.from_states(states, {**metadata, "sha256": "unsaved"})
     from .data import make_data

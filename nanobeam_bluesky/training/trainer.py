@@ -107,8 +107,9 @@ class RegisteredObjective(Objective):
         self.index = [PARAMETERS.index(n) for n in self.names]
         self.centre = np.zeros(2)
         self.half_range = np.asarray(self.registration.residual_half_range_deg)
-        self._box_centre = torch.as_tensor(Standardiser.for_instrument(instrument).centre[1:])
-        self._box_half = torch.as_tensor(Standardiser.for_instrument(instrument).half_range[1:])
+        box = Standardiser.for_instrument(instrument)
+        self._box_centre = torch.as_tensor(box.centre[1:])
+        self._box_half = torch.as_tensor(box.half_range[1:])
         w = (self.half_range / crlb_reference(instrument, recipe.max_counts)[1:]) ** 2
         self.weights = torch.as_tensor(w / w.mean(), dtype=torch.float32)
         self.jitter = torch.as_tensor(recipe.registration_jitter_deg, dtype=torch.float64)
