@@ -49,9 +49,9 @@ def default_memory_budget() -> int:
 def rows_times(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``rows @ matrix.T`` (float32 BLAS), each output row independent of the other rows.
 
-    BLAS gives every row the same arithmetic whatever the number of rows, except that one row
-    alone goes through a matrix-vector kernel that sums in another order. A lone row is padded to
-    two, so chunked and unchunked fits agree bit for bit.
+    One row alone would go through BLAS's matrix-vector kernel, which sums in another order than
+    the matrix-matrix one; a lone row is padded to two. BLAS may still pick its kernel by matrix
+    size, so chunked and unchunked fits agree to float32 rounding, not bit for bit.
     """
     if len(rows) == 1:
         return (np.concatenate([rows, np.zeros_like(rows)]) @ matrix.T)[:1]
