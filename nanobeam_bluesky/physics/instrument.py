@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["HC_KEV_ANGSTROM", "PARAMETERS", "UNITS", "Instrument", "InstrumentError"]
+__all__ = ["HC_KEV_ANGSTROM", "ORIENTATION_FIELDS", "PARAMETERS", "UNITS", "Instrument", "InstrumentError"]
 
 #: h c in keV * Angstrom, as fixed by physics.md (lambda[A] = 12.398 / E[keV]).
 HC_KEV_ANGSTROM = 12.398
@@ -22,6 +22,8 @@ HC_KEV_ANGSTROM = 12.398
 PARAMETERS = ("strain", "omega", "chi")
 #: Their units: strain is dimensionless, the tilts are in degrees.
 UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
+#: The fields that say how the physical detector is mounted (flips, transpose).
+ORIENTATION_FIELDS = ("detector_transpose", "detector_flip_rows", "detector_flip_cols")
 
 
 class InstrumentError(ValueError):
@@ -59,10 +61,23 @@ class Instrument:
     detector_pixel_m: float = 55e-6
     roi_pixels: int = 128
     binning: int = 2
-    #: Orientation of the physical detector relative to physics.md's frame, applied by ``bin_roi``.
+    #: Orientation of the physical detector relative to physics.md's frame, applied to raw ROIs
+    #: by ``bin_roi``, ``Predictor.predict``, the live callback, replay and the fits.
     detector_transpose: bool = False
     detector_flip_rows: bool = False
     detector_flip_cols: bool = False
+    #: Raw ROI rows, columns and [row, col] pixels that are not observations (module gaps, dead,
+    #: hot pixels), in the detector's own orientation, counted from the ROI's first row/column.
+    #: A binned pixel with any of them is left out of every fit and check.
+    detector_mask_rows: tuple[int, ...] = ()
+    detector_mask_cols: tuple[int, ...] = ()
+    detector_mask_pixels: tuple[tuple[int, int], ...] = ()
+    #: Raw counts at which a pixel saturates or marks an overflow; None: the maximum of an integer
+    #: data type (e.g. 65535 for uint16). Such pixels are left out and the frame flagged SATURATED.
+    detector_saturation_counts: float | None = None
+    #: The detector delivers photon counts (integers); False for scaled or corrected frames (the
+    #: Poisson check then cannot vouch for them).
+    integer_counts: bool = True
     #: Sub-pixels per binned pixel along each axis used by the simulator.
     upsample: int = 8
     strain_range: tuple[float, float] = (-0.005, 0.005)
@@ -75,6 +90,7 @@ class Instrument:
     def __post_init__(self) -> None:
         for name in ("strain_range", "omega_range_deg", "chi_range_deg"):
             object.__setattr__(self, name, _pair(getattr(self, name), name))
+        self._normalise_mask()
         positive = (
             "energy_kev",
             "lattice_c_angstrom",
@@ -120,6 +136,38 @@ class Instrument:
                 f"reflection_l={self.reflection_l} cannot diffract: l*lambda/(2c) = {sin_theta:.3f} "
                 ">= 1; lower reflection_l or raise energy_kev"
             )
+
+    def _normalise_mask(self) -> None:
+        roi = self.roi_pixels if isinstance(self.roi_pixels, int) else 0
+
+        def index(value: Any, name: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                    or not 0 <= value < roi:
+                raise InstrumentError(f"{name} must hold raw ROI indices 0..{roi - 1}, got {value!r}")
+            return int(value)
+
+        for name in ("detector_mask_rows", "detector_mask_cols"):
+            values = getattr(self, name) or ()
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                raise InstrumentError(f"{name} must be a list of raw ROI indices, got {values!r}")
+            object.__setattr__(self, name, tuple(sorted({index(v, name) for v in values})))
+        pixels = []
+        for pair in self.detector_mask_pixels or ():
+            try:
+                row, col = pair
+            except (TypeError, ValueError):
+                raise InstrumentError(
+                    f"detector_mask_pixels must be a list of [row, col] pairs, got {pair!r}") from None
+            pixels.append((index(row, "detector_mask_pixels"), index(col, "detector_mask_pixels")))
+        object.__setattr__(self, "detector_mask_pixels", tuple(sorted(set(pixels))))
+        limit = self.detector_saturation_counts
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or not math.isfinite(limit) or limit <= 0):
+            raise InstrumentError(
+                f"detector_saturation_counts must be a positive number or null, got {limit!r}")
+        for name in ("detector_transpose", "detector_flip_rows", "detector_flip_cols", "integer_counts"):
+            if not isinstance(getattr(self, name), bool):
+                raise InstrumentError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     # ---------------------------------------------------------------- derived quantities
     @property
@@ -187,19 +235,31 @@ class Instrument:
         out["effective_focal_length_m"] = self.effective_focal_length_m
         return out
 
-    def differences(self, other: Instrument, rtol: float = 1e-6) -> dict[str, tuple[Any, Any]]:
-        """Physics fields that differ between two instruments: {name: (self, other)}."""
+    def orientation_dict(self) -> dict[str, bool]:
+        """How the physical detector is mounted relative to physics.md's frame."""
+        return {key: getattr(self, key) for key in ORIENTATION_FIELDS}
+
+    def differences(self, other: Instrument, rtol: float = 1e-6, *,
+                    orientation: bool = False) -> dict[str, tuple[Any, Any]]:
+        """Physics fields (and with ``orientation``, the detector's mounting) that differ between
+        two instruments: {name: (self, other)}."""
         mine, theirs = self.physics_dict(), other.physics_dict()
-        return {
+        out = {
             key: (mine[key], theirs[key])
             for key in mine
             if not math.isclose(mine[key], theirs[key], rel_tol=rtol)
         }
+        if orientation:
+            out |= {key: (value, getattr(other, key)) for key, value in self.orientation_dict().items()
+                    if value != getattr(other, key)}
+        return out
 
-    def describe_differences(self, other: Instrument, mine: str, theirs: str) -> str:
+    def describe_differences(self, other: Instrument, mine: str, theirs: str, *,
+                             orientation: bool = False) -> str:
         """"" if the physics matches, else e.g. "detector_distance_m: model 0.85 vs data 1.2"."""
         return ", ".join(
-            f"{k}: {mine} {a!r} vs {theirs} {b!r}" for k, (a, b) in self.differences(other).items()
+            f"{k}: {mine} {a!r} vs {theirs} {b!r}"
+            for k, (a, b) in self.differences(other, orientation=orientation).items()
         )
 
     # ---------------------------------------------------------------- serialisation
@@ -207,7 +267,7 @@ class Instrument:
         out = dataclasses.asdict(self)
         for key, value in out.items():
             if isinstance(value, tuple):
-                out[key] = list(value)
+                out[key] = [list(v) if isinstance(v, tuple) else v for v in value]
         return out
 
     @classmethod

@@ -1,0 +1,63 @@
+"""The per-frame ``flag`` bits that every result carries (predictions, fits, derived runs)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FLAG_DTYPE", "NO_VALUE", "Flag", "flag_attributes", "flag_description"]
+
+#: The flag's dtype everywhere (arrays, datasets, derived event data).
+FLAG_DTYPE = np.uint16
+
+
+class Flag(enum.IntFlag):
+    """Per-frame quality bits of the ``flag`` variable. 0: nothing found; the values can be trusted
+    within their ``*_err``."""
+
+    OK = 0
+    #: Non-finite or negative values on pixels that are not masked: no value.
+    INVALID = 1
+    #: Far too few counts for a measurement: no value.
+    LOW_COUNTS = 2
+    #: The model raised on this frame's batch (set by the live callback): no value.
+    MODEL_ERROR = 4
+    #: The estimate lies outside the parameter box the model was trained on: extrapolated.
+    OUT_OF_RANGE = 8
+    #: A pixel at or above the detector's saturation or overflow value; those pixels are left out.
+    SATURATED = 16
+    #: A pixel holds more counts than the instrument can produce at this frame's count level (a hot
+    #: or stuck pixel, or one holding most of the frame); those pixels are left out.
+    HOT_PIXEL = 32
+    #: Counts that are not integers where the instrument says they are (scaled, flat-field
+    #: corrected or corrupted data): the Poisson check and ``*_err`` do not apply.
+    NON_INTEGER = 64
+    #: Less than half of the counts lie on the annulus at the fitted position: no diffraction
+    #: ring (closed shutter, flat field, noise, another reflection): no value.
+    NO_RING = 128
+    #: The frame departs from the forward model at the estimate by more than Poisson noise allows
+    #: (``fit_quality`` above its threshold): background structure, unmasked dead pixels, another
+    #: material... The values and ``*_err`` assume a frame that the model describes.
+    POOR_FIT = 256
+    #: The width of the Laue band says the film thickness differs from the instrument's (score
+    #: test): strain is biased. Describe the film (``film_thickness_angstrom``) or use a model
+    #: trained for it.
+    THICKNESS = 512
+
+
+#: Flags whose frames get no value (NaN).
+NO_VALUE = Flag.INVALID | Flag.LOW_COUNTS | Flag.MODEL_ERROR | Flag.NO_RING
+
+
+def flag_description() -> str:
+    """One line naming every bit, e.g. for an event-model data key's description."""
+    return "quality bits (0: none): " + ", ".join(f"{int(f)}={f.name}" for f in Flag if f)
+
+
+def flag_attributes() -> dict[str, Any]:
+    """CF-convention attributes of a ``flag`` variable (flag_masks, flag_meanings)."""
+    return {"flag_masks": [int(f) for f in Flag if f],
+            "flag_meanings": " ".join(f.name.lower() for f in Flag if f),
+            "long_name": "quality bits (0: none found)"}

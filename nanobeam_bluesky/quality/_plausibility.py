@@ -1,0 +1,189 @@
+"""Frames in, before any model: shape, orientation, binning, masks, and what no detector can produce.
+
+:func:`prepare_frames` turns what a user or a detector hands over -- binned frames (N, 64, 64) in
+physics.md's orientation, or raw ROIs (N, 128, 128) in the detector's own orientation -- into
+binned counts in physics.md's frame, a mask of the binned pixels that are not observations, and
+the plausibility flags:
+
+* SATURATED: a raw pixel at or above ``detector_saturation_counts``, or at the maximum of an
+  integer data type (how detectors mark overflow and gaps); those pixels are masked.
+* HOT_PIXEL: a pixel with more counts than a fully lit pixel at the Laue maximum can have at this
+  frame's count level (estimated without the brightest pixels), beyond any Poisson fluctuation;
+  it is masked.
+* NON_INTEGER: values that are not whole counts where the instrument says they are.
+* INVALID / LOW_COUNTS: non-finite or negative values, or too few counts, on unmasked pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..physics import Instrument, orient
+from ._flags import FLAG_DTYPE, Flag
+
+__all__ = ["PreparedFrames", "binned_instrument_mask", "prepare_frames"]
+
+#: Brightest pixels left out of a frame's count-level estimate for the hot-pixel test.
+_BRIGHTEST = 8
+
+
+@dataclass
+class PreparedFrames:
+    """Binned counts in physics.md's frame, ready for the model and the checks.
+
+    Attributes:
+        counts: float32 (N, F, F); masked pixels hold 0.
+        masked: bool (N, F, F): pixels that are not observations, or None when there are none.
+        flags: uint16 (N,) plausibility bits.
+    """
+
+    counts: np.ndarray
+    masked: np.ndarray | None
+    flags: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
+    """The instrument's raw-ROI mask in physics.md's orientation, binned (any raw pixel masks the
+    binned one): bool (F, F), or None when the instrument masks nothing."""
+    if not (instrument.detector_mask_rows or instrument.detector_mask_cols
+            or instrument.detector_mask_pixels):
+        return None
+    roi = instrument.roi_pixels
+    raw = np.zeros((roi, roi), dtype=bool)
+    raw[list(instrument.detector_mask_rows), :] = True
+    raw[:, list(instrument.detector_mask_cols)] = True
+    for row, col in instrument.detector_mask_pixels:
+        raw[row, col] = True
+    return _bin_any(orient(raw, instrument), instrument.binning)
+
+
+def _bin_any(mask: np.ndarray, binning: int) -> np.ndarray:
+    *lead, h, w = mask.shape
+    return mask.reshape(*lead, h // binning, binning, w // binning, binning).any(axis=(-3, -1))
+
+
+def prepare_frames(
+    frames: Any,
+    instrument: Instrument,
+    *,
+    mask: Any = None,
+    min_total_counts: float = 0.0,
+    min_frame_intensity: float | None = None,
+) -> PreparedFrames:
+    """Validate, orient, bin and mask frames, and flag what no detector can produce.
+
+    Args:
+        frames: binned counts (N, F, F) in physics.md's orientation, or raw ROIs (N, R, R) in the
+            detector's orientation (``instrument``'s flips and transpose are applied, then 2 x 2
+            binning by sum); (N, 1, H, W) and a single (H, W) frame are accepted.
+        instrument: the data's instrument: orientation, mask, saturation, integer counts, sizes.
+        mask: extra pixels to leave out, True = masked: (F, F) or (R, R), or per frame.
+        min_total_counts: frames with fewer counts on unmasked pixels get LOW_COUNTS.
+        min_frame_intensity: the smallest total intensity (sum of ``simulate``'s frame, Laue
+            maximum 1) that a frame in the parameter box has: it bounds the count level from above
+            for the hot-pixel test; None skips that test.
+
+    Raises ValueError for a shape that is neither, naming the shapes expected.
+    """
+    arr = np.asarray(frames)
+    f = instrument.frame_pixels
+    raw_side = instrument.roi_pixels
+    if arr.ndim == 4 and arr.shape[1] == 1:  # (N, 1, H, W) as area detectors deliver
+        arr = arr[:, 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] not in ((f, f), (raw_side, raw_side)):
+        raise ValueError(
+            f"frames must be binned counts (N, {f}, {f}) or raw ROIs (N, {raw_side}, {raw_side}); got "
+            f"shape {arr.shape}. Cut a {raw_side} x {raw_side} ROI around the reflection "
+            "(nanobeam_bluesky.physics.bin_roi) first."
+        )
+    n = len(arr)
+    raw = arr.shape[1] == raw_side and raw_side != f
+    # Saturation and overflow, on the values as delivered (raw pixels for raw ROIs).
+    saturated = None
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize >= 2:
+        saturated = arr == np.iinfo(arr.dtype).max
+    if instrument.detector_saturation_counts is not None:
+        over = arr >= instrument.detector_saturation_counts
+        saturated = over if saturated is None else saturated | over
+    if saturated is not None and not saturated.any():
+        saturated = None
+    user = None if mask is None else np.asarray(mask, dtype=bool)
+    if user is not None and user.shape[-2:] not in ((f, f), (raw_side, raw_side)):
+        raise ValueError(f"mask must be ({f}, {f}) or ({raw_side}, {raw_side}) (True = masked), "
+                         f"optionally per frame; got shape {user.shape}")
+    if raw:
+        arr = orient(arr, instrument)
+        binning = instrument.binning
+        blocks = arr.reshape(n, f, binning, f, binning).astype(np.float32)
+        counts = blocks.sum(axis=(-3, -1))
+        if saturated is not None:
+            saturated = _bin_any(orient(saturated, instrument), binning)
+        if user is not None and user.shape[-1] == raw_side:
+            user = _bin_any(orient(user, instrument), binning)
+    else:
+        counts = arr.astype(np.float32)  # a copy: masked pixels are zeroed below
+        if user is not None and user.shape[-1] == raw_side:
+            user = _bin_any(orient(user, instrument), instrument.binning)
+    masked_parts = [m for m in (binned_instrument_mask(instrument), user, saturated) if m is not None]
+    masked = None
+    if masked_parts:
+        masked = np.zeros(counts.shape, dtype=bool)
+        for part in masked_parts:
+            masked |= part
+    flags = np.zeros(n, dtype=FLAG_DTYPE)
+    if saturated is not None:
+        flags[saturated.reshape(n, -1).any(axis=1)] |= FLAG_DTYPE(Flag.SATURATED)
+    if masked is not None:
+        counts[masked] = 0.0
+    flat = counts.reshape(n, -1)
+    with np.errstate(invalid="ignore"):
+        totals = flat.sum(axis=1, dtype=np.float64)  # NaN or inf propagate into the total
+        invalid = ~np.isfinite(totals) | (flat.min(axis=1, initial=0.0) < 0)
+    if invalid.any():
+        flags[invalid] |= FLAG_DTYPE(Flag.INVALID)
+        counts[invalid] = 0.0
+        totals[invalid] = 0.0
+    if instrument.integer_counts:
+        fractional = np.abs(flat - np.round(flat)).max(axis=1, initial=0.0) > 1e-3
+        flags[fractional & ~invalid] |= FLAG_DTYPE(Flag.NON_INTEGER)
+    if min_frame_intensity:
+        hot = _hot_pixels(flat, totals, min_frame_intensity)
+        if hot is not None:
+            rows = hot.any(axis=1)
+            flags[rows] |= FLAG_DTYPE(Flag.HOT_PIXEL)
+            if masked is None:
+                masked = np.zeros(counts.shape, dtype=bool)
+            masked.reshape(n, -1)[hot] = True
+            flat[hot] = 0.0
+            totals = flat.sum(axis=1, dtype=np.float64)
+    flags[~invalid & (totals < min_total_counts)] |= FLAG_DTYPE(Flag.LOW_COUNTS)
+    return PreparedFrames(counts, masked, flags)
+
+
+def _hot_pixels(flat: np.ndarray, totals: np.ndarray, min_frame_intensity: float) -> np.ndarray | None:
+    """Pixels (N, P) above what a fully lit pixel at the Laue maximum can hold at this count level.
+
+    That pixel expects the count level s, and a frame's counts are s times its total intensity,
+    so s is at most the counts over the smallest total intensity in the box. The brightest pixels
+    are left out of that sum, so a hot pixel cannot raise its own limit. Limit: s + 10 sqrt(s) + 10
+    (a Poisson count exceeds it with probability < 1e-15).
+    """
+    peak = flat.max(axis=1)
+    level = np.maximum(totals, 0) / min_frame_intensity
+    suspicious = peak > level + 10 * np.sqrt(level) + 10
+    if not suspicious.any():
+        return None
+    rows = np.flatnonzero(suspicious)
+    top = -np.partition(-flat[rows], _BRIGHTEST - 1, axis=1)[:, :_BRIGHTEST]
+    robust = np.maximum(totals[rows] - top.sum(axis=1), 0) / min_frame_intensity
+    limit = robust + 10 * np.sqrt(robust) + 10
+    hot = np.zeros(flat.shape, dtype=bool)
+    hot[rows] = flat[rows] > limit[:, None]
+    return hot if hot.any() else None
