@@ -34,7 +34,15 @@ from .models import (
     normalise_counts,
 )
 from .physics import PARAMETERS, UNITS, Instrument, simulate
-from .quality import FLAG_DTYPE, NO_VALUE, Flag, PhysicsCheck, flag_attributes, prepare_frames
+from .quality import (
+    FLAG_DTYPE,
+    NO_VALUE,
+    Flag,
+    PhysicsCheck,
+    PooledConsistency,
+    flag_attributes,
+    prepare_frames,
+)
 
 __all__ = [
     "PRETRAINED_FILE",
@@ -247,7 +255,8 @@ class Predictor:
     def physics_check(self, instrument: Instrument | None = None) -> PhysicsCheck:
         """The physics check for ``instrument`` (the model's by default), built once."""
         inst = instrument or self.instrument
-        key = json.dumps({**inst.physics_dict(), **inst.parameter_ranges}, sort_keys=True, default=str)
+        key = json.dumps({**inst.physics_dict(), **inst.parameter_ranges,
+                          "offset": inst.beam_centre_offset_px}, sort_keys=True, default=str)
         check = self._checks.get(key)
         if check is None:
             check = self._checks[key] = PhysicsCheck(inst)
@@ -297,6 +306,7 @@ class Predictor:
         refine: bool = True,
         check: bool = True,
         likelihood: bool = True,
+        pooled: PooledConsistency | None = None,
     ) -> xr.Dataset:
         """Predict (strain, omega, chi) with honest errors and quality flags for every frame.
 
@@ -312,6 +322,8 @@ class Predictor:
             check: run the physics check (False: the network alone, no ``fit_quality``, ``*_err``
                 from the model's test RMSE; about twice as fast).
             likelihood: report the likelihood step's estimate (False: the network's, checked).
+            pooled: pool the physics check over more than this call (the live callback passes one
+                per run); None pools this call's frames.
 
         Returns a Dataset over ``frame``: ``strain`` (1), ``omega`` and ``chi`` (deg); their
         ``_err`` (the standard deviation to expect for this frame: from its Fisher information
@@ -319,7 +331,8 @@ class Predictor:
         test RMSE scaled to the frame's counts) and ``_std`` (the networks' spread, not an error);
         ``fit_quality`` (deviance z-score, about N(0, 1) when the physics describes the frame),
         ``thickness_z``, ``count_scale`` and ``background`` (counts); ``flag`` (see
-        :class:`~nanobeam_bluesky.quality.Flag`). Frames without a measurable ring get NaN.
+        :class:`~nanobeam_bluesky.quality.Flag`). Frames without a measurable ring get NaN. The
+        attributes hold the pooled tests' summary (e.g. the film thickness the frames say).
         """
         if check_instrument:
             self.check_instrument(instrument, allow_mismatch=allow_instrument_mismatch)
@@ -333,6 +346,7 @@ class Predictor:
         err = np.full((n, 3), np.nan)
         extra = {name: np.full(n, np.nan) for name in _CHECK_OUTPUTS}
         refined = refine and self.n_refiners > 0
+        pool = PooledConsistency() if pooled is None else pooled
         if usable.any():
             rows = np.flatnonzero(usable) if not usable.all() else slice(None)
             sub = counts[rows]
@@ -346,6 +360,10 @@ class Predictor:
                 if likelihood:
                     mean[rows] = result.params
                     err[rows] = np.hypot(result.sigma, physics.error_floor)
+                measured = (result.flags & FLAG_DTYPE(NO_VALUE)) == 0
+                pool.add(result, measured)
+                if pool.mismatch:
+                    result.flags[measured] |= FLAG_DTYPE(Flag.POOLED_MISMATCH)
                 flags[rows] |= result.flags
                 for name in _CHECK_OUTPUTS:
                     extra[name][rows] = getattr(result, _CHECK_OUTPUTS[name][0])
@@ -353,8 +371,10 @@ class Predictor:
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
         estimator = ("likelihood step from the network" if check and likelihood else "network")
-        return self.to_dataset(mean, std, flags, refined=refined, err=err, extra=extra,
-                               estimator=estimator)
+        ds = self.to_dataset(mean, std, flags, refined=refined, err=err, extra=extra, estimator=estimator)
+        if check:
+            ds.attrs.update(pool.summary(data_instrument.film_thickness_angstrom))
+        return ds
 
     def expected_error(self, frames: np.ndarray, *, refined: bool = True) -> np.ndarray:
         """(N, 3) RMSE to expect of the network alone (strain, deg, deg): its test RMSE scaled

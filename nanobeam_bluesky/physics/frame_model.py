@@ -14,6 +14,8 @@ mask only through the position of the annulus, which is what makes it cheap:
   with ``upsample`` x ``upsample`` sub-pixels, and moved by whole pixels to the frame.
 * The Laue intensity is evaluated exactly at every pixel centre, with the same first-order
   correction inside the pixel as the fast path, from the momentum transfer of the tilted normal.
+* The instrument's ``beam_centre_offset_px`` moves the whole pattern (physics.md's beam-centre
+  offset): the simulator has no such option, the networks assume none.
 
 Everything is computed on the pixels that the annulus can light (its "support", in coordinates
 centred on the annulus): outside them the expected counts are the background alone.
@@ -109,7 +111,7 @@ class FrameModel:
         reach = max(abs(np.array(ranges["omega"])).max() * per_deg[0],
                     abs(np.array(ranges["chi"])).max() * per_deg[1])
         #: Whole-pixel shifts are clipped to this (far outside the box: the fit is then poor).
-        self.pad = math.ceil(reach) + 4
+        self.pad = math.ceil(reach + max(map(abs, instrument.beam_centre_offset_px))) + 4
 
         # Tilts whose annulus centre sits at each tabulated sub-pixel position (a cols, b rows).
         steps = np.linspace(-0.5, 0.5, self.phases + 1)
@@ -138,7 +140,7 @@ class FrameModel:
         self._v0 = ((rows.double() + 0.5 - f / 2) * self._pixel_over_r).float()
 
     @classmethod
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=8)
     def for_instrument(cls, instrument: Instrument) -> FrameModel:
         """One shared model per instrument (the table is built once per process)."""
         return cls(instrument)
@@ -175,6 +177,8 @@ class FrameModel:
         om, ch = omega_deg.numpy(), chi_deg.numpy()
         d = 1e-4
         u, v = annulus_centre_px(om, ch, inst)
+        off_rows, off_cols = inst.beam_centre_offset_px
+        u, v = u + off_cols, v + off_rows  # the ROI's centre is off the central ray
         u_w, v_w = annulus_centre_px(np.r_[om + d, om - d], np.r_[ch, ch], inst)
         u_c, v_c = annulus_centre_px(np.r_[om, om], np.r_[ch + d, ch - d], inst)
         du_dw, dv_dw = (u_w[:n] - u_w[n:]) / (2 * d), (v_w[:n] - v_w[n:]) / (2 * d)
@@ -211,8 +215,8 @@ class FrameModel:
         n_w = torch.stack([torch.zeros_like(c), -cos_c * sin_w, -cos_c * cos_w], 1)  # d n / d omega
         n_c = torch.stack([cos_c, -sin_c * cos_w, sin_c * sin_w], 1)  # d n / d chi
         alpha, beta, gamma = normal @ k0, normal @ ec, normal @ er
-        shift_u = torch.as_tensor(cols * self._pixel_over_r, dtype=torch.float32)[:, None]
-        shift_v = torch.as_tensor(rows * self._pixel_over_r, dtype=torch.float32)[:, None]
+        shift_u = torch.as_tensor((cols - off_cols) * self._pixel_over_r, dtype=torch.float32)[:, None]
+        shift_v = torch.as_tensor((rows - off_rows) * self._pixel_over_r, dtype=torch.float32)[:, None]
         uu = self._u0[None] + shift_u  # (B, S): offsets over R
         vv = self._v0[None] + shift_v
         rho2 = uu * uu + vv * vv

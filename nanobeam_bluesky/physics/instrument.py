@@ -78,6 +78,11 @@ class Instrument:
     #: The detector delivers photon counts (integers); False for scaled or corrected frames (the
     #: Poisson check then cannot vouch for them).
     integer_counts: bool = True
+    #: Where the central reflected ray really meets the binned frame, relative to its centre:
+    #: [rows, cols] in binned pixels (physics.md's beam-centre offset). It moves the whole pattern
+    #: and, in one frame, looks exactly like a tilt plus a strain: calibrate it per set-up. The
+    #: physics check and the likelihood step use it; the networks assume 0.
+    beam_centre_offset_px: tuple[float, float] = (0.0, 0.0)
     #: Sub-pixels per binned pixel along each axis used by the simulator.
     upsample: int = 8
     strain_range: tuple[float, float] = (-0.005, 0.005)
@@ -91,6 +96,15 @@ class Instrument:
         for name in ("strain_range", "omega_range_deg", "chi_range_deg"):
             object.__setattr__(self, name, _pair(getattr(self, name), name))
         self._normalise_mask()
+        try:
+            offset = tuple(float(v) for v in self.beam_centre_offset_px)
+        except (TypeError, ValueError):
+            offset = ()
+        if len(offset) != 2 or not all(math.isfinite(v) and abs(v) < self._frame_side() / 2
+                                       for v in offset):
+            raise InstrumentError(f"beam_centre_offset_px must be [rows, cols] in binned pixels, within the "
+                                  f"frame, got {self.beam_centre_offset_px!r}")
+        object.__setattr__(self, "beam_centre_offset_px", offset)
         positive = (
             "energy_kev",
             "lattice_c_angstrom",
@@ -136,6 +150,11 @@ class Instrument:
                 f"reflection_l={self.reflection_l} cannot diffract: l*lambda/(2c) = {sin_theta:.3f} "
                 ">= 1; lower reflection_l or raise energy_kev"
             )
+
+    def _frame_side(self) -> int:
+        """The binned frame side, or 0 while the sizes are not yet validated."""
+        sizes = (self.roi_pixels, self.binning)
+        return self.roi_pixels // self.binning if all(isinstance(v, int) and v > 0 for v in sizes) else 0
 
     def _normalise_mask(self) -> None:
         roi = self.roi_pixels if isinstance(self.roi_pixels, int) else 0

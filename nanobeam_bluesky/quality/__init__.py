@@ -8,7 +8,14 @@
   z-score), the film-thickness test and the ring test.
 """
 
-from ._consistency import MIN_RING_FRACTION, POOR_FIT_Z, THICKNESS_Z, Consistency, PhysicsCheck
+from ._consistency import (
+    MIN_RING_FRACTION,
+    POOR_FIT_Z,
+    THICKNESS_Z,
+    Consistency,
+    PhysicsCheck,
+    PooledConsistency,
+)
 from ._deviance import deviance_moments, unit_deviance_moments
 from ._flags import FLAG_DTYPE, NO_VALUE, Flag, flag_attributes, flag_description
 from ._plausibility import PreparedFrames, binned_instrument_mask, prepare_frames
@@ -22,6 +29,7 @@ __all__ = [
     "Consistency",
     "Flag",
     "PhysicsCheck",
+    "PooledConsistency",
     "PreparedFrames",
     "binned_instrument_mask",
     "deviance_moments",

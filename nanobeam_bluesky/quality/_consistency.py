@@ -39,7 +39,7 @@ from ..physics import FrameModel, Instrument, crlb
 from ._deviance import unit_deviance_moments
 from ._flags import FLAG_DTYPE, Flag
 
-__all__ = ["Consistency", "PhysicsCheck"]
+__all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 
 #: fit_quality above which a frame is POOR_FIT. 4 standard deviations; measured false-alarm rate
 #: on frames the model describes: see ``tests/test_quality.py`` and ``benchmarks/robustness.py``.
@@ -72,6 +72,8 @@ class Consistency:
         fit_quality: (N,) deviance z-score (about N(0, 1) on frames the model describes).
         thickness_z: (N,) score-test z of the film thickness (about N(0, 1) at the right one).
         ring_fraction: (N,) share of the counts on the annulus support.
+        thickness_score: (N,) d log L / d thickness at the estimate, others refitted (1/Angstrom).
+        thickness_information: (N,) its variance (Fisher information, 1/Angstrom^2).
         steps: (N,) likelihood steps taken.
         flags: (N,) uint16: POOR_FIT, THICKNESS, NO_RING.
     """
@@ -83,8 +85,77 @@ class Consistency:
     fit_quality: np.ndarray
     thickness_z: np.ndarray
     ring_fraction: np.ndarray
+    thickness_score: np.ndarray
+    thickness_information: np.ndarray
     steps: np.ndarray
     flags: np.ndarray
+
+
+@dataclass
+class PooledConsistency:
+    """Running pooled tests over many frames (one call of ``predict``, or one live run).
+
+    Single frames cannot see a film a few Angstrom thicker than described, or the same film at
+    another energy: per frame the shift of the thickness score is below its noise, and another
+    set of (strain, omega, chi) explains the frame almost as well. Over many frames the shift
+    adds up: the mean thickness z, the mean fit_quality and the mean of thickness z^2 - 1 are 0
+    on frames the model describes. POOLED_MISMATCH when one of them is both large (> ``shift``
+    per frame) and significant (> ``significance`` standard errors), from ``min_frames`` frames on.
+    """
+
+    min_frames: int = 10
+    shift: float = 0.5
+    significance: float = 5.0
+    frames: int = 0
+    sum_thickness_z: float = 0.0
+    sum_thickness_z2: float = 0.0
+    sum_fit_quality: float = 0.0
+    sum_score: float = 0.0
+    sum_information: float = 0.0
+
+    def add(self, result: Consistency, rows: np.ndarray | None = None) -> None:
+        """Pool the frames ``rows`` (bool or index; default all) of a check's result."""
+        sel = slice(None) if rows is None else rows
+        z = result.thickness_z[sel]
+        good = np.isfinite(z) & np.isfinite(result.fit_quality[sel])
+        z = z[good]
+        self.frames += int(good.sum())
+        self.sum_thickness_z += float(z.sum())
+        self.sum_thickness_z2 += float((z**2).sum())
+        self.sum_fit_quality += float(result.fit_quality[sel][good].sum())
+        self.sum_score += float(result.thickness_score[sel][good].sum())
+        self.sum_information += float(result.thickness_information[sel][good].sum())
+
+    def means(self) -> dict[str, float]:
+        n = max(self.frames, 1)
+        return {"thickness_z": self.sum_thickness_z / n, "fit_quality": self.sum_fit_quality / n,
+                "thickness_z2_excess": self.sum_thickness_z2 / n - 1}
+
+    @property
+    def mismatch(self) -> bool:
+        if self.frames < self.min_frames:
+            return False
+        root_n = np.sqrt(self.frames)
+        # Standard deviations per frame: z ~ N(0, 1), z^2 - 1 has variance 2.
+        for mean, sd in zip(self.means().values(), (1.0, 1.0, np.sqrt(2.0)), strict=True):
+            if abs(mean) > self.shift and abs(mean) * root_n / sd > self.significance:
+                return True
+        return False
+
+    def thickness_estimate(self, nominal_angstrom: float) -> tuple[float, float]:
+        """The film thickness the pooled frames say (Angstrom) and its standard deviation: one
+        scoring step from the instrument's thickness."""
+        if self.sum_information <= 0:
+            return float("nan"), float("nan")
+        return (nominal_angstrom + self.sum_score / self.sum_information,
+                float(1 / np.sqrt(self.sum_information)))
+
+    def summary(self, nominal_angstrom: float) -> dict[str, float]:
+        """What the pooled tests say, for a result's attributes or a run's stop document."""
+        thickness, sd = self.thickness_estimate(nominal_angstrom)
+        means = {f"pooled_{k}_mean": round(v, 4) for k, v in self.means().items()}
+        return {"pooled_frames": self.frames, **means, "pooled_thickness_angstrom": round(thickness, 3),
+                "pooled_thickness_sd_angstrom": round(sd, 3), "pooled_mismatch": int(self.mismatch)}
 
 
 class PhysicsCheck:
@@ -145,6 +216,7 @@ class PhysicsCheck:
             params=np.array(start, dtype=np.float64, copy=True), sigma=np.full((n, 3), np.nan),
             scale=np.full(n, np.nan), background=np.full(n, np.nan), fit_quality=np.full(n, np.nan),
             thickness_z=np.full(n, np.nan), ring_fraction=np.full(n, np.nan),
+            thickness_score=np.full(n, np.nan), thickness_information=np.full(n, np.nan),
             steps=np.zeros(n, dtype=np.int64), flags=np.zeros(n, dtype=FLAG_DTYPE))
         with torch.inference_mode():
             for lo in range(0, n, self.chunk_size):
@@ -209,6 +281,8 @@ class PhysicsCheck:
         out.fit_quality[sl] = results["fit_quality"].numpy()
         out.thickness_z[sl] = results["thickness_z"].numpy()
         out.ring_fraction[sl] = results["ring_fraction"].numpy()
+        out.thickness_score[sl] = results["thickness_score"].numpy()
+        out.thickness_information[sl] = results["thickness_information"].numpy()
         out.steps[sl] = steps.numpy() if refine else 0
 
     def _evaluate(self, theta: torch.Tensor, scale: torch.Tensor, padded_n: torch.Tensor,
@@ -279,7 +353,8 @@ class PhysicsCheck:
         ring = torch.where(total_n > 0, n_support / total_n.clamp(min=1e-12), torch.zeros_like(total_n))
         return {"delta": delta, "sigma": sigma, "scale": (scale + delta[:, 3]).clamp(min=1e-6),
                 "background": background.double(), "fit_quality": fit_quality,
-                "thickness_z": thickness_z, "ring_fraction": ring.double()}
+                "thickness_z": thickness_z, "ring_fraction": ring.double(), "thickness_score": score,
+                "thickness_information": residual_info}
 
 
 def _xlogx(x: torch.Tensor) -> torch.Tensor:

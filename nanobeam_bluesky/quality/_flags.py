@@ -45,6 +45,11 @@ class Flag(enum.IntFlag):
     #: test): strain is biased. Describe the film (``film_thickness_angstrom``) or use a model
     #: trained for it.
     THICKNESS = 512
+    #: Taken together, the frames of this call (or live run) disagree with the instrument: their
+    #: thickness scores or deviances are shifted on average, though single frames may pass (a film
+    #: a few Angstrom off, another energy or material). The instrument description does not fit
+    #: this sample; the pooled thickness estimate is in the result's attributes.
+    POOLED_MISMATCH = 1024
 
 
 #: Flags whose frames get no value (NaN).
