@@ -38,7 +38,7 @@ import torch
 from .forward import _mask_moments, _normals, _PixelGrid, lab_geometry
 from .instrument import Instrument
 
-__all__ = ["ExpectedFrames", "FrameModel", "annulus_centre_px"]
+__all__ = ["ExpectedFrames", "FrameGeometry", "FrameModel", "annulus_centre_px"]
 
 
 def annulus_centre_px(omega_deg, chi_deg, instrument: Instrument) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +57,42 @@ def annulus_centre_px(omega_deg, chi_deg, instrument: Instrument) -> tuple[np.nd
     along = reflected @ geo.k_out0
     scale = instrument.detector_distance_m / instrument.binned_pixel_m / along
     return scale * (reflected @ geo.e_col), scale * (reflected @ geo.e_row)
+
+
+@dataclass
+class FrameGeometry:
+    """Per-frame quantities of :meth:`FrameModel.geometry` (numpy float64 arrays over N frames).
+
+    Attributes:
+        rows, cols: whole-pixel shift of the annulus (int64).
+        corner: table entry of the sub-pixel cell's lower corner (int64); fa, fb: the position
+            inside it (columns, rows), in [0, 1].
+        du_dw, dv_dw, du_dc, dv_dc: motion of the annulus centre (binned pixels per degree of
+            omega and chi, along columns u and rows v).
+        shift_u, shift_v: the shift's offset of the pixel centres, over R.
+        normal, normal_d_omega, normal_d_chi: (N, 3) the tilted film normal and its derivatives
+            (per degree) against (k_out0, e_col, e_row).
+        offset: 2 k (n . k_out0) - G(strain), 1/Angstrom.
+        half_t: half the film thickness, Angstrom; dx_dstrain: d (Laue argument) / d strain.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    corner: np.ndarray
+    fa: np.ndarray
+    fb: np.ndarray
+    du_dw: np.ndarray
+    dv_dw: np.ndarray
+    du_dc: np.ndarray
+    dv_dc: np.ndarray
+    shift_u: np.ndarray
+    shift_v: np.ndarray
+    normal: np.ndarray
+    normal_d_omega: np.ndarray
+    normal_d_chi: np.ndarray
+    offset: np.ndarray
+    half_t: np.ndarray
+    dx_dstrain: np.ndarray
 
 
 @dataclass
@@ -149,10 +185,66 @@ class FrameModel:
     def support_size(self) -> int:
         return len(self.support)
 
+    @functools.cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The tables and per-pixel constants as numpy arrays (for fused kernels)."""
+        return {"support_row": self._row_px.numpy(), "support_col": self._col_px.numpy(),
+                "u0": self._u0.double().numpy(),
+                "v0": self._v0.double().numpy(), "m0": self._m0.numpy(), "mu": self._mu.numpy(),
+                "mv": self._mv.numpy(), "two_k": self._two_k,
+                "k_px": self._two_k * self._pixel_over_r, "phases": self.phases}
+
     def pad_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, F, F) -> (B, (F + 2 pad)^2): zero-padded and flattened, to gather support pixels."""
         p = self.pad
         return torch.nn.functional.pad(frames, (p, p, p, p)).flatten(1)
+
+    def geometry(self, strain, omega_deg, chi_deg, thickness_angstrom=None) -> FrameGeometry:
+        """Everything per frame that the per-pixel work needs (numpy float64 arrays over N).
+
+        Args: strain (1), omega and chi (deg), float64 arrays (N,); thickness (Angstrom) per frame
+        or one value (None: the instrument's).
+        """
+        inst = self.instrument
+        strain, om, ch = (np.asarray(a, dtype=np.float64) for a in (strain, omega_deg, chi_deg))
+        n = len(strain)
+        thickness = np.broadcast_to(np.asarray(inst.film_thickness_angstrom if thickness_angstrom is None
+                                               else thickness_angstrom, dtype=np.float64), (n,))
+        # Annulus position: whole-pixel shift, sub-pixel phase, and its motion per degree.
+        d = 1e-4
+        u, v = annulus_centre_px(om, ch, inst)
+        off_rows, off_cols = inst.beam_centre_offset_px
+        u, v = u + off_cols, v + off_rows  # the ROI's centre is off the central ray
+        u_w, v_w = annulus_centre_px(np.r_[om + d, om - d], np.r_[ch, ch], inst)
+        u_c, v_c = annulus_centre_px(np.r_[om, om], np.r_[ch + d, ch - d], inst)
+        cols = np.clip(np.round(u), -self.pad, self.pad)
+        rows = np.clip(np.round(v), -self.pad, self.pad)
+        p = self.phases
+        pos_a = np.clip((u - cols + 0.5) * p, 0, p)
+        pos_b = np.clip((v - rows + 0.5) * p, 0, p)
+        ia, ib = np.minimum(np.floor(pos_a), p - 1), np.minimum(np.floor(pos_b), p - 1)
+        # The tilted normal and its derivatives (per degree) against the detector's axes.
+        geo = lab_geometry(inst)
+        w = np.radians(om) + geo.theta_b
+        c = np.radians(ch)
+        cos_c, sin_c, cos_w, sin_w = np.cos(c), np.sin(c), np.cos(w), np.sin(w)
+        axes = np.stack([geo.k_out0, geo.e_col, geo.e_row], 1)  # columns: k_out0, e_col, e_row
+        normal = np.stack([sin_c, cos_c * cos_w, -cos_c * sin_w], 1) @ axes
+        deg = math.pi / 180
+        n_w = np.stack([np.zeros_like(c), -cos_c * sin_w, -cos_c * cos_w], 1) @ axes * deg
+        n_c = np.stack([cos_c, -sin_c * cos_w, sin_c * sin_w], 1) @ axes * deg
+        half_t = thickness / 2
+        return FrameGeometry(
+            rows=rows.astype(np.int64), cols=cols.astype(np.int64),
+            corner=(ia * (p + 1) + ib).astype(np.int64), fa=pos_a - ia, fb=pos_b - ib,
+            du_dw=(u_w[:n] - u_w[n:]) / (2 * d), dv_dw=(v_w[:n] - v_w[n:]) / (2 * d),
+            du_dc=(u_c[:n] - u_c[n:]) / (2 * d), dv_dc=(v_c[:n] - v_c[n:]) / (2 * d),
+            shift_u=(cols - off_cols) * self._pixel_over_r, shift_v=(rows - off_rows) * self._pixel_over_r,
+            normal=normal, normal_d_omega=n_w, normal_d_chi=n_c,
+            # 2k alpha - G(strain), G = 2 pi l / (c (1 + strain)): in float64, a difference of ~3.1.
+            offset=self._two_k * normal[:, 0] - self._g0 / (1 + strain),
+            half_t=half_t, dx_dstrain=half_t * self._g0 / (1 + strain) ** 2,
+        )
 
     def evaluate(
         self,
@@ -165,69 +257,42 @@ class FrameModel:
     ) -> ExpectedFrames:
         """Expected counts ``scale * intensity + background`` on the support, and derivatives.
 
+        The readable reference of the per-pixel model (torch, float32); the physics check runs a
+        fused kernel of the same arithmetic (``nanobeam_bluesky.quality``), tested against it.
+
         Args: float64 tensors (B,): strain (1), omega and chi (deg), scale (expected counts of a
         fully lit pixel at the Laue maximum), background (counts per binned pixel); thickness
         (Angstrom) per frame or one value (None: the instrument's).
         """
-        inst = self.instrument
-        n = len(strain)
-        thickness = torch.as_tensor(inst.film_thickness_angstrom if thickness_angstrom is None
-                                    else thickness_angstrom, dtype=torch.float64).expand(n)
-        # --- annulus position: whole-pixel shift and sub-pixel phase, and its motion per degree
-        om, ch = omega_deg.numpy(), chi_deg.numpy()
-        d = 1e-4
-        u, v = annulus_centre_px(om, ch, inst)
-        off_rows, off_cols = inst.beam_centre_offset_px
-        u, v = u + off_cols, v + off_rows  # the ROI's centre is off the central ray
-        u_w, v_w = annulus_centre_px(np.r_[om + d, om - d], np.r_[ch, ch], inst)
-        u_c, v_c = annulus_centre_px(np.r_[om, om], np.r_[ch + d, ch - d], inst)
-        du_dw, dv_dw = (u_w[:n] - u_w[n:]) / (2 * d), (v_w[:n] - v_w[n:]) / (2 * d)
-        du_dc, dv_dc = (u_c[:n] - u_c[n:]) / (2 * d), (v_c[:n] - v_c[n:]) / (2 * d)
-        cols = np.clip(np.round(u), -self.pad, self.pad)
-        rows = np.clip(np.round(v), -self.pad, self.pad)
+        g = self.geometry(strain.numpy(), omega_deg.numpy(), chi_deg.numpy(),
+                          None if thickness_angstrom is None else torch.as_tensor(thickness_angstrom).numpy())
+        f32 = torch.float32
+
+        def col(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=f32)[:, None]
+
         p = self.phases
-        pos_a = np.clip((u - cols + 0.5) * p, 0, p)
-        pos_b = np.clip((v - rows + 0.5) * p, 0, p)
-        ia, ib = np.minimum(np.floor(pos_a), p - 1), np.minimum(np.floor(pos_b), p - 1)
-        fa = torch.as_tensor(pos_a - ia, dtype=torch.float32)[:, None]
-        fb = torch.as_tensor(pos_b - ib, dtype=torch.float32)[:, None]
-        e00 = torch.as_tensor(ia * (p + 1) + ib, dtype=torch.long)
+        fa, fb = col(g.fa), col(g.fb)
+        e00 = torch.as_tensor(g.corner)
         corners = (e00, e00 + (p + 1), e00 + 1, e00 + (p + 2))  # (a, b), (a+1, b), (a, b+1), (a+1, b+1)
-
-        def bilinear(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            t00, t10, t01, t11 = (table[c] for c in corners)
-            lo = t00 + fa * (t10 - t00)
-            hi = t01 + fa * (t11 - t01)
-            d_a = (t10 - t00) + fb * ((t11 - t01) - (t10 - t00))
-            return lo + fb * (hi - lo), d_a * p, (hi - lo) * p
-
-        m0, dm0_da, dm0_db = bilinear(self._m0)
+        t00, t10, t01, t11 = (self._m0[c] for c in corners)
+        lo = t00 + fa * (t10 - t00)
+        hi = t01 + fa * (t11 - t01)
+        m0 = lo + fb * (hi - lo)
+        dm0_da = ((t10 - t00) + fb * ((t11 - t01) - (t10 - t00))) * p
+        dm0_db = (hi - lo) * p
         mu = self._mu[corners[0]] + fa * (self._mu[corners[1]] - self._mu[corners[0]])
         mv = self._mv[corners[0]] + fb * (self._mv[corners[2]] - self._mv[corners[0]])
 
-        # --- momentum transfer at the pixel centres (offsets from the sin(theta_B) term in float64)
-        w = torch.deg2rad(omega_deg) + math.asin(self._sin_theta)
-        c = torch.deg2rad(chi_deg)
-        geo = lab_geometry(inst)
-        k0, ec, er = (torch.as_tensor(x, dtype=torch.float64) for x in (geo.k_out0, geo.e_col, geo.e_row))
-        cos_c, sin_c, cos_w, sin_w = torch.cos(c), torch.sin(c), torch.cos(w), torch.sin(w)
-        normal = torch.stack([sin_c, cos_c * cos_w, -cos_c * sin_w], 1)
-        n_w = torch.stack([torch.zeros_like(c), -cos_c * sin_w, -cos_c * cos_w], 1)  # d n / d omega
-        n_c = torch.stack([cos_c, -sin_c * cos_w, sin_c * sin_w], 1)  # d n / d chi
-        alpha, beta, gamma = normal @ k0, normal @ ec, normal @ er
-        shift_u = torch.as_tensor((cols - off_cols) * self._pixel_over_r, dtype=torch.float32)[:, None]
-        shift_v = torch.as_tensor((rows - off_rows) * self._pixel_over_r, dtype=torch.float32)[:, None]
-        uu = self._u0[None] + shift_u  # (B, S): offsets over R
-        vv = self._v0[None] + shift_v
+        # Momentum transfer at the pixel centres: offsets over R, and 1 - 1/|w| R to second order.
+        alpha, beta, gamma = (col(g.normal[:, i]) for i in range(3))
+        uu = self._u0[None] + col(g.shift_u)
+        vv = self._v0[None] + col(g.shift_v)
         rho2 = uu * uu + vv * vv
         h = rho2 * (0.5 - 0.375 * rho2)  # 1 - 1/sqrt(1 + rho^2)
-        f32 = torch.float32
-        a32, b32, g32 = alpha.to(f32)[:, None], beta.to(f32)[:, None], gamma.to(f32)[:, None]
-        lateral = uu * b32 + vv * g32
-        g_strain = self._g0 / (1 + strain)  # G = 2 pi l / (c (1 + strain))
-        offset = (self._two_k * alpha - g_strain).to(f32)[:, None]  # 2k alpha - G, in float64 first
-        q_minus_g = offset + self._two_k * (lateral - h * (a32 + lateral))
-        half_t = (thickness / 2).to(f32)[:, None]
+        lateral = uu * beta + vv * gamma
+        q_minus_g = col(g.offset) + self._two_k * (lateral - h * (alpha + lateral))
+        half_t = col(g.half_t)
         x = half_t * q_minus_g
         small = x.abs() < 1e-3
         safe = torch.where(small, torch.ones_like(x), x)
@@ -237,33 +302,30 @@ class FrameModel:
         laue = sinc * sinc
         slope = 2 * sinc * dsinc  # d laue / d x
         k_px = self._two_k * self._pixel_over_r
-        dq_du = k_px * (b32 - a32 * uu)
-        dq_dv = k_px * (g32 - a32 * vv)
+        dq_du = k_px * (beta - alpha * uu)
+        dq_dv = k_px * (gamma - alpha * vv)
         in_pixel = half_t * (dq_du * mu + dq_dv * mv)
         intensity = (laue * m0 + slope * in_pixel).clamp_(min=0)
         s32 = scale.to(f32)[:, None]
         mu_counts = s32 * intensity + background.to(f32)[:, None]
 
         # --- derivatives
-        deg = math.pi / 180
-        dx_dstrain = (half_t * (self._g0 / (1 + strain) ** 2).to(f32)[:, None])
         ds = s32 * slope * m0  # d mu / d x (leading term)
-        d_strain = ds * dx_dstrain
+        d_strain = ds * col(g.dx_dstrain)
         d_thickness = ds * (x / (2 * half_t))
 
-        def tilt(n_d: torch.Tensor, du: np.ndarray, dv: np.ndarray) -> torch.Tensor:
-            a_d, b_d, g_d = ((n_d @ vec).to(f32)[:, None] * deg for vec in (k0, ec, er))
-            dq = self._two_k * (a_d + uu * b_d + vv * g_d)
-            mask = (dm0_da * torch.as_tensor(du, dtype=f32)[:, None]
-                    + dm0_db * torch.as_tensor(dv, dtype=f32)[:, None])
+        def tilt(n_d: np.ndarray, du: np.ndarray, dv: np.ndarray) -> torch.Tensor:
+            dq = self._two_k * (col(n_d[:, 0]) + uu * col(n_d[:, 1]) + vv * col(n_d[:, 2]))
+            mask = dm0_da * col(du) + dm0_db * col(dv)
             return ds * half_t * dq + s32 * laue * mask
 
-        d_omega = tilt(n_w, du_dw, dv_dw)
-        d_chi = tilt(n_c, du_dc, dv_dc)
-        shift = torch.as_tensor(rows * (self.frame_pixels + 2 * self.pad) + cols, dtype=torch.long)
+        d_omega = tilt(g.normal_d_omega, g.du_dw, g.dv_dw)
+        d_chi = tilt(g.normal_d_chi, g.du_dc, g.dv_dc)
+        rows, cols = torch.as_tensor(g.rows), torch.as_tensor(g.cols)
+        shift = rows * (self.frame_pixels + 2 * self.pad) + cols
         index = self._base_index[None] + shift[:, None]
-        r_abs = self._row_px[None] + torch.as_tensor(rows, dtype=torch.long)[:, None]
-        c_abs = self._col_px[None] + torch.as_tensor(cols, dtype=torch.long)[:, None]
+        r_abs = self._row_px[None] + rows[:, None]
+        c_abs = self._col_px[None] + cols[:, None]
         f = self.frame_pixels
         inside = (r_abs >= 0) & (r_abs < f) & (c_abs >= 0) & (c_abs < f)
         return ExpectedFrames(mu_counts, intensity, d_strain, d_omega, d_chi, d_thickness, index, inside)

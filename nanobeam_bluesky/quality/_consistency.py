@@ -33,11 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..physics import FrameModel, Instrument, crlb
-from ._deviance import unit_deviance_moments
+from ._deviance import deviance_moments, deviance_table
 from ._flags import FLAG_DTYPE, Flag
+from ._kernel import N_SUMS, frame_statistics, likelihood_sums, pack_geometry
 
 __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 
@@ -53,6 +53,8 @@ MIN_RING_FRACTION = 0.5
 FLOOR_FRACTION = 1e-4
 #: Fitted parameters behind the deviance: strain, omega, chi, scale, background.
 _FITTED = 5
+#: "Every pixel is an observation" for the kernel.
+_NO_MASK = np.zeros((0, 0), dtype=np.float32)
 #: Counts at the Laue maximum beyond which the forward model's own accuracy, not the noise,
 #: limits an estimate: ``*_err`` never falls below the Cramer-Rao bound at this level
 #: (``benchmarks/robustness.py``: the likelihood step stays within 1.1x the bound up to 700).
@@ -174,7 +176,7 @@ class PhysicsCheck:
 
     def __init__(self, instrument: Instrument, *, poor_fit_z: float = POOR_FIT_Z,
                  thickness_z: float = THICKNESS_Z, min_ring_fraction: float = MIN_RING_FRACTION,
-                 max_steps: int = 4, converged_sigma: float = 1.5, chunk_size: int = 128) -> None:
+                 max_steps: int = 4, converged_sigma: float = 3.0, chunk_size: int = 512) -> None:
         self.instrument = instrument
         self.model = FrameModel.for_instrument(instrument)
         self.poor_fit_z = poor_fit_z
@@ -194,11 +196,12 @@ class PhysicsCheck:
         #: (strain, deg, deg): the forward model's accuracy, the least ``*_err`` can be.
         self.error_floor = np.sqrt((bound**2).mean(axis=0))
         # Largest step per parameter (a trust region): a tenth or a twentieth of the box.
-        self._max_step = torch.tensor([
+        self._max_step = np.array([
             0.1 * (ranges["strain"][1] - ranges["strain"][0]),
             0.05 * (ranges["omega"][1] - ranges["omega"][0]),
             0.05 * (ranges["chi"][1] - ranges["chi"][0]),
-        ], dtype=torch.float64)
+        ])
+        self._deviance = deviance_table()
 
     def __call__(self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *,
                  refine: bool = True) -> Consistency:
@@ -218,10 +221,9 @@ class PhysicsCheck:
             thickness_z=np.full(n, np.nan), ring_fraction=np.full(n, np.nan),
             thickness_score=np.full(n, np.nan), thickness_information=np.full(n, np.nan),
             steps=np.zeros(n, dtype=np.int64), flags=np.zeros(n, dtype=FLAG_DTYPE))
-        with torch.inference_mode():
-            for lo in range(0, n, self.chunk_size):
-                hi = min(n, lo + self.chunk_size)
-                self._chunk(counts[lo:hi], None if masked is None else masked[lo:hi], out, lo, refine)
+        for lo in range(0, n, self.chunk_size):
+            hi = min(n, lo + self.chunk_size)
+            self._chunk(counts[lo:hi], None if masked is None else masked[lo:hi], out, lo, refine)
         flags = np.zeros(n, dtype=FLAG_DTYPE)
         flags[out.fit_quality > self.poor_fit_z] |= FLAG_DTYPE(Flag.POOR_FIT)
         flags[np.abs(out.thickness_z) > self.thickness_z] |= FLAG_DTYPE(Flag.THICKNESS)
@@ -232,134 +234,109 @@ class PhysicsCheck:
     # ------------------------------------------------------------------ one chunk
     def _chunk(self, counts: np.ndarray, masked: np.ndarray | None, out: Consistency, lo: int,
                refine: bool) -> None:
-        fm = self.model
-        x = torch.as_tensor(counts, dtype=torch.float32)
-        b_frames = len(x)
-        flat = x.reshape(b_frames, -1)
+        b_frames = len(counts)
+        flat = np.ascontiguousarray(counts, dtype=np.float32).reshape(b_frames, -1)
         if masked is None:
-            observed = None
-            total_pixels = torch.full((b_frames,), float(flat.shape[1]))
+            observed = _NO_MASK
+            total_pixels = np.full(b_frames, float(flat.shape[1]))
         else:
-            observed = torch.as_tensor(~masked, dtype=torch.float32).reshape(b_frames, -1)
-            flat = flat * observed
-            total_pixels = observed.sum(1)
-        padded_n = fm.pad_frames(flat.reshape(x.shape))
-        padded_o = None if observed is None else fm.pad_frames(observed.reshape(x.shape))
-        total_n = flat.sum(1)
-        total_nlogn = _xlogx(flat).sum(1)
+            keep = ~masked.reshape(b_frames, -1)
+            flat = np.where(keep, flat, np.float32(0))
+            observed = keep.astype(np.float32)
+            total_pixels = keep.sum(1).astype(np.float64)
+        stats = np.empty((b_frames, 6))
+        frame_statistics(flat, stats)
+        total_counts, total_nlogn = stats[:, 0], stats[:, 3]
 
-        theta = torch.as_tensor(out.params[lo : lo + b_frames], dtype=torch.float64).clone()
-        scale = torch.full((b_frames,), float("nan"), dtype=torch.float64)  # NaN: estimate it
-        todo = torch.arange(b_frames)
-        steps = torch.zeros(b_frames, dtype=torch.long)
-        results: dict[str, torch.Tensor] = {}
+        theta = out.params[lo : lo + b_frames].copy()
+        scale = np.full(b_frames, np.nan)  # NaN: estimate it from the counts
+        todo = np.arange(b_frames)
+        steps = np.zeros(b_frames, dtype=np.int64)
+        results: dict[str, np.ndarray] = {}
         for _ in range(self.max_steps if refine else 1):
-            state = self._evaluate(theta[todo], scale[todo], padded_n[todo],
-                                   None if padded_o is None else padded_o[todo],
-                                   total_n[todo], total_pixels[todo], total_nlogn[todo], refine)
+            obs = observed if masked is None else observed[todo]
+            state = self._evaluate(theta[todo], scale[todo], flat[todo], obs, total_counts[todo],
+                                   total_pixels[todo], total_nlogn[todo], refine)
             for key, value in state.items():
                 if key not in results:
-                    results[key] = torch.zeros((b_frames, *value.shape[1:]), dtype=value.dtype)
+                    results[key] = np.zeros((b_frames, *value.shape[1:]))
                 results[key][todo] = value
             scale[todo] = state["scale"]
             steps[todo] += 1
             if not refine:
                 break
             delta = state["delta"][:, :3]
-            step = delta.clamp(-self._max_step, self._max_step)
+            step = np.clip(delta, -self._max_step, self._max_step)
             theta[todo] += step
             # Another step where this one was large: the start was far from the maximum.
-            far = ((delta.abs() / state["sigma"]) > self.converged_sigma).any(1) | (step != delta).any(1)
+            with np.errstate(invalid="ignore"):
+                far = ((np.abs(delta) / state["sigma"]) > self.converged_sigma).any(1)
+            far |= (step != delta).any(1)
             todo = todo[far]
             if not len(todo):
                 break
         sl = slice(lo, lo + b_frames)
-        out.params[sl] = theta.numpy()
-        out.sigma[sl] = results["sigma"].numpy()
-        out.scale[sl] = results["scale"].numpy()
-        out.background[sl] = results["background"].numpy()
-        out.fit_quality[sl] = results["fit_quality"].numpy()
-        out.thickness_z[sl] = results["thickness_z"].numpy()
-        out.ring_fraction[sl] = results["ring_fraction"].numpy()
-        out.thickness_score[sl] = results["thickness_score"].numpy()
-        out.thickness_information[sl] = results["thickness_information"].numpy()
-        out.steps[sl] = steps.numpy() if refine else 0
+        out.params[sl] = theta
+        for key in ("sigma", "scale", "background", "fit_quality", "thickness_z", "ring_fraction",
+                    "thickness_score", "thickness_information"):
+            getattr(out, key)[sl] = results[key]
+        out.steps[sl] = steps if refine else 0
 
-    def _evaluate(self, theta: torch.Tensor, scale: torch.Tensor, padded_n: torch.Tensor,
-                  padded_o: torch.Tensor | None, total_n: torch.Tensor, total_pixels: torch.Tensor,
-                  total_nlogn: torch.Tensor, refine: bool) -> dict[str, torch.Tensor]:
+    def _evaluate(self, theta: np.ndarray, scale: np.ndarray, flat: np.ndarray, observed: np.ndarray,
+                  total_counts: np.ndarray, total_pixels: np.ndarray, total_nlogn: np.ndarray,
+                  refine: bool) -> dict[str, np.ndarray]:
         """One evaluation of the forward model at ``theta`` (B, 3): the step and the check there.
 
         ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts.
         """
         fm = self.model
-        b_frames = len(theta)
-        ones = torch.ones(b_frames, dtype=torch.float64)
-        ev = fm.evaluate(theta[:, 0].contiguous(), theta[:, 1].contiguous(), theta[:, 2].contiguous(),
-                         ones, torch.zeros(b_frames, dtype=torch.float64))
-        n = torch.gather(padded_n, 1, ev.index)
-        obs = ev.inside.to(torch.float32)
-        if padded_o is not None:
-            obs = obs * torch.gather(padded_o, 1, ev.index)
-        n_support = (n * obs).sum(1)
-        p_support = obs.sum(1)
-        n_off = (total_n - n_support).clamp(min=0)
-        p_off = (total_pixels - p_support).clamp(min=0)
-        background = torch.where(p_off > 0, n_off / p_off.clamp(min=1), torch.zeros_like(n_off))
-        intensity = ev.intensity * obs
-        moment = ((n_support - background * p_support) / intensity.sum(1).clamp(min=1e-12)).double()
-        scale = torch.where(torch.isnan(scale), moment.clamp(min=1e-6), scale)
-        s32 = scale.to(torch.float32)[:, None]
-        mu = s32 * ev.intensity + background[:, None]
-        floor = FLOOR_FRACTION * s32
-        mu_fit = mu + floor
-        # Jacobian over the support: strain, omega, chi, scale, then thickness (for its test only).
-        jac = torch.stack([ev.d_strain * s32, ev.d_omega * s32, ev.d_chi * s32, ev.intensity,
-                           ev.d_thickness * s32], 1) * obs[:, None]
-        weight = (n / mu_fit - 1) * obs
-        grad = torch.einsum("bip,bp->bi", jac, weight).double()
-        fisher = torch.einsum("bip,bjp->bij", jac / mu_fit[:, None], jac).double()
+        arrays = fm.arrays
+        geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2])
+        sums = np.empty((len(theta), N_SUMS))
+        likelihood_sums(flat, observed, fm.frame_pixels, arrays["support_row"], arrays["support_col"],
+                        arrays["u0"], arrays["v0"], arrays["m0"], arrays["mu"], arrays["mv"], geometry.corner,
+                        pack_geometry(geometry), scale, total_counts, total_pixels, arrays["phases"],
+                        arrays["two_k"], arrays["k_px"], FLOOR_FRACTION, *self._deviance, sums)
+        grad = sums[:, :5]
+        fisher = sums[:, 5:30].reshape(-1, 5, 5)
+        (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support,
+         scale_used, background) = sums[:, 30:].T
         free = slice(0, 4) if refine else slice(3, 4)
-        f_free = fisher[:, free, free]
+        cov_free = _safe_inverse(fisher[:, free, free])
         g_free = grad[:, free]
-        cov_free, info = torch.linalg.inv_ex(f_free)
-        bad = info != 0
-        delta_free = torch.einsum("bij,bj->bi", cov_free, g_free)
-        delta_free[bad] = 0
-        delta = torch.zeros(b_frames, 4, dtype=torch.float64)
+        delta_free = np.nan_to_num(np.einsum("bij,bj->bi", cov_free, g_free))
+        delta = np.zeros((len(theta), 4))
         delta[:, free] = delta_free
-        # Standard deviations of strain, omega, chi with the count scale fitted.
-        cov4, info4 = torch.linalg.inv_ex(fisher[:, :4, :4])
-        sigma = torch.sqrt(torch.diagonal(cov4, dim1=1, dim2=2)[:, :3].clamp(min=0))
-        sigma[info4 != 0] = float("nan")
-        # Deviance here, then its quadratic decrease over the step.
-        mu_dev = torch.maximum(mu, floor)
-        term = torch.where(n > 0, _xlogy(n, mu_dev) - n + mu, mu) * obs
-        nlogn_support = (_xlogx(n) * obs).sum(1)
-        b_dev = torch.maximum(background, floor[:, 0])
-        off = (total_nlogn - nlogn_support) - n_off * torch.log(b_dev) - n_off + p_off * background
-        deviance = 2 * (term.sum(1) + off).double() - (g_free * delta_free).sum(1)
-        mean, var = unit_deviance_moments(mu.clamp(min=1e-6))
-        mean_off, var_off = unit_deviance_moments(background.clamp(min=1e-6))
-        expected = ((mean * obs).sum(1) + p_off * mean_off).double()
-        variance = ((var * obs).sum(1) + p_off * var_off).double()
-        fit_quality = (deviance - (expected - _FITTED)) / torch.sqrt(variance.clamp(min=1e-12))
+        cov4 = _safe_inverse(fisher[:, :4, :4])
+        sigma = np.sqrt(np.clip(np.diagonal(cov4, axis1=1, axis2=2)[:, :3], 0, None))
+        # Off the support the expectation is the background alone.
+        n_off = np.clip(total_counts - n_support, 0, None)
+        p_off = np.clip(total_pixels - p_support, 0, None)
+        floor = FLOOR_FRACTION * scale_used
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = (total_nlogn - nlogn_support) - n_off * np.log(np.maximum(background, floor)) \
+                - n_off + p_off * background
+        deviance = 2 * (half_dev + off) - (g_free * delta_free).sum(1)  # after the step
+        mean_off, var_off = deviance_moments(np.maximum(background, 1e-6))
+        expected = dev_mean + p_off * mean_off
+        variance = dev_var + p_off * var_off
+        fit_quality = (deviance - (expected - _FITTED)) / np.sqrt(np.maximum(variance, 1e-12))
         # Thickness score test at the stepped estimate, the other parameters refitted.
         cross = fisher[:, 4, :4]
-        score = grad[:, 4] - torch.einsum("bi,bi->b", cross[:, free], delta_free)
-        f4inv = cov4
-        residual_info = fisher[:, 4, 4] - torch.einsum("bi,bij,bj->b", cross, f4inv, cross)
-        thickness_z = score / torch.sqrt(residual_info.clamp(min=1e-30))
-        ring = torch.where(total_n > 0, n_support / total_n.clamp(min=1e-12), torch.zeros_like(total_n))
-        return {"delta": delta, "sigma": sigma, "scale": (scale + delta[:, 3]).clamp(min=1e-6),
-                "background": background.double(), "fit_quality": fit_quality,
-                "thickness_z": thickness_z, "ring_fraction": ring.double(), "thickness_score": score,
-                "thickness_information": residual_info}
+        score = grad[:, 4] - np.einsum("bi,bi->b", cross[:, free], delta_free)
+        residual_info = fisher[:, 4, 4] - np.einsum("bi,bij,bj->b", cross, cov4, cross)
+        thickness_z = score / np.sqrt(np.maximum(residual_info, 1e-30))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ring = np.where(total_counts > 0, n_support / total_counts, 0.0)
+        return {"delta": delta, "sigma": sigma, "scale": np.maximum(scale_used + delta[:, 3], 1e-6),
+                "background": background, "fit_quality": fit_quality, "thickness_z": thickness_z,
+                "ring_fraction": ring, "thickness_score": score, "thickness_information": residual_info}
 
 
-def _xlogx(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x * torch.log(x.clamp(min=1e-30)), torch.zeros_like(x))
-
-
-def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return x * torch.log(x.clamp(min=1e-30) / y)
+def _safe_inverse(matrices: np.ndarray) -> np.ndarray:
+    """Inverses of (B, k, k) matrices; NaN where one is singular."""
+    out = np.full(matrices.shape, np.nan)
+    good = np.isfinite(matrices).all(axis=(1, 2)) & (np.abs(np.linalg.det(matrices)) > 0)
+    if good.any():
+        out[good] = np.linalg.inv(matrices[good])
+    return out

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["deviance_moments", "unit_deviance_moments"]
+__all__ = ["deviance_moments", "deviance_table", "unit_deviance_moments"]
 
 _LOG_MU = np.linspace(math.log(1e-6), math.log(1e3), 601)
 
@@ -54,3 +54,10 @@ def deviance_moments(mu) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of the unit deviance for an array of expectations (numpy in and out)."""
     m, v = unit_deviance_moments(torch.as_tensor(np.asarray(mu, dtype=np.float32)))
     return m.numpy(), v.numpy()
+
+
+def deviance_table() -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(log mu of the first entry, step in log mu, means, variances) for fused kernels."""
+    mean, var = _table()
+    return (float(_LOG_MU[0]), float(_LOG_MU[1] - _LOG_MU[0]), mean.double().numpy(),
+            var.double().numpy())

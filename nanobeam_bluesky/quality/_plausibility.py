@@ -24,6 +24,7 @@ import numpy as np
 
 from ..physics import Instrument, orient
 from ._flags import FLAG_DTYPE, Flag
+from ._kernel import frame_statistics
 
 __all__ = ["PreparedFrames", "binned_instrument_mask", "prepare_frames"]
 
@@ -36,7 +37,8 @@ class PreparedFrames:
     """Binned counts in physics.md's frame, ready for the model and the checks.
 
     Attributes:
-        counts: float32 (N, F, F); masked pixels hold 0.
+        counts: float32 (N, F, F); masked pixels hold 0. It may be the caller's own float32
+            array when nothing had to change: do not write to it.
         masked: bool (N, F, F): pixels that are not observations, or None when there are none.
         flags: uint16 (N,) plausibility bits.
     """
@@ -121,16 +123,13 @@ def prepare_frames(
     if raw:
         arr = orient(arr, instrument)
         binning = instrument.binning
-        blocks = arr.reshape(n, f, binning, f, binning).astype(np.float32)
-        counts = blocks.sum(axis=(-3, -1))
+        counts = arr.reshape(n, f, binning, f, binning).astype(np.float32).sum(axis=(-3, -1))
         if saturated is not None:
             saturated = _bin_any(orient(saturated, instrument), binning)
-        if user is not None and user.shape[-1] == raw_side:
-            user = _bin_any(orient(user, instrument), binning)
     else:
-        counts = arr.astype(np.float32)  # a copy: masked pixels are zeroed below
-        if user is not None and user.shape[-1] == raw_side:
-            user = _bin_any(orient(user, instrument), instrument.binning)
+        counts = np.ascontiguousarray(arr, dtype=np.float32)  # no copy for float32 input
+    if user is not None and user.shape[-1] == raw_side:
+        user = _bin_any(orient(user, instrument), instrument.binning)
     masked_parts = [m for m in (binned_instrument_mask(instrument), user, saturated) if m is not None]
     masked = None
     if masked_parts:
@@ -141,33 +140,35 @@ def prepare_frames(
     if saturated is not None:
         flags[saturated.reshape(n, -1).any(axis=1)] |= FLAG_DTYPE(Flag.SATURATED)
     if masked is not None:
-        counts[masked] = 0.0
+        counts = np.where(masked, np.float32(0), counts)
     flat = counts.reshape(n, -1)
-    with np.errstate(invalid="ignore"):
-        totals = flat.sum(axis=1, dtype=np.float64)  # NaN or inf propagate into the total
-        invalid = ~np.isfinite(totals) | (flat.min(axis=1, initial=0.0) < 0)
+    stats = np.empty((n, 6))
+    frame_statistics(flat, stats)
+    totals, low, peak, _, finite, fraction = stats.T
+    invalid = (finite == 0) | (low < 0)
     if invalid.any():
         flags[invalid] |= FLAG_DTYPE(Flag.INVALID)
+        counts = counts.copy() if counts is arr else counts
         counts[invalid] = 0.0
-        totals[invalid] = 0.0
+        flat = counts.reshape(n, -1)
+        totals = np.where(invalid, 0.0, totals)
     if instrument.integer_counts:
-        fractional = np.abs(flat - np.round(flat)).max(axis=1, initial=0.0) > 1e-3
-        flags[fractional & ~invalid] |= FLAG_DTYPE(Flag.NON_INTEGER)
+        flags[(fraction > 1e-3) & ~invalid] |= FLAG_DTYPE(Flag.NON_INTEGER)
     if min_frame_intensity:
-        hot = _hot_pixels(flat, totals, min_frame_intensity)
+        hot = _hot_pixels(flat, totals, peak, min_frame_intensity)
         if hot is not None:
-            rows = hot.any(axis=1)
-            flags[rows] |= FLAG_DTYPE(Flag.HOT_PIXEL)
+            flags[hot.any(axis=1)] |= FLAG_DTYPE(Flag.HOT_PIXEL)
             if masked is None:
                 masked = np.zeros(counts.shape, dtype=bool)
             masked.reshape(n, -1)[hot] = True
-            flat[hot] = 0.0
-            totals = flat.sum(axis=1, dtype=np.float64)
+            counts = np.where(masked, np.float32(0), counts)
+            totals = counts.reshape(n, -1).sum(axis=1, dtype=np.float64)
     flags[~invalid & (totals < min_total_counts)] |= FLAG_DTYPE(Flag.LOW_COUNTS)
     return PreparedFrames(counts, masked, flags)
 
 
-def _hot_pixels(flat: np.ndarray, totals: np.ndarray, min_frame_intensity: float) -> np.ndarray | None:
+def _hot_pixels(flat: np.ndarray, totals: np.ndarray, peak: np.ndarray,
+                min_frame_intensity: float) -> np.ndarray | None:
     """Pixels (N, P) above what a fully lit pixel at the Laue maximum can hold at this count level.
 
     That pixel expects the count level s, and a frame's counts are s times its total intensity,
@@ -175,7 +176,6 @@ def _hot_pixels(flat: np.ndarray, totals: np.ndarray, min_frame_intensity: float
     are left out of that sum, so a hot pixel cannot raise its own limit. Limit: s + 10 sqrt(s) + 10
     (a Poisson count exceeds it with probability < 1e-15).
     """
-    peak = flat.max(axis=1)
     level = np.maximum(totals, 0) / min_frame_intensity
     suspicious = peak > level + 10 * np.sqrt(level) + 10
     if not suspicious.any():
