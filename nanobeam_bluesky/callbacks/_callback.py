@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter, Filler
 
-from ..inference import Flag, Predictor
+from ..inference import Predictor
 from ..physics import PARAMETERS, Instrument
+from ..quality import FLAG_DTYPE, Flag, PooledConsistency
 from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
 from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
@@ -61,6 +62,12 @@ class _Run:
     stream_resources: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     readers: dict[str, StreamResourceReader] = field(default_factory=dict)
     filler: Filler | None = None
+    #: The data's instrument (None: the model's): orientation, mask, saturation, offset.
+    instrument: Instrument | None = None
+    #: The physics check pooled over the run (POOLED_MISMATCH, the film the frames say).
+    pooled: PooledConsistency = field(default_factory=PooledConsistency)
+    #: Rows per flag bit so far, for the stop document.
+    flag_counts: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     model_error_frames: int = 0
     unreadable_frames: int = 0
@@ -84,6 +91,7 @@ class _Open:
     descriptor: Mapping[str, Any]
     layout: FrameLayout
     position_keys: list[str]
+    instrument: Instrument | None
 
 
 @dataclass
@@ -272,7 +280,7 @@ class NanobeamCallback(DocumentRouter):
             instrument = Instrument.from_dict(dict(start["nanobeam_instrument"]))
         self.predictor.check_instrument(instrument, allow_mismatch=self.allow_instrument_mismatch)
         self._descriptors[doc["uid"]] = run_uid
-        self._put(_Open(start, doc, layout, positions))
+        self._put(_Open(start, doc, layout, positions, instrument))
 
     def event_page(self, doc):
         if doc["descriptor"] in self._descriptors:
@@ -359,7 +367,7 @@ class NanobeamCallback(DocumentRouter):
                                  item.position_keys, analysis_stage=self.analysis_stage,
                                  validate_pages=self.validate_pages)
             run = _Run(derived, item.layout, item.position_keys, StreamJoin(item.position_keys),
-                       filler=self._fillers.get(uid))
+                       filler=self._fillers.get(uid), instrument=item.instrument)
             self._runs[uid] = run
             self.emit("start", derived.start_doc)
             self.emit("descriptor", derived.descriptor_doc)
@@ -478,10 +486,23 @@ class NanobeamCallback(DocumentRouter):
         if raw_rows is not None and raw_rows != run.derived.rows:
             reasons.append(f"raw run reports {raw_rows} frames, {run.derived.rows} were received")
         reasons.extend(run.errors)
+        if run.flag_counts:
+            reasons.append(f"flagged rows of {run.derived.rows}: " + ", ".join(
+                f"{name} {count}" for name, count in run.flag_counts.items()))
+        if run.pooled.mismatch:
+            inst = run.instrument or self.predictor.instrument
+            thickness, sd = run.pooled.thickness_estimate(inst.film_thickness_angstrom)
+            reasons.append(
+                f"POOLED_MISMATCH: taken together the frames disagree with the instrument's film; they "
+                f"say a thickness of {thickness:.1f} +- {sd:.1f} A (instrument "
+                f"{inst.film_thickness_angstrom:g} A): check film_thickness_angstrom, energy_kev, "
+                "lattice_c_angstrom")
         exit_status = doc.get("exit_status", "success")
         if exit_status == "success" and (run.model_error_frames or run.unreadable_frames):
             exit_status = "fail"
-        self.emit("stop", run.derived.stop(exit_status, "; ".join(reasons)))
+        inst = run.instrument or self.predictor.instrument
+        self.emit("stop", run.derived.stop(exit_status, "; ".join(reasons),
+                                           run.pooled.summary(inst.film_thickness_angstrom)))
         run.close()
         for uid in [u for u, r in self._run_of_descriptor.items() if r is run]:
             del self._run_of_descriptor[uid]
@@ -501,28 +522,34 @@ class NanobeamCallback(DocumentRouter):
         mean = np.full((n, 3), np.nan)
         std = np.full((n, 3), np.nan)
         err = np.full((n, 3), np.nan)
-        flags = np.concatenate([b.flags for b in blocks])
+        fit_quality = np.full(n, np.nan)
+        flags = np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE)
         readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
         if readable.any():
             frames = np.concatenate([b.frames for b in blocks if b.frames is not None])
             t0 = time.perf_counter()
             try:
-                result = self.predictor.predict(frames, check_instrument=False)
+                result = self.predictor.predict(frames, instrument=run.instrument, check_instrument=False,
+                                                pooled=run.pooled)
                 mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
                 std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
                 err[readable] = np.stack([result[f"{p}_err"].values for p in PARAMETERS], 1)
-                flags[readable] |= result["flag"].values.astype(np.uint8)
+                fit_quality[readable] = result["fit_quality"].values
+                flags[readable] |= result["flag"].values.astype(FLAG_DTYPE)
             except Exception as exc:
                 logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR",
                                  len(frames))
-                flags[readable] |= np.uint8(Flag.MODEL_ERROR)
+                flags[readable] |= FLAG_DTYPE(Flag.MODEL_ERROR)
                 run.model_error_frames += len(frames)
                 message = f"{type(exc).__name__}: {exc}"
                 if message not in run.errors:
                     run.errors.append(message)
             self.stats.predict_s += time.perf_counter() - t0
             self.stats.batches += 1
-        page = run.derived.event_page(blocks, mean, std, flags, err)
+        for bit in Flag:
+            if bit and (hits := int(np.count_nonzero(flags & FLAG_DTYPE(bit)))):
+                run.flag_counts[bit.name] = run.flag_counts.get(bit.name, 0) + hits
+        page = run.derived.event_page(blocks, mean, std, flags, err, fit_quality)
         self.emit("event_page", page)
         now = time.monotonic()
         latencies = np.concatenate([np.full(len(b), now - b.received) for b in blocks])

@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from event_model import compose_run
+from event_model import DocumentNames, compose_run, schema_validators
 
 from .._version import __version__
-from ..inference import PARAMETERS, UNITS, Flag, Predictor
+from ..inference import ERR_MEANING, PARAMETERS, UNITS, Predictor
+from ..quality import FLAG_DTYPE, Flag, flag_description
 from ._frames import FrameLayout
 from ._rows import RowBlock
 
@@ -19,7 +20,8 @@ __all__ = ["ANALYSIS_STAGE", "DERIVED_FIELDS", "DerivedRun", "is_derived_start"]
 #: The ``analysis_stage`` label of every derived run start document.
 ANALYSIS_STAGE = "nanobeam_nn"
 #: Data keys of the derived stream besides the raw seq_num and the positions.
-DERIVED_FIELDS = (*PARAMETERS, *(f"{p}_std" for p in PARAMETERS), *(f"{p}_err" for p in PARAMETERS), "flag")
+DERIVED_FIELDS = (*PARAMETERS, *(f"{p}_std" for p in PARAMETERS), *(f"{p}_err" for p in PARAMETERS),
+                  "fit_quality", "flag")
 #: Raw start keys copied into the derived start when present (maps, shape, sample...).
 COPIED_START_KEYS = ("scan_id", "sample", "shape", "extents", "snaking", "motors", "num_points",
                      "hints", "proposal", "beamline_id", "data_session", "owner", "group", "project")
@@ -31,10 +33,13 @@ def is_derived_start(start: Mapping[str, Any]) -> bool:
 
 
 def _parameter_key(name: str, source: str) -> dict[str, Any]:
+    if name == "fit_quality":
+        return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [], "units": "1",
+                "precision": 2, "description": "Poisson deviance z-score against the forward model at "
+                "the estimate: about N(0,1) when the physics describes the frame; flag POOR_FIT above 4"}
     base = name.removesuffix("_std").removesuffix("_err")
-    what = {"_std": "ensemble standard deviation",
-            "_err": "expected error (the model's test RMSE scaled to the frame's counts)"}.get(
-        name[len(base):], "ensemble mean")
+    what = {"_std": "the networks' spread (not an error bar)", "_err": ERR_MEANING}.get(
+        name[len(base):], "estimate (likelihood step from the network)")
     return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [],
             "units": UNITS[base], "precision": 6, "description": f"{base}, {what}"}
 
@@ -78,6 +83,7 @@ class DerivedRun:
                 "frame_shape": list(layout.frame_shape),
                 "raw_stream": self.raw_stream,
                 "package_version": __version__,
+                "flags": {f.name: int(f) for f in Flag if f},
             },
         )
         self.bundle = compose_run(metadata=metadata)
@@ -85,8 +91,8 @@ class DerivedRun:
         source = f"nanobeam:{predictor.model_id}:{predictor.sha256[:12]}"
         data_keys: dict[str, Any] = {name: _parameter_key(name, source) for name in DERIVED_FIELDS[:-1]}
         data_keys["flag"] = {
-            "source": source, "dtype": "integer", "dtype_numpy": "|u1", "shape": [], "units": None,
-            "description": "quality bits: " + ", ".join(f"{int(f)}={f.name}" for f in Flag if f),
+            "source": source, "dtype": "integer", "dtype_numpy": np.dtype(FLAG_DTYPE).str, "shape": [],
+            "units": None, "description": flag_description(),
         }
         data_keys["raw_seq_num"] = {"source": f"raw:{self.raw_stream}", "dtype": "integer",
                                     "dtype_numpy": "<i8", "shape": [], "units": None}
@@ -107,9 +113,12 @@ class DerivedRun:
         self.rows = 0
 
     def event_page(self, blocks: Sequence[RowBlock], mean: np.ndarray, std: np.ndarray,
-                   flags: np.ndarray, err: np.ndarray | None = None) -> dict[str, Any]:
-        """One EventPage for consecutive blocks; mean/std/err (n, 3), flags (n,) cover all their rows."""
+                   flags: np.ndarray, err: np.ndarray | None = None,
+                   fit_quality: np.ndarray | None = None) -> dict[str, Any]:
+        """One EventPage for consecutive blocks; mean/std/err (n, 3), flags and fit_quality (n,)
+        cover all their rows."""
         err = np.full_like(mean, np.nan) if err is None else err
+        fit_quality = np.full(len(mean), np.nan) if fit_quality is None else fit_quality
         seq = np.concatenate([b.seq_nums for b in blocks])
         times = np.concatenate([b.times for b in blocks])
         n = len(seq)
@@ -118,6 +127,7 @@ class DerivedRun:
             data[name] = mean[:, i].tolist()
             data[f"{name}_std"] = std[:, i].tolist()
             data[f"{name}_err"] = err[:, i].tolist()
+        data["fit_quality"] = fit_quality.tolist()
         data["flag"] = flags.astype(int).tolist()
         data["raw_seq_num"] = seq.astype(int).tolist()
         for key in self.position_keys:
@@ -133,5 +143,10 @@ class DerivedRun:
             data=data, timestamps=timestamps, time=times.tolist(), validate=validate
         )
 
-    def stop(self, exit_status: str, reason: str) -> dict[str, Any]:
-        return self.bundle.compose_stop(exit_status=exit_status, reason=reason)
+    def stop(self, exit_status: str, reason: str, pooled: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The stop document; ``pooled``: the run's pooled physics check (kept under "nanobeam")."""
+        stop = self.bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        if pooled:
+            stop["nanobeam"] = dict(pooled)
+        schema_validators[DocumentNames.stop].validate(stop)
+        return stop

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..inference import Flag
+from ..quality import FLAG_DTYPE, Flag
 
 __all__ = ["RowBlock", "StreamJoin"]
 
@@ -30,9 +30,9 @@ class RowBlock:
 
     def __post_init__(self) -> None:
         if self.flags is None:
-            self.flags = np.zeros(len(self.seq_nums), dtype=np.uint8)
+            self.flags = np.zeros(len(self.seq_nums), dtype=FLAG_DTYPE)
         if self.frames is None:
-            self.flags = self.flags | np.uint8(Flag.INVALID)
+            self.flags = self.flags | FLAG_DTYPE(Flag.INVALID)
 
     def __len__(self) -> int:
         return len(self.seq_nums)

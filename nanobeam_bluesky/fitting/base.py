@@ -19,14 +19,15 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..inference import Flag
 from ..physics import PARAMETERS, UNITS, Instrument
+from ..quality import FLAG_DTYPE, NO_VALUE, PhysicsCheck, flag_attributes, prepare_frames
 from .library import Library
 
 __all__ = ["GridFitter", "available_memory_bytes", "default_memory_budget", "rows_times"]
 
 _MAX_CHUNK = 4096
 _GIB = 1 << 30
+_CHECKS: dict[str, PhysicsCheck] = {}
 
 
 def available_memory_bytes() -> int:
@@ -174,20 +175,28 @@ class GridFitter(ABC):
         *,
         instrument: Instrument | None = None,
         allow_instrument_mismatch: bool = False,
+        mask: Any = None,
+        check: bool = True,
     ) -> xr.Dataset:
         """Fit every frame.
 
         Args:
-            frames: counts (N, F, F) or a map (scan_y, scan_x, F, F); a numpy, h5py, dask or xarray
-                array (read chunk by chunk). One (F, F) frame is taken as N = 1.
+            frames: counts (N, F, F) in physics.md's frame, or raw ROIs (N, R, R) in the
+                detector's orientation (oriented with ``instrument``'s, or the library's, flips
+                and binned), or a map (scan_y, scan_x, ...) of either; a numpy, h5py, dask or xarray
+                array (read chunk by chunk). One frame is taken as N = 1.
             instrument: the data's instrument; refused if it differs from the library's.
             allow_instrument_mismatch: fit anyway.
+            mask: pixels to leave out of the checks (True = masked), as for ``Predictor.predict``.
+            check: run the plausibility checks and the physics check of the fit's estimate.
 
         Returns an ``xarray.Dataset`` like the predictor's: ``strain`` (1), ``omega`` and ``chi``
-        (deg), ``flag`` (see :class:`nanobeam_bluesky.inference.Flag`) and any method-specific
-        variables, over dim ``frame`` for (N, F, F) input or dims (``scan_y``, ``scan_x``) for a
-        map. Frames with non-finite or negative values (``flag`` INVALID) or no counts at all
-        (LOW_COUNTS) get NaN.
+        (deg), ``fit_quality`` (the deviance z-score of the frame against the forward model at
+        the fit's estimate, about N(0, 1) when the estimate explains the frame), ``flag`` (see
+        :class:`nanobeam_bluesky.quality.Flag`) and any method-specific variables, over dim
+        ``frame`` for (N, F, F) input or dims (``scan_y``, ``scan_x``) for a map. Frames with
+        non-finite or negative values (INVALID), no counts at all (LOW_COUNTS) or no ring (NO_RING)
+        get NaN.
         """
         shape = tuple(getattr(frames, "shape", np.shape(frames)))
         if len(shape) == 2:
@@ -197,10 +206,12 @@ class GridFitter(ABC):
                 f"frames must be (N, F, F) or a map (scan_y, scan_x, F, F); got shape {shape}"
             )
         self.library.check_compatible(shape[-2:], None if allow_instrument_mismatch else instrument)
+        data_instrument = instrument or self.library.instrument
+        physics = self._physics_check(data_instrument) if check else None
         n = int(np.prod(shape[:-2]))
         names = (*PARAMETERS, *self.extra_outputs)
-        out = {name: np.full(n, np.nan) for name in names}
-        flags = np.zeros(n, dtype=np.uint8)
+        out = {name: np.full(n, np.nan) for name in (*names, "fit_quality")}
+        flags = np.zeros(n, dtype=FLAG_DTYPE)
         chunk = self.chunk_size
         self._largest_intermediate = 0
         start_time = time.perf_counter()
@@ -208,20 +219,26 @@ class GridFitter(ABC):
         with tqdm(total=n, desc=f"fit ({self.method})", unit="frame", disable=not self.progress) as bar:
             for block in self._iter_blocks(frames, chunk):
                 b = len(block)
-                counts = np.asarray(block, dtype=np.float32).reshape(b, -1)
-                with np.errstate(invalid="ignore"):
-                    invalid = ~np.isfinite(counts).all(axis=1) | (counts < 0).any(axis=1)
-                totals = np.where(invalid, 0.0, counts.sum(axis=1, dtype=np.float64))
-                empty = ~invalid & (totals <= 0)
-                usable = ~(invalid | empty)
-                flags[done : done + b][invalid] = Flag.INVALID
-                flags[done : done + b][empty] = Flag.LOW_COUNTS
+                prepared = prepare_frames(
+                    block, data_instrument, mask=mask, min_total_counts=1e-9,
+                    min_frame_intensity=physics.min_frame_intensity if physics else None)
+                block_flags = prepared.flags
+                usable = (block_flags & FLAG_DTYPE(NO_VALUE)) == 0
                 if usable.any():
-                    if not usable.all():
-                        counts, totals = counts[usable], totals[usable]
-                    values = self._fit_chunk(counts, totals)
+                    counts = prepared.counts.reshape(b, -1)[usable]
+                    values = self._fit_chunk(counts, counts.sum(axis=1, dtype=np.float64))
                     for name in names:
                         out[name][done : done + b][usable] = values[name]
+                    if physics is not None:
+                        estimate = np.stack([values[p] for p in PARAMETERS], 1)
+                        masked = None if prepared.masked is None else prepared.masked[usable]
+                        result = physics(prepared.counts[usable], estimate, masked, refine=False)
+                        out["fit_quality"][done : done + b][usable] = result.fit_quality
+                        block_flags[usable] |= result.flags
+                        lost = (block_flags & FLAG_DTYPE(NO_VALUE)) != 0
+                        for name in names:
+                            out[name][done : done + b][lost] = np.nan
+                flags[done : done + b] = block_flags
                 done += b
                 bar.update(b)
         self.last_stats = {
@@ -233,6 +250,14 @@ class GridFitter(ABC):
         }
         return self._dataset(out, flags, shape[:-2])
 
+    @staticmethod
+    def _physics_check(instrument: Instrument) -> PhysicsCheck:
+        """One physics check per instrument and process (building one takes about a second)."""
+        key = instrument.to_json()
+        if key not in _CHECKS:
+            _CHECKS[key] = PhysicsCheck(instrument)
+        return _CHECKS[key]
+
     def _dataset(self, out: dict[str, np.ndarray], flags: np.ndarray,
                  map_shape: tuple[int, ...]) -> xr.Dataset:
         dims = ("frame",) if len(map_shape) == 1 else ("scan_y", "scan_x")
@@ -243,9 +268,10 @@ class GridFitter(ABC):
                           {"units": UNITS[name], "long_name": f"{name} ({self.method} fit)"})
         for name, (units, long_name) in self.extra_outputs.items():
             data[name] = (dims, out[name].reshape(map_shape), {"units": units, "long_name": long_name})
-        data["flag"] = (dims, flags.reshape(map_shape),
-                        {"flag_masks": [int(f) for f in Flag if f],
-                         "flag_meanings": " ".join(f.name.lower() for f in Flag if f)})
+        data["fit_quality"] = (dims, out["fit_quality"].reshape(map_shape), {
+            "units": "1", "long_name": "Poisson deviance z-score of the frame against the forward model "
+            "at the fit's estimate (about N(0,1) when the estimate explains the frame)"})
+        data["flag"] = (dims, flags.reshape(map_shape), flag_attributes())
         lib = self.library
         return xr.Dataset(
             data,

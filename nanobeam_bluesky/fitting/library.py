@@ -147,11 +147,12 @@ class Library:
     def check_compatible(self, frame_shape: tuple[int, ...], instrument: Instrument | None = None) -> None:
         """Raise :class:`LibraryMismatchError` unless the data can be fitted with this library."""
         expected = (self.frame_pixels, self.frame_pixels)
-        if tuple(frame_shape) != expected:
+        raw = (self.instrument.roi_pixels,) * 2
+        if tuple(frame_shape) not in (expected, raw):
             raise LibraryMismatchError(
-                f"the data's frames are {tuple(frame_shape)} but the library's are {expected}. Bin the "
-                f"data to {expected} (nanobeam_bluesky.physics.bin_roi) or make a library for this "
-                "detector with `nanobeam simulate-library --instrument <config>`."
+                f"the data's frames are {tuple(frame_shape)} but the library's are {expected} (raw ROIs "
+                f"{raw}). Bin the data to {expected} (nanobeam_bluesky.physics.bin_roi) or make a "
+                "library for this detector with `nanobeam simulate-library --instrument <config>`."
             )
         if instrument is not None:
             detail = self.instrument.describe_differences(instrument, "library", "data")
