@@ -17,7 +17,7 @@ from event_model import DocumentRouter, Filler
 
 from ..inference import Predictor
 from ..physics import PARAMETERS, Instrument
-from ..quality import FLAG_DTYPE, Flag, PooledConsistency
+from ..quality import FLAG_DTYPE, NO_VALUE, Flag, PooledConsistency
 from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
 from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
@@ -68,6 +68,8 @@ class _Run:
     pooled: PooledConsistency = field(default_factory=PooledConsistency)
     #: Rows per flag bit so far, for the stop document.
     flag_counts: dict[str, int] = field(default_factory=dict)
+    #: Analysed rows not yet emitted (the first rows wait for the pooled check).
+    held: list[_Rows] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     model_error_frames: int = 0
     unreadable_frames: int = 0
@@ -82,6 +84,18 @@ class _Run:
         self.readers.clear()
         if self.filler is not None:
             self.filler.close()
+
+
+@dataclass
+class _Rows:
+    """Analysed rows of consecutive blocks, ready to emit."""
+
+    blocks: list[RowBlock]
+    mean: np.ndarray
+    std: np.ndarray
+    err: np.ndarray
+    flags: np.ndarray
+    fit_quality: np.ndarray
 
 
 # Work items passed from the calling (RunEngine) thread to the analysis thread.
@@ -135,6 +149,8 @@ class NanobeamCallback(DocumentRouter):
             start, descriptor and stop documents always are.
         lag_warning_s: log a warning (at most once a minute) when a derived row is emitted this
             many seconds after its raw frame arrived: the model is not keeping pace.
+        hold_s: the first rows of a run wait up to this long for enough frames (10) to pool the
+            physics check over, so that they carry its verdict (POOLED_MISMATCH) too.
     """
 
     def __init__(
@@ -152,6 +168,7 @@ class NanobeamCallback(DocumentRouter):
         analysis_stage: str = ANALYSIS_STAGE,
         validate_pages: bool = False,
         lag_warning_s: float = 10.0,
+        hold_s: float = 2.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -169,6 +186,7 @@ class NanobeamCallback(DocumentRouter):
         self.analysis_stage = analysis_stage
         self.validate_pages = validate_pages
         self.lag_warning_s = lag_warning_s
+        self.hold_s = hold_s
         self._last_lag_warning = -math.inf
         f = predictor.frame_pixels
         raw = f * predictor.instrument.binning
@@ -329,7 +347,11 @@ class NanobeamCallback(DocumentRouter):
     def _work(self) -> None:
         while True:
             try:
-                item = self._queue.get(block=not self._pending_any())
+                if self._pending_any():
+                    item = self._queue.get(block=False)
+                else:  # held rows wait at most hold_s for more frames
+                    held = any(r.held for r in self._runs.values())
+                    item = self._queue.get(timeout=self.hold_s / 4 if held else None)
             except queue.Empty:  # nothing queued: predict what has accumulated
                 self._predict_all()
                 continue
@@ -475,7 +497,7 @@ class NanobeamCallback(DocumentRouter):
                 filler.close()
             return
         run.pending.extend(run.join.pop_ready(force=True))
-        self._predict(run)
+        self._predict(run, force=True)
         raw_rows = (doc.get("num_events") or {}).get(self.stream_name)
         reasons = [doc.get("reason", "")] if doc.get("reason") else []
         if run.model_error_frames:
@@ -511,41 +533,31 @@ class NanobeamCallback(DocumentRouter):
         for run in list(self._runs.values()):
             if force:
                 run.pending.extend(run.join.pop_ready(force=True))
-            self._predict(run)
+            self._predict(run, force)
 
-    def _predict(self, run: _Run) -> None:
-        """Run the model on a run's pending rows and emit them as one EventPage."""
-        if not run.pending:
+    def _predict(self, run: _Run, force: bool = False) -> None:
+        """Run the model on a run's pending rows; emit what is ready as one EventPage.
+
+        The first rows of a run are held until the pooled check has ``min_frames`` frames (or
+        ``hold_s`` seconds passed, or the run ends), so that they too carry its verdict.
+        """
+        if run.pending:
+            run.held.append(self._analyse(run))
+        if not run.held:
             return
-        blocks, run.pending = run.pending, []
-        n = sum(len(b) for b in blocks)
-        mean = np.full((n, 3), np.nan)
-        std = np.full((n, 3), np.nan)
-        err = np.full((n, 3), np.nan)
-        fit_quality = np.full(n, np.nan)
-        flags = np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE)
-        readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
-        if readable.any():
-            frames = np.concatenate([b.frames for b in blocks if b.frames is not None])
-            t0 = time.perf_counter()
-            try:
-                result = self.predictor.predict(frames, instrument=run.instrument, check_instrument=False,
-                                                pooled=run.pooled)
-                mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
-                std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
-                err[readable] = np.stack([result[f"{p}_err"].values for p in PARAMETERS], 1)
-                fit_quality[readable] = result["fit_quality"].values
-                flags[readable] |= result["flag"].values.astype(FLAG_DTYPE)
-            except Exception as exc:
-                logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR",
-                                 len(frames))
-                flags[readable] |= FLAG_DTYPE(Flag.MODEL_ERROR)
-                run.model_error_frames += len(frames)
-                message = f"{type(exc).__name__}: {exc}"
-                if message not in run.errors:
-                    run.errors.append(message)
-            self.stats.predict_s += time.perf_counter() - t0
-            self.stats.batches += 1
+        pool = run.pooled
+        waited = time.monotonic() - run.held[0].blocks[0].received
+        if not force and pool.frames < pool.min_frames and waited < self.hold_s:
+            return
+        held, run.held = run.held, []
+        if pool.mismatch:
+            for rows in held:
+                measured = (rows.flags & FLAG_DTYPE(NO_VALUE)) == 0
+                rows.flags[measured] |= FLAG_DTYPE(Flag.POOLED_MISMATCH)
+        blocks = [b for rows in held for b in rows.blocks]
+        mean, std, err = (np.concatenate([getattr(r, k) for r in held]) for k in ("mean", "std", "err"))
+        flags = np.concatenate([r.flags for r in held])
+        fit_quality = np.concatenate([r.fit_quality for r in held])
         for bit in Flag:
             if bit and (hits := int(np.count_nonzero(flags & FLAG_DTYPE(bit)))):
                 run.flag_counts[bit.name] = run.flag_counts.get(bit.name, 0) + hits
@@ -553,10 +565,40 @@ class NanobeamCallback(DocumentRouter):
         self.emit("event_page", page)
         now = time.monotonic()
         latencies = np.concatenate([np.full(len(b), now - b.received) for b in blocks])
-        self.stats.rows_emitted += n
+        self.stats.rows_emitted += len(flags)
         self.stats.latency_sum_s += float(latencies.sum())
         self.stats.latency_max_s = max(self.stats.latency_max_s, float(latencies.max()))
         self._warn_if_behind(float(latencies.max()))
+
+    def _analyse(self, run: _Run) -> _Rows:
+        """The model and the physics check on a run's pending rows (pooled over the run)."""
+        blocks, run.pending = run.pending, []
+        n = sum(len(b) for b in blocks)
+        rows = _Rows(blocks, np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.full((n, 3), np.nan),
+                     np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE), np.full(n, np.nan))
+        readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
+        if not readable.any():
+            return rows
+        frames = np.concatenate([b.frames for b in blocks if b.frames is not None])
+        t0 = time.perf_counter()
+        try:
+            result = self.predictor.predict(frames, instrument=run.instrument, check_instrument=False,
+                                            pooled=run.pooled)
+            rows.mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
+            rows.std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
+            rows.err[readable] = np.stack([result[f"{p}_err"].values for p in PARAMETERS], 1)
+            rows.fit_quality[readable] = result["fit_quality"].values
+            rows.flags[readable] |= result["flag"].values.astype(FLAG_DTYPE)
+        except Exception as exc:
+            logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR", len(frames))
+            rows.flags[readable] |= FLAG_DTYPE(Flag.MODEL_ERROR)
+            run.model_error_frames += len(frames)
+            message = f"{type(exc).__name__}: {exc}"
+            if message not in run.errors:
+                run.errors.append(message)
+        self.stats.predict_s += time.perf_counter() - t0
+        self.stats.batches += 1
+        return rows
 
     def _warn_if_behind(self, lag_s: float) -> None:
         # Frames are never dropped and the scan never waits, so a model slower than the detector

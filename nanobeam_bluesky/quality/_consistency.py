@@ -176,7 +176,7 @@ class PhysicsCheck:
 
     def __init__(self, instrument: Instrument, *, poor_fit_z: float = POOR_FIT_Z,
                  thickness_z: float = THICKNESS_Z, min_ring_fraction: float = MIN_RING_FRACTION,
-                 max_steps: int = 4, converged_sigma: float = 3.0, chunk_size: int = 512) -> None:
+                 max_steps: int = 6, converged_sigma: float = 1.0, chunk_size: int = 512) -> None:
         self.instrument = instrument
         self.model = FrameModel.for_instrument(instrument)
         self.poor_fit_z = poor_fit_z
@@ -250,6 +250,8 @@ class PhysicsCheck:
 
         theta = out.params[lo : lo + b_frames].copy()
         scale = np.full(b_frames, np.nan)  # NaN: estimate it from the counts
+        accepted = theta.copy()  # the last point whose deviance did not rise
+        accepted_deviance = np.full(b_frames, np.inf)
         todo = np.arange(b_frames)
         steps = np.zeros(b_frames, dtype=np.int64)
         results: dict[str, np.ndarray] = {}
@@ -257,24 +259,35 @@ class PhysicsCheck:
             obs = observed if masked is None else observed[todo]
             state = self._evaluate(theta[todo], scale[todo], flat[todo], obs, total_counts[todo],
                                    total_pixels[todo], total_nlogn[todo], refine)
+            steps[todo] += 1
+            # A step that raised the deviance overshot (far from the maximum, where the quadratic
+            # model is poor): go back half way instead.
+            worse = state["deviance_here"] > accepted_deviance[todo] + 1e-9 * np.abs(accepted_deviance[todo])
+            keep = ~worse
+            ok = todo[keep]
             for key, value in state.items():
                 if key not in results:
                     results[key] = np.zeros((b_frames, *value.shape[1:]))
-                results[key][todo] = value
-            scale[todo] = state["scale"]
-            steps[todo] += 1
+                results[key][ok] = value[keep]
+            scale[ok] = state["scale"][keep]
+            accepted[ok] = theta[ok]
+            accepted_deviance[ok] = state["deviance_here"][keep]
+            back = todo[worse]
+            theta[back] = (accepted[back] + theta[back]) / 2
             if not refine:
                 break
-            delta = state["delta"][:, :3]
+            delta = state["delta"][keep, :3]
             step = np.clip(delta, -self._max_step, self._max_step)
-            theta[todo] += step
+            theta[ok] += step
             # Another step where this one was large: the start was far from the maximum.
             with np.errstate(invalid="ignore"):
-                far = ((np.abs(delta) / state["sigma"]) > self.converged_sigma).any(1)
+                far = ((np.abs(delta) / state["sigma"][keep]) > self.converged_sigma).any(1)
             far |= (step != delta).any(1)
-            todo = todo[far]
+            todo = np.concatenate([ok[far], back])
             if not len(todo):
                 break
+        if len(todo):  # out of steps while backing off: report the last accepted point
+            theta[todo] = accepted[todo]
         sl = slice(lo, lo + b_frames)
         out.params[sl] = theta
         for key in ("sigma", "scale", "background", "fit_quality", "thickness_z", "ring_fraction",
@@ -316,7 +329,8 @@ class PhysicsCheck:
         with np.errstate(divide="ignore", invalid="ignore"):
             off = (total_nlogn - nlogn_support) - n_off * np.log(np.maximum(background, floor)) \
                 - n_off + p_off * background
-        deviance = 2 * (half_dev + off) - (g_free * delta_free).sum(1)  # after the step
+        deviance_here = 2 * (half_dev + off)
+        deviance = deviance_here - (g_free * delta_free).sum(1)  # after the step
         mean_off, var_off = deviance_moments(np.maximum(background, 1e-6))
         expected = dev_mean + p_off * mean_off
         variance = dev_var + p_off * var_off
@@ -329,6 +343,7 @@ class PhysicsCheck:
         with np.errstate(divide="ignore", invalid="ignore"):
             ring = np.where(total_counts > 0, n_support / total_counts, 0.0)
         return {"delta": delta, "sigma": sigma, "scale": np.maximum(scale_used + delta[:, 3], 1e-6),
+                "deviance_here": deviance_here,
                 "background": background, "fit_quality": fit_quality, "thickness_z": thickness_z,
                 "ring_fraction": ring, "thickness_score": score, "thickness_information": residual_info}
 
