@@ -68,8 +68,9 @@ class _Run:
     pooled: PooledConsistency = field(default_factory=PooledConsistency)
     #: Rows per flag bit so far, for the stop document.
     flag_counts: dict[str, int] = field(default_factory=dict)
-    #: Analysed rows not yet emitted (the first rows wait for the pooled check).
+    #: Analysed rows not yet emitted (the first rows wait for the pooled check), and since when.
     held: list[_Rows] = field(default_factory=list)
+    held_since: float = 0.0
     errors: list[str] = field(default_factory=list)
     model_error_frames: int = 0
     unreadable_frames: int = 0
@@ -390,6 +391,7 @@ class NanobeamCallback(DocumentRouter):
                                  validate_pages=self.validate_pages)
             run = _Run(derived, item.layout, item.position_keys, StreamJoin(item.position_keys),
                        filler=self._fillers.get(uid), instrument=item.instrument)
+            self.predictor.physics_check(item.instrument)  # built once per process, before frames
             self._runs[uid] = run
             self.emit("start", derived.start_doc)
             self.emit("descriptor", derived.descriptor_doc)
@@ -542,11 +544,14 @@ class NanobeamCallback(DocumentRouter):
         ``hold_s`` seconds passed, or the run ends), so that they too carry its verdict.
         """
         if run.pending:
+            first = not run.held
             run.held.append(self._analyse(run))
+            if first:
+                run.held_since = time.monotonic()
         if not run.held:
             return
         pool = run.pooled
-        waited = time.monotonic() - run.held[0].blocks[0].received
+        waited = time.monotonic() - run.held_since  # since analysed: our own set-up does not count
         if not force and pool.frames < pool.min_frames and waited < self.hold_s:
             return
         held, run.held = run.held, []
