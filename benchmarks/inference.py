@@ -3,9 +3,10 @@
     python benchmarks/inference.py [--model FILE] [--frames 16384] [--threads 2]
 
 All three run on the same Poisson frames in one process, batched, in inference mode; printed as
-frames/s with the ratio to the paper model. "predict()" adds input checks, flags and the
-xarray result around the raw forward pass; a two-stage model is also timed without its
-refining stage.
+frames/s with the ratio to the paper model. "predict()" is the default: plausibility checks, the
+networks, the likelihood step and the physics check, flags and the xarray result;
+"predict(check=False)" is the networks alone with input checks (what predict() was before the
+physics check). A two-stage model is also timed without its refining stage.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> None:
     arch = predictor.metadata["architecture"]
     single = build_model(arch["name"], **arch.get("kwargs", {})).eval().to(args.device)
 
+    start = predictor.predict_arrays(frames)[0]  # the networks' estimates, for the check alone
+
     @torch.inference_mode()
     def run(model):
         for i in range(0, len(x), args.batch):
@@ -67,7 +70,11 @@ def main() -> None:
         "paper CNN (1 network)": _rate(lambda: run(paper), len(x)),
         f"ours: {arch['name']} (1 network)": _rate(lambda: run(single), len(x)),
         f"shipped, forward ({k})": _rate(lambda: predictor.predict_arrays(frames), len(x)),
-        f"shipped, predict() ({k})": _rate(lambda: predictor.predict(frames), len(x)),
+        f"shipped, predict(check=False) ({k})": _rate(lambda: predictor.predict(frames, check=False),
+                                                       len(x)),
+        f"shipped, predict(), all checks ({k})": _rate(lambda: predictor.predict(frames), len(x)),
+        "the physics check alone (likelihood step)": _rate(
+            lambda: predictor.physics_check()(frames, start), len(x)),
     }
     if predictor.n_refiners:
         rates[f"shipped, coarse stage only (K={predictor.n_members})"] = _rate(
@@ -75,7 +82,7 @@ def main() -> None:
     print(f"{args.frames} frames, batch {args.batch}, {args.threads} threads, device {args.device}")
     paper_rate = rates["paper CNN (1 network)"]
     for name, rate in rates.items():
-        print(f"{name:<52}{rate:>12,.0f} frames/s{rate / paper_rate:>8.1f}x paper")
+        print(f"{name:<58}{rate:>12,.0f} frames/s{rate / paper_rate:>8.1f}x paper")
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ class PhysicsCheck:
             observed = keep.astype(np.float32)
             total_pixels = keep.sum(1).astype(np.float64)
         stats = np.empty((b_frames, 6))
-        frame_statistics(flat, stats)
+        frame_statistics(flat, True, False, stats)
         total_counts, total_nlogn = stats[:, 0], stats[:, 3]
 
         theta = out.params[lo : lo + b_frames].copy()

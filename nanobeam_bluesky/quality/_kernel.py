@@ -39,10 +39,10 @@ def pack_geometry(geometry) -> np.ndarray:
 
 
 @numba.njit(parallel=True, cache=True)
-def frame_statistics(flat, out):  # pragma: no cover - compiled
-    """Per frame of ``flat`` (N, P): total, minimum, maximum, sum of n log n (0 log 0 = 0), whether
-    every value is finite (1/0) and the largest distance of a value from a whole number; ``out``
-    (N, 6) float64. One pass, both cores."""
+def frame_statistics(flat, with_nlogn, with_fraction, out):  # pragma: no cover - compiled
+    """Per frame of ``flat`` (N, P): total, minimum, maximum, sum of n log n (0 log 0 = 0; only
+    ``with_nlogn``), whether every value is finite (1/0) and the largest distance of a value
+    from a whole number (only ``with_fraction``); ``out`` (N, 6) float64. One pass, both cores."""
     for f in numba.prange(flat.shape[0]):
         total = 0.0
         low = np.inf
@@ -58,11 +58,12 @@ def frame_statistics(flat, out):  # pragma: no cover - compiled
             total += x
             low = min(low, x)
             high = max(high, x)
-            if x > 0.0:
+            if with_nlogn and x > 0.0:
                 nlogn += x * math.log(x)
-            d = abs(x - math.floor(x + 0.5))
-            if d > fraction:
-                fraction = d
+            if with_fraction:
+                d = abs(x - math.floor(x + 0.5))
+                if d > fraction:
+                    fraction = d
         out[f, 0] = total
         out[f, 1] = low if flat.shape[1] else 0.0
         out[f, 2] = high if flat.shape[1] else 0.0
@@ -186,14 +187,17 @@ def likelihood_sums(frames, observed, side, support_row, support_col, u0, v0, m0
                 ja = jac[a] * inv
                 for c in range(a, 5):
                     fisher[a, c] += ja * jac[c]
+            log_mu = math.log(max(mu, floor))
             if n > 0.0:
                 log_n = math.log(n)
-                dev += (n * (log_n - math.log(max(mu, floor))) - n + mu) * o
+                dev += (n * (log_n - log_mu) - n + mu) * o
                 nlogn += n * log_n * o
             else:
                 dev += mu * o
             # Mean and variance of the unit deviance at mu (tabulated in log mu).
-            pos = (math.log(max(mu, 1e-6)) - log_mu0) / log_step
+            if mu < floor:
+                log_mu = math.log(max(mu, 1e-6))
+            pos = (log_mu - log_mu0) / log_step
             if pos < 0.0:
                 pos = 0.0
             elif pos > n_table - 1.0001:

@@ -143,7 +143,7 @@ def prepare_frames(
         counts = np.where(masked, np.float32(0), counts)
     flat = counts.reshape(n, -1)
     stats = np.empty((n, 6))
-    frame_statistics(flat, stats)
+    frame_statistics(flat, False, instrument.integer_counts, stats)
     totals, low, peak, _, finite, fraction = stats.T
     invalid = (finite == 0) | (low < 0)
     if invalid.any():
