@@ -5,9 +5,10 @@
 For each count level (expected counts of the Laue maximum), simulates frames at random
 (off-grid) parameters over the model's box, draws Poisson counts, predicts, and prints the RMSE
 and bias per parameter beside the RMS CRLB at the same parameters and their ratio, then the
-mean ensemble std and the rms expected error (``*_err``, which should match the RMSE). Several
-models (--model A --model B) are measured side by side on the same frames; a two-stage model
-also without its refining stage. ``--exact N`` also scores N frames of the reference
+mean ensemble std and the rms expected error (``*_err``, which should match the RMSE). Each model
+is measured as ``predict()`` gives it (networks, likelihood step, physics check) and, on the same
+frames, with the networks alone (``check=False``); a two-stage model also without its refining
+stage. Several models (--model A --model B) are measured side by side. ``--exact N`` also scores N frames of the reference
 implementation at 32 x 32 sub-pixels (close to exact pixel integration, unlike the 8 x 8 frames
 the models were trained on) at 7 counts, 5 noise draws each, beside the same frames at 8 x 8.
 """
@@ -47,18 +48,20 @@ def main() -> None:
         counts = to_counts(frames, level, scale=1.0, rng=rng)
         print(f"\n-- {level:g} counts at the Laue maximum --")
         header = ("model", "param", "RMSE", "bias", "CRLB", "RMSE/CRLB", "mean std", "rms err")
-        print("{:<42}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}{:>11}".format(*header))
-        runs = [(p, True) for p in predictors] + [(p, False) for p in predictors if p.n_refiners]
-        for predictor, refine in runs:
-            ds = predictor.predict(counts, refine=refine)
+        print("{:<62}{:>7}{:>11}{:>11}{:>11}{:>10}{:>11}{:>11}".format(*header))
+        runs = [(p, True, True) for p in predictors] + [(p, True, False) for p in predictors]
+        runs += [(p, False, False) for p in predictors if p.n_refiners]
+        for predictor, refine, check in runs:
+            ds = predictor.predict(counts, refine=refine, check=check)
             k = f"K={predictor.n_members}" + (f"+{predictor.n_refiners}" if refine and predictor.n_refiners
                                                else "")
+            how = "predict()" if check else "networks alone"
             for i, name in enumerate(PARAMETERS):
                 err = ds[name].values - params[:, i]
                 rmse = float(np.sqrt(np.nanmean(err**2)))
                 label = predictor.model_id if refine else predictor.model_id.split("+")[0]
-                label = f"{label} ({k})" if i == 0 else ""
-                print(f"{label:<42}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
+                label = f"{how}: {label} ({k})" if i == 0 else ""
+                print(f"{label:<62}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
                       f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}"
                       f"{np.sqrt(np.nanmean(ds[f'{name}_err'] ** 2)):>11.2e}")
 

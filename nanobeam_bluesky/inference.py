@@ -158,6 +158,8 @@ class Predictor:
         self.reference_total_counts = counts["max_counts"] * float(
             simulate(*box, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
         self._checks: dict[str, PhysicsCheck] = {}
+        # The networks' error stops falling at the top of the count range they were trained on.
+        self._least_error_scale = 1 / np.sqrt(max(1.0, counts.get("augmentation", [1.0, 1.0])[1]))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -378,16 +380,17 @@ class Predictor:
 
     def expected_error(self, frames: np.ndarray, *, refined: bool = True) -> np.ndarray:
         """(N, 3) RMSE to expect of the network alone (strain, deg, deg): its test RMSE scaled
-        by sqrt(reference / counts), never below the test RMSE itself.
+        by sqrt(reference / counts), never below its value at the top of the training count range.
 
-        The networks stop improving above the count levels they were trained on (at 700 counts
-        the shipped one's strain error is its 7-count error), hence the floor. Calibrated on
-        simulated frames of the model's instrument within the training count range (x0.5-x3 of
-        7 counts); the physics check's ``*_err`` replaces it when the check runs.
+        Calibrated on simulated frames of the model's instrument within that range (x0.5-x3 of
+        7 counts for the shipped model: 0.91-1.00x the actual RMSE at 3.5-14 counts). Above it
+        the networks stop improving (at 700 counts the shipped one's strain error is still its
+        7-count error), which no count scaling can state; the physics check's ``*_err``, on by
+        default, replaces it.
         """
         totals = frames.reshape(len(frames), -1).sum(axis=1, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.maximum(np.sqrt(self.reference_total_counts / totals), 1.0)
+            scale = np.maximum(np.sqrt(self.reference_total_counts / totals), self._least_error_scale)
         return scale[:, None] * self._test_rmse[refined][None, :]
 
     def range_flags(self, mean: np.ndarray) -> np.ndarray:
