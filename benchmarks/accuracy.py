@@ -8,9 +8,10 @@ and bias per parameter beside the RMS CRLB at the same parameters and their rati
 mean ensemble std and the rms expected error (``*_err``, which should match the RMSE). Each model
 is measured as ``predict()`` gives it (networks, likelihood step, physics check) and, on the same
 frames, with the networks alone (``check=False``); a two-stage model also without its refining
-stage. Several models (--model A --model B) are measured side by side. ``--exact N`` also scores N frames of the reference
-implementation at 32 x 32 sub-pixels (close to exact pixel integration, unlike the 8 x 8 frames
-the models were trained on) at 7 counts, 5 noise draws each, beside the same frames at 8 x 8.
+stage. Several models (--model A --model B) are measured side by side. ``--exact N`` also scores
+N frames of the reference implementation at 32 x 32 sub-pixels (close to exact pixel
+integration, unlike the 8 x 8 frames the models were trained on) at 7 counts, 5 noise draws
+each, beside the same frames at 8 x 8.
 """
 
 from __future__ import annotations
