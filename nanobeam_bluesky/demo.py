@@ -31,6 +31,7 @@ from .evaluation import MapErrors, map_errors
 from .inference import Predictor, load_pretrained
 from .phantoms import Phantom, fig3_phantom
 from .physics import PARAMETERS, Instrument, crlb
+from .quality import Flag
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -48,6 +49,8 @@ class DemoResult:
     derived_uid: str | None = None
     frames: int = 0
     derived_rows: int = 0
+    #: Derived rows per flag (nanobeam_bluesky.quality.Flag) that any row carries.
+    flagged: dict[str, int] = field(default_factory=dict)
     picture: Path | None = None
     live_maps: list[Path] = field(default_factory=list)
     errors: dict[str, MapErrors] = field(default_factory=dict)
@@ -222,6 +225,9 @@ def run_demo(
         result.live_maps = list(maps.saved)
         merged = {k: np.concatenate(v) for k, v in rows.items()}
         result.derived_rows = len(merged.get("strain", ()))
+        flags = merged.get("flag", np.zeros(0, dtype=int)).astype(int)
+        result.flagged = {bit.name: int(np.count_nonzero(flags & bit)) for bit in Flag
+                          if bit and np.any(flags & bit)}
         starts = list(runs.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
         result.derived_uid = starts[0] if starts else None
         if result.interrupted or not result.raw_uid:
@@ -290,7 +296,8 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
             lines.append(f"{'Cramér–Rao bound (rms)':<30}{c['strain']:>10.2e}{c['omega']:>12.2e}"
                          f"{c['chi']:>12.2e}")
     lines.append(f"{result.frames or result.derived_rows} frames, scan {result.scan_s:.0f} s, "
-                 f"wall time {result.wall_s:.0f} s; derived rows {result.derived_rows}")
+                 f"wall time {result.wall_s:.0f} s; derived rows {result.derived_rows}, flagged: "
+                 + (", ".join(f"{name} {n}" for name, n in result.flagged.items()) or "none"))
     if result.picture:
         lines.append(f"picture: {result.picture}")
     for png in result.live_maps:
