@@ -140,6 +140,27 @@ def test_each_flag_fires_on_its_own_case(predictor):
     assert np.isnan(cases[Flag.NO_RING]["strain"].values).all()
 
 
+def test_frames_with_no_ring_or_a_broken_pixel_get_no_confident_value(predictor):
+    """What the network alone answered with flag 0 and an *_err of 1e-7 (the issue's list)."""
+    rng = np.random.default_rng(9)
+    good = _ideal(8, rng, INSTRUMENT).counts
+    overflow = good.copy()
+    overflow[:, 30, 33] = 2.0**32 - 1  # a pixel at 2^32 - 1 in float data: most of the frame's counts
+    corrupted = good.copy()
+    corrupted[:, 16:32, 8:40] = rng.integers(0, 40, (8, 16, 32))  # a corrupted chunk
+    noise = _no_ring(8, rng, INSTRUMENT, kind="noise").counts
+    for name, frames, expected in (("overflow", overflow, Flag.HOT_PIXEL),
+                                   ("corrupted chunk", corrupted, Flag.POOR_FIT),
+                                   ("noise", noise, Flag.NO_RING)):
+        flags = predictor.predict(frames)["flag"].values
+        assert np.all(flags & expected), (name, flags)
+    # The overflowing pixel is left out: the rest of the frame still measures.
+    ds = predictor.predict(overflow)
+    ratio = np.abs(_estimates(ds) - _estimates(predictor.predict(good))) / np.stack(
+        [ds[f"{p}_err"].values for p in PARAMS], 1)
+    assert ratio.max() < 1.0, ratio
+
+
 def test_pooled_check_flags_a_film_a_few_angstrom_off_and_says_its_thickness(predictor):
     rng = np.random.default_rng(4)
     frames = _ideal(200, rng, INSTRUMENT, thickness=113.0)
@@ -280,3 +301,52 @@ def test_a_flipped_detector_described_correctly_gives_the_same_numbers(predictor
         assert np.nanmax(np.abs(wrong["omega"].values - reference["omega"].values)) > 0.01
     with pytest.raises(InstrumentMismatchError, match="physics differs"):
         predictor.for_detector(INSTRUMENT.replace(detector_distance_m=1.0))
+
+
+def _flipped_raw_scan(rng, n=24):
+    params = random_parameters(INSTRUMENT, n, rng)
+    raw = rng.poisson(7.0 / 4 * simulate_roi(*params.T)).astype(np.uint16)
+    return raw, np.ascontiguousarray(raw[..., ::-1])  # as physics.md has it; as a mirrored detector
+
+
+def test_the_live_callback_orients_raw_rois_with_the_run_instrument(predictor):
+    from event_model import compose_run
+
+    from nanobeam_bluesky.callbacks import NanobeamCallback
+
+    raw, seen = _flipped_raw_scan(np.random.default_rng(10))
+    detector = INSTRUMENT.replace(detector_flip_cols=True)
+    rows = {}
+    for frames, start_md, model in ((raw, {}, predictor),
+                                    (seen, {"nanobeam_instrument": detector.to_dict()},
+                                     predictor.for_detector(detector))):
+        callback = NanobeamCallback(model)
+        pages = []
+        callback.subscribe(lambda name, doc, pages=pages: pages.append(doc) if name == "event_page" else None)
+        bundle = compose_run(metadata=start_md)
+        callback("start", bundle.start_doc)
+        key = {"source": "sim", "dtype": "array", "shape": [128, 128], "dtype_numpy": "<u2"}
+        desc = bundle.compose_descriptor(name="primary", data_keys={"image": key})
+        callback("descriptor", desc.descriptor_doc)
+        n = len(frames)
+        callback("event_page", desc.compose_event_page(
+            data={"image": list(frames)}, timestamps={"image": [0.0] * n}, seq_num=list(range(1, n + 1)),
+            time=[0.0] * n, validate=False))
+        callback("stop", bundle.compose_stop())
+        assert callback.flush(timeout=60)
+        callback.close()
+        keys = ("strain", "omega", "fit_quality", "flag")
+        rows[len(rows)] = {k: np.concatenate([p["data"][k] for p in pages]) for k in keys}
+    for key in keys:
+        np.testing.assert_allclose(rows[1][key], rows[0][key], rtol=0, atol=1e-9)
+
+
+def test_the_fits_orient_raw_rois_with_the_data_instrument():
+    from nanobeam_bluesky.fitting import LikelihoodFitter
+
+    raw, seen = _flipped_raw_scan(np.random.default_rng(11), n=8)
+    fitter = LikelihoodFitter.from_instrument(INSTRUMENT, 9, progress=False)
+    reference = fitter.fit(raw)
+    mirrored = fitter.fit(seen, instrument=INSTRUMENT.replace(detector_flip_cols=True))
+    for key in (*PARAMS, "fit_quality", "flag"):
+        np.testing.assert_allclose(mirrored[key].values, reference[key].values, rtol=0, atol=1e-9)

@@ -406,8 +406,9 @@ def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(se
             "--page-size", "5"]
     assert main(args + (["--model", str(model.path)] if model.path else [])) == 0
     (second,) = set(derived_runs(runs, uid)) - before
-    for key in ("strain", "omega", "chi", "strain_std", "omega_std", "chi_std", "flag"):
+    for key in ("strain", "omega", "chi", "strain_std", "omega_std", "chi_std", "fit_quality", "flag"):
         np.testing.assert_array_equal(runs[second]["primary"][key].read(), rows[key])
+    assert np.isfinite(rows["fit_quality"]).all()
 
 
 def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, model, workspace,
