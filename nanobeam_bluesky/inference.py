@@ -16,7 +16,6 @@ A frame without a measurable ring gets NaN and a flag; any flag says "do not tru
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,6 @@ class Predictor:
         #: Mean expected total counts of a test frame (max_counts, uniform over the box).
         self.reference_total_counts = counts["max_counts"] * float(
             simulate(*box, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
-        self._checks: dict[str, PhysicsCheck] = {}
         # The networks' error stops falling at the top of the count range they were trained on.
         self._least_error_scale = 1 / np.sqrt(max(1.0, counts.get("augmentation", [1.0, 1.0])[1]))
 
@@ -239,7 +237,6 @@ class Predictor:
         clone.__dict__.update(self.__dict__)
         clone.metadata = {**self.metadata, "instrument": instrument.to_dict()}
         clone.instrument = instrument
-        clone._checks = {}
         return clone
 
     # ------------------------------------------------------------------ prediction
@@ -255,14 +252,8 @@ class Predictor:
         return prepare_frames(frames, self.instrument).counts
 
     def physics_check(self, instrument: Instrument | None = None) -> PhysicsCheck:
-        """The physics check for ``instrument`` (the model's by default), built once."""
-        inst = instrument or self.instrument
-        key = json.dumps({**inst.physics_dict(), **inst.parameter_ranges,
-                          "offset": inst.beam_centre_offset_px}, sort_keys=True, default=str)
-        check = self._checks.get(key)
-        if check is None:
-            check = self._checks[key] = PhysicsCheck(inst)
-        return check
+        """The physics check for ``instrument`` (the model's by default), shared in the process."""
+        return PhysicsCheck.for_instrument(instrument or self.instrument)
 
     @torch.inference_mode()
     def predict_arrays(self, frames: np.ndarray, *, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,6 @@ __all__ = ["GridFitter", "available_memory_bytes", "default_memory_budget", "row
 
 _MAX_CHUNK = 4096
 _GIB = 1 << 30
-_CHECKS: dict[str, PhysicsCheck] = {}
 
 
 def available_memory_bytes() -> int:
@@ -207,7 +206,7 @@ class GridFitter(ABC):
             )
         self.library.check_compatible(shape[-2:], None if allow_instrument_mismatch else instrument)
         data_instrument = instrument or self.library.instrument
-        physics = self._physics_check(data_instrument) if check else None
+        physics = PhysicsCheck.for_instrument(data_instrument) if check else None
         n = int(np.prod(shape[:-2]))
         names = (*PARAMETERS, *self.extra_outputs)
         out = {name: np.full(n, np.nan) for name in (*names, "fit_quality")}
@@ -249,14 +248,6 @@ class GridFitter(ABC):
             "largest_intermediate_bytes": self._largest_intermediate,
         }
         return self._dataset(out, flags, shape[:-2])
-
-    @staticmethod
-    def _physics_check(instrument: Instrument) -> PhysicsCheck:
-        """One physics check per instrument and process (building one takes about a second)."""
-        key = instrument.to_json()
-        if key not in _CHECKS:
-            _CHECKS[key] = PhysicsCheck(instrument)
-        return _CHECKS[key]
 
     def _dataset(self, out: dict[str, np.ndarray], flags: np.ndarray,
                  map_shape: tuple[int, ...]) -> xr.Dataset:

@@ -128,6 +128,12 @@ class FrameModel:
     about a second).
     """
 
+    @classmethod
+    def for_instrument(cls, instrument: Instrument) -> FrameModel:
+        """One shared model per instrument's physics (the table is built once per process)."""
+        return _shared_model(instrument.physics_only())
+
+
     def __init__(self, instrument: Instrument, *, phases: int = 16, upsample: int = 32) -> None:
         self.instrument = instrument
         self.phases = int(phases)
@@ -174,12 +180,6 @@ class FrameModel:
         # Pixel centre offsets from the detector centre over R, for a zero shift.
         self._u0 = ((cols.double() + 0.5 - f / 2) * self._pixel_over_r).float()
         self._v0 = ((rows.double() + 0.5 - f / 2) * self._pixel_over_r).float()
-
-    @classmethod
-    @functools.lru_cache(maxsize=8)
-    def for_instrument(cls, instrument: Instrument) -> FrameModel:
-        """One shared model per instrument (the table is built once per process)."""
-        return cls(instrument)
 
     @property
     def support_size(self) -> int:
@@ -344,3 +344,8 @@ class FrameModel:
         out = torch.zeros(n, (f + 2 * p) ** 2) + b.float()[:, None]
         out.scatter_(1, ev.index, ev.mu)
         return out.reshape(n, f + 2 * p, f + 2 * p)[:, p : p + f, p : p + f].numpy()
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_model(instrument: Instrument) -> FrameModel:
+    return FrameModel(instrument)

@@ -254,6 +254,15 @@ class Instrument:
         out["effective_focal_length_m"] = self.effective_focal_length_m
         return out
 
+    def physics_only(self) -> Instrument:
+        """This instrument without what does not shape the expected frames (label, detector
+        mounting, masks, saturation, count type); the beam-centre offset stays. The key of
+        per-instrument caches."""
+        return dataclasses.replace(
+            self, name="default", detector_transpose=False, detector_flip_rows=False,
+            detector_flip_cols=False, detector_mask_rows=(), detector_mask_cols=(),
+            detector_mask_pixels=(), detector_saturation_counts=None, integer_counts=True)
+
     def orientation_dict(self) -> dict[str, bool]:
         """How the physical detector is mounted relative to physics.md's frame."""
         return {key: getattr(self, key) for key in ORIENTATION_FIELDS}

@@ -30,6 +30,7 @@ decrease), so the check costs no extra evaluation of the forward model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +164,9 @@ class PooledConsistency:
 class PhysicsCheck:
     """Likelihood step and physics-consistency check against physics.md's forward model.
 
+    Use :meth:`for_instrument` to share one per instrument's physics in a process (building one
+    takes about a second).
+
     Args:
         instrument: the data's instrument (the film thickness tested is its own).
         poor_fit_z: fit_quality threshold of POOR_FIT.
@@ -202,6 +206,11 @@ class PhysicsCheck:
             0.05 * (ranges["chi"][1] - ranges["chi"][0]),
         ])
         self._deviance = deviance_table()
+
+    @classmethod
+    def for_instrument(cls, instrument: Instrument) -> PhysicsCheck:
+        """The shared check, with the default thresholds, for ``instrument``'s physics."""
+        return _shared_check(instrument.physics_only())
 
     def __call__(self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *,
                  refine: bool = True) -> Consistency:
@@ -355,3 +364,8 @@ def _safe_inverse(matrices: np.ndarray) -> np.ndarray:
     if good.any():
         out[good] = np.linalg.inv(matrices[good])
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_check(instrument: Instrument) -> PhysicsCheck:
+    return PhysicsCheck(instrument)
