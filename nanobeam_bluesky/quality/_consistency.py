@@ -38,7 +38,7 @@ import numpy as np
 from ..physics import FrameModel, Instrument, crlb
 from ._deviance import deviance_moments, deviance_table
 from ._flags import FLAG_DTYPE, Flag
-from ._kernel import N_SUMS, frame_statistics, likelihood_sums, pack_geometry
+from ._kernel import KERNEL_LOCK, N_SUMS, frame_statistics, likelihood_sums, pack_geometry
 
 __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 
@@ -254,7 +254,8 @@ class PhysicsCheck:
             observed = keep.astype(np.float32)
             total_pixels = keep.sum(1).astype(np.float64)
         stats = np.empty((b_frames, 6))
-        frame_statistics(flat, True, False, stats)
+        with KERNEL_LOCK:
+            frame_statistics(flat, True, False, stats)
         total_counts, total_nlogn = stats[:, 0], stats[:, 3]
 
         theta = out.params[lo : lo + b_frames].copy()
@@ -315,10 +316,12 @@ class PhysicsCheck:
         arrays = fm.arrays
         geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2])
         sums = np.empty((len(theta), N_SUMS))
-        likelihood_sums(flat, observed, fm.frame_pixels, arrays["support_row"], arrays["support_col"],
-                        arrays["u0"], arrays["v0"], arrays["m0"], arrays["mu"], arrays["mv"], geometry.corner,
-                        pack_geometry(geometry), scale, total_counts, total_pixels, arrays["phases"],
-                        arrays["two_k"], arrays["k_px"], FLOOR_FRACTION, *self._deviance, sums)
+        with KERNEL_LOCK:
+            likelihood_sums(flat, observed, fm.frame_pixels, arrays["support_row"], arrays["support_col"],
+                            arrays["u0"], arrays["v0"], arrays["m0"], arrays["mu"], arrays["mv"],
+                            geometry.corner, pack_geometry(geometry), scale, total_counts, total_pixels,
+                            arrays["phases"], arrays["two_k"], arrays["k_px"], FLOOR_FRACTION,
+                            *self._deviance, sums)
         grad = sums[:, :5]
         fisher = sums[:, 5:30].reshape(-1, 5, 5)
         (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support,

@@ -9,11 +9,13 @@ fused, each pixel is read once and the sums stay in registers: 3-4x faster on a 
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
 
-__all__ = ["GEOMETRY_COLUMNS", "N_SUMS", "frame_statistics", "likelihood_sums", "pack_geometry"]
+__all__ = ["GEOMETRY_COLUMNS", "KERNEL_LOCK", "N_SUMS", "frame_statistics", "likelihood_sums",
+           "pack_geometry"]
 
 #: Per-frame inputs, in this order, of the packed geometry array (float64 (N, 22)).
 GEOMETRY_COLUMNS = ("rows", "fa", "fb", "du_dw", "dv_dw", "du_dc", "dv_dc", "shift_u",
@@ -27,6 +29,10 @@ N_SUMS = 5 + 25 + 8
 
 # Not nnan/ninf: a NaN must stay a NaN.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: Held around every call of a parallel kernel: numba's fallback threading layer (workqueue, where
+#: neither OpenMP nor TBB is installed) aborts the process on concurrent calls from two Python
+#: threads (the live callback's and the caller's). Each call uses every core anyway.
+KERNEL_LOCK = threading.Lock()
 
 
 def pack_geometry(geometry) -> np.ndarray:

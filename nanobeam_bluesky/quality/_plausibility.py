@@ -24,7 +24,7 @@ import numpy as np
 
 from ..physics import Instrument, orient
 from ._flags import FLAG_DTYPE, Flag
-from ._kernel import frame_statistics
+from ._kernel import KERNEL_LOCK, frame_statistics
 
 __all__ = ["PreparedFrames", "binned_instrument_mask", "prepare_frames"]
 
@@ -143,7 +143,8 @@ def prepare_frames(
         counts = np.where(masked, np.float32(0), counts)
     flat = counts.reshape(n, -1)
     stats = np.empty((n, 6))
-    frame_statistics(flat, False, instrument.integer_counts, stats)
+    with KERNEL_LOCK:
+        frame_statistics(flat, False, instrument.integer_counts, stats)
     totals, low, peak, _, finite, fraction = stats.T
     invalid = (finite == 0) | (low < 0)
     if invalid.any():
