@@ -350,3 +350,24 @@ def test_the_fits_orient_raw_rois_with_the_data_instrument():
     mirrored = fitter.fit(seen, instrument=INSTRUMENT.replace(detector_flip_cols=True))
     for key in (*PARAMS, "fit_quality", "flag"):
         np.testing.assert_allclose(mirrored[key].values, reference[key].values, rtol=0, atol=1e-9)
+
+
+def test_live_maps_grey_out_flagged_points(workdir):
+    from event_model import compose_run
+
+    from nanobeam_bluesky.callbacks import LiveStrainMaps
+
+    maps = LiveStrainMaps(workdir, shape=(2, 2), redraw_period_s=0.0)
+    bundle = compose_run(metadata={"shape": [2, 2]})
+    maps("start", bundle.start_doc)
+    keys = {k: {"source": "x", "dtype": "number", "shape": []} for k in (*PARAMS, "flag")}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+    maps("descriptor", desc.descriptor_doc)
+    data = {"strain": [1e-3, 2e-3, 3e-3, 4e-3], "omega": [0.01] * 4, "chi": [0.0] * 4,
+            "flag": [0, int(Flag.POOR_FIT), 0, 0]}
+    maps("event_page", desc.compose_event_page(data=data, timestamps={k: [0.0] * 4 for k in data},
+                                               seq_num=[1, 2, 3, 4], time=[0.0] * 4))
+    maps("stop", bundle.compose_stop())
+    assert maps.flagged == 1
+    assert np.isnan(maps.maps["strain"][0, 1]) and np.isfinite(maps.maps["strain"]).sum() == 3
+    assert maps.saved and maps.saved[0].exists()

@@ -92,16 +92,23 @@ class LiveStrainMaps(DocumentRouter):
         fields: the derived keys to map.
         redraw_period_s: shortest time between redraws while rows arrive.
         figure: a matplotlib Figure to draw into.
+        show_flagged: also draw rows that carry a quality flag (by default they are grey, like
+            the points not yet measured, and counted in the title: their numbers are not to be
+            trusted).
     """
 
     def __init__(self, directory: str | Path | None = "nanobeam-output", *,
                  shape: Sequence[int] | None = None, fields: Sequence[str] = ("strain", "omega", "chi"),
-                 redraw_period_s: float = 0.5, figure: Figure | None = None) -> None:
+                 redraw_period_s: float = 0.5, figure: Figure | None = None,
+                 show_flagged: bool = False) -> None:
         super().__init__()
         self.directory = None if directory is None else Path(directory)
         self.shape = shape
         self.fields = tuple(fields)
         self.redraw_period_s = redraw_period_s
+        self.show_flagged = show_flagged
+        #: Rows of the current run that carried a flag.
+        self.flagged = 0
         self.figure = figure if figure is not None else Figure(figsize=(4.4 * len(self.fields), 4.0),
                                                                   layout="constrained")
         if figure is None:
@@ -113,6 +120,7 @@ class LiveStrainMaps(DocumentRouter):
         self._start: Mapping[str, Any] | None = None
         self._descriptors: set[str] = set()
         self._last_draw = 0.0
+        self._title = ""
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- documents
@@ -123,6 +131,7 @@ class LiveStrainMaps(DocumentRouter):
             grid = MapGrid(self.shape) if self.shape is not None else MapGrid.from_start(doc)
             self._grid = grid
             self.maps = {}
+            self.flagged = 0
             if grid is not None:
                 self.maps = {f: np.full(grid.shape, np.nan) for f in self.fields}
                 self._setup_axes(doc)
@@ -138,9 +147,14 @@ class LiveStrainMaps(DocumentRouter):
         with self._lock:
             row, col = self._grid.cells(data, data.get("raw_seq_num", doc["seq_num"]))
             ok = row >= 0
+            flagged = np.asarray(data["flag"]) != 0 if "flag" in data else np.zeros(len(row), bool)
+            self.flagged += int(flagged.sum())
             for f in self.fields:
                 if f in data:
-                    self.maps[f][row[ok], col[ok]] = np.asarray(data[f], dtype=float)[ok]
+                    values = np.asarray(data[f], dtype=float)
+                    if not self.show_flagged:
+                        values = np.where(flagged, np.nan, values)
+                    self.maps[f][row[ok], col[ok]] = values[ok]
             if time.monotonic() - self._last_draw >= self.redraw_period_s:
                 self._draw()
 
@@ -185,7 +199,8 @@ class LiveStrainMaps(DocumentRouter):
             self._images[f] = image
         parent = start.get("parent_uid", "")
         model = (start.get("nanobeam") or {}).get("model_id", "")
-        self.figure.suptitle(f"scan {start.get('scan_id', '?')} ({parent[:8]}), model {model}", fontsize=9)
+        self._title = f"scan {start.get('scan_id', '?')} ({parent[:8]}), model {model}"
+        self.figure.suptitle(self._title, fontsize=9)
 
     def _draw(self) -> None:
         for f, image in self._images.items():
@@ -195,5 +210,7 @@ class LiveStrainMaps(DocumentRouter):
             if finite.size:
                 lo, hi = float(finite.min()), float(finite.max())
                 image.set_clim(lo, hi if hi > lo else lo + 1e-12)
+        if self.flagged and not self.show_flagged:
+            self.figure.suptitle(f"{self._title}; {self.flagged} flagged points in grey", fontsize=9)
         self.figure.canvas.draw_idle()
         self._last_draw = time.monotonic()
