@@ -363,3 +363,81 @@ def test_legacy_resource_datum_frames_match_direct_prediction(model: ModelUnderT
         assert np.allclose(rows[p], direct[p].values, rtol=1e-6, atol=1e-12)
     assert derived.of("stop")[0]["num_events"]["primary"] == 4
     callback.close()
+
+
+def _raw_run(callback, frames: np.ndarray, positions: list) -> None:
+    """One raw run straight into ``callback``: an EventPage of binned frames and an x position."""
+    from event_model import compose_run
+
+    bundle = compose_run()
+    callback("start", bundle.start_doc)
+    keys = {"image": {"source": "sim", "dtype": "array", "shape": [64, 64], "dtype_numpy": "<u2"},
+            "x": {"source": "sim", "dtype": "number", "shape": []}}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+    callback("descriptor", desc.descriptor_doc)
+    n = len(frames)
+    callback("event_page", desc.compose_event_page(
+        data={"image": list(frames), "x": positions}, timestamps={"image": [0.0] * n, "x": [0.0] * n},
+        seq_num=list(range(1, n + 1)), time=[0.0] * n, validate=False))
+    callback("stop", bundle.compose_stop())
+
+
+def test_a_bad_value_flags_its_row_not_the_page(model: ModelUnderTest) -> None:
+    from nanobeam_bluesky.physics import simulate, to_counts
+
+    frames = to_counts(simulate([0.0] * 4, [0.01] * 4, [0.0] * 4), 7.0, scale=1.0, rng=3).astype(np.uint16)
+    callback = NanobeamCallback(model.predictor, position_keys=["x"])
+    derived = Recorder()
+    callback.subscribe(derived)
+    bad_frame = [frames[0], frames[1], "corrupt", frames[3]]
+    _raw_run(callback, bad_frame, [0.0, "n/a", 0.2, 0.3])  # row 2: a bad position; row 3: a bad frame
+    assert callback.flush(timeout=60)
+    callback.close()
+    derived.validate()
+    rows = derived.rows()
+    assert rows["raw_seq_num"].tolist() == [1, 2, 3, 4]
+    invalid = (rows["flag"] & Flag.INVALID) != 0
+    assert invalid.tolist() == [False, True, True, False]
+    assert np.isfinite(rows["strain"][[0, 3]]).all() and np.isnan(rows["strain"][[1, 2]]).all()
+    (stop,) = derived.of("stop")
+    assert stop["exit_status"] == "fail" and stop["num_events"]["primary"] == 4
+    assert "2 frames could not be read" in stop["reason"] and "rows 2" in stop["reason"], stop["reason"]
+
+
+class Abort(BaseException):
+    """Not an Exception: what a library's fatal error or a misbehaving plugin may raise."""
+
+
+class AbortingPredictor(Predictor):
+    """The real model, except that its first call raises a BaseException."""
+
+    calls = 0
+
+    def predict(self, frames, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise Abort("simulated fatal error in the model")
+        return super().predict(frames, **kwargs)
+
+
+def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(
+        model: ModelUnderTest) -> None:
+    from nanobeam_bluesky.physics import simulate, to_counts
+
+    aborting = copy.copy(model.predictor)
+    aborting.__class__ = AbortingPredictor
+    callback = NanobeamCallback(aborting)
+    derived = Recorder()
+    callback.subscribe(derived)
+    frames = to_counts(simulate([0.0] * 3, [0.01] * 3, [0.0] * 3), 7.0, scale=1.0, rng=4).astype(np.uint16)
+    _raw_run(callback, frames, [0.0, 0.1, 0.2])
+    assert callback.flush()  # no timeout: it must come back
+    _raw_run(callback, frames, [0.0, 0.1, 0.2])  # a later run is analysed
+    assert callback.flush(timeout=60)
+    callback.close(timeout=30)
+    first, second = derived.of("stop")
+    assert first["exit_status"] == "fail" and "simulated fatal error" in first["reason"]
+    assert second["exit_status"] == "success", second["reason"]
+    pages = derived.of("event_page")
+    flags = np.concatenate([p["data"]["flag"] for p in pages])
+    assert ((flags[:3] & Flag.MODEL_ERROR) != 0).all() and (flags[3:] == 0).all()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +127,58 @@ class _Barrier:
 _CLOSE = object()
 
 
+#: Callbacks with a live analysis thread: closed at interpreter exit, so that the thread is not
+#: frozen inside a parallel kernel (GNU OpenMP then aborts the process).
+_LIVE: weakref.WeakSet[NanobeamCallback] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_callbacks() -> None:
+    for callback in list(_LIVE):
+        with contextlib.suppress(Exception):
+            callback.close(timeout=5.0)
+
+
+def _numbers(values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) float64 of a data key's values, and the rows whose value is not a number (NaN there)."""
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(n, -1)[:, 0], np.zeros(n, dtype=bool)
+    except (TypeError, ValueError):
+        out = np.full(n, np.nan)
+        bad = np.ones(n, dtype=bool)
+        for i, value in enumerate(list(values)[:n]):
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                out[i] = np.asarray(value, dtype=np.float64).reshape(-1)[0]
+                bad[i] = False
+        return out, bad
+
+
+def _rows_of_frames(values: Any, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, *shape) frames and the rows that were not ``shape`` numbers (zeros there)."""
+    try:
+        return np.stack([np.asarray(f) for f in values]).reshape(n, *shape).astype(
+            np.float32, copy=False), np.zeros(n, dtype=bool)
+    except (TypeError, ValueError):
+        frames = np.zeros((n, *shape), dtype=np.float32)
+        bad = np.ones(n, dtype=bool)
+        for i, value in enumerate(list(values)[:n]):
+            with contextlib.suppress(TypeError, ValueError):
+                frames[i] = np.asarray(value, dtype=np.float32).reshape(shape)
+                bad[i] = False
+        return frames, bad
+
+
+def _ranges(rows: list[int]) -> str:
+    """'3, 7..9' for [3, 7, 8, 9] (raw seq_nums)."""
+    parts: list[str] = []
+    for row in rows:
+        if parts and row == int(parts[-1].split("..")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('..')[0]}..{row}"
+        else:
+            parts.append(str(row))
+    return ", ".join(parts)
+
+
 class NanobeamCallback(DocumentRouter):
     """Turns the diffraction frames of a raw Bluesky run into a derived run of (ε, ω, χ), live.
 
@@ -235,13 +290,25 @@ class NanobeamCallback(DocumentRouter):
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every frame received so far has its derived row emitted.
 
-        Returns False if ``timeout`` (s) passed first.
+        Returns False if ``timeout`` (s) passed first. An analysis thread that died (it should
+        not: it catches everything) is restarted, so flush never waits on a dead thread.
         """
         if self._worker is None:
             return True
         done = threading.Event()
         self._queue.put(_Barrier(done))
-        return done.wait(timeout)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            with self._worker_lock:
+                worker = self._worker
+                if worker is not None and not worker.is_alive():
+                    logger.error("NanobeamCallback: the analysis thread had died; restarting it")
+                    self._worker = None
+            if worker is not None and not worker.is_alive():
+                self._put(None)  # starts a fresh thread; None is skipped by _handle
+        return True
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish queued work and stop the analysis thread."""
@@ -275,6 +342,7 @@ class NanobeamCallback(DocumentRouter):
                     self._worker = threading.Thread(target=self._work, name="nanobeam-analysis",
                                                     daemon=True)
                     self._worker.start()
+                    _LIVE.add(self)
         self._queue.put(item)
 
     def start(self, doc):
@@ -348,28 +416,41 @@ class NanobeamCallback(DocumentRouter):
     def _work(self) -> None:
         while True:
             try:
-                if self._pending_any():
-                    item = self._queue.get(block=False)
-                else:  # held rows wait at most hold_s for more frames
-                    held = any(r.held for r in self._runs.values())
-                    item = self._queue.get(timeout=self.hold_s / 4 if held else None)
-            except queue.Empty:  # nothing queued: predict what has accumulated
-                self._predict_all()
-                continue
-            if item is _CLOSE:
-                self._predict_all(force=True)
-                return
-            try:
-                self._handle(item)
-            except Exception:
-                logger.exception("NanobeamCallback could not process %r", item)
-            if sum(r.pending_frames for r in self._runs.values()) >= self.batch_size:
-                self._predict_all()
+                if self._step():
+                    return
+            except BaseException:  # never let the analysis thread die: later runs need it
+                logger.exception("NanobeamCallback: unexpected error in the analysis thread; continuing")
+
+    def _step(self) -> bool:
+        """Take one item off the queue and handle it; True when the thread should end."""
+        try:
+            if self._pending_any():
+                item = self._queue.get(block=False)
+            else:  # held rows wait at most hold_s for more frames
+                held = any(r.held for r in self._runs.values())
+                item = self._queue.get(timeout=self.hold_s / 4 if held else None)
+        except queue.Empty:  # nothing queued: predict what has accumulated
+            self._predict_all()
+            return False
+        if item is _CLOSE:
+            self._predict_all(force=True)
+            return True
+        try:
+            self._handle(item)
+        except BaseException:
+            logger.exception("NanobeamCallback could not process %r", item)
+            if isinstance(item, _Barrier):
+                item.done.set()
+        if sum(r.pending_frames for r in self._runs.values()) >= self.batch_size:
+            self._predict_all()
+        return False
 
     def _pending_any(self) -> bool:
         return any(r.pending for r in self._runs.values())
 
     def _handle(self, item: Any) -> None:
+        if item is None:
+            return
         if isinstance(item, _Barrier):
             self._predict_all(force=True)
             item.done.set()
@@ -412,23 +493,38 @@ class NanobeamCallback(DocumentRouter):
         self.stats.frames_received += n
         key = run.layout.image_key
         frames: np.ndarray | None
+        bad = np.zeros(n, dtype=bool)  # rows whose own values are unreadable
         try:
             if run.layout.storage is Storage.DATUM:
                 if run.filler is None:
                     raise StreamReadError("no Resource/Datum documents were received for these frames")
                 doc = run.filler.fill_event_page(dict(doc), include=[key], inplace=False)
-            frames = np.stack([np.asarray(f) for f in doc["data"][key]])
-            frames = frames.reshape(n, *run.layout.frame_shape)
-        except Exception as exc:  # unreadable or malformed frames: rows flagged INVALID
+            frames, bad = _rows_of_frames(doc["data"][key], n, run.layout.frame_shape)
+            if bad.any():
+                rows = np.asarray(doc["seq_num"])[bad].tolist()
+                run.errors.append(f"frames of rows {_ranges(rows)} unreadable (not {run.layout.frame_shape} "
+                                  "numbers); those rows are flagged INVALID")
+                logger.warning("NanobeamCallback: %s", run.errors[-1])
+        except Exception as exc:  # the page's frames cannot be read at all: rows flagged INVALID
             run.unreadable_frames += n
             run.errors.append(f"frames {doc['seq_num'][0]}..{doc['seq_num'][-1]} unreadable: {exc!r}")
             logger.warning("NanobeamCallback: %s", run.errors[-1])
             frames = None
-        positions = {k: np.asarray(doc["data"][k], dtype=np.float64).reshape(n, -1)[:, 0]
-                     for k in run.position_keys if k in doc["data"]}
+        positions = {}
+        for k in run.position_keys:
+            if k in doc["data"]:
+                values, bad_position = _numbers(doc["data"][k], n)
+                positions[k] = values
+                if bad_position.any():
+                    rows = np.asarray(doc["seq_num"])[bad_position].tolist()
+                    run.errors.append(f"position {k!r} of rows {_ranges(rows)} is not a number; those "
+                                      "rows are flagged INVALID")
+                    bad |= bad_position
+        run.unreadable_frames += int(bad.sum())
+        flags = np.where(bad, FLAG_DTYPE(Flag.INVALID), FLAG_DTYPE(0)).astype(FLAG_DTYPE)
         run.pending.append(RowBlock(np.asarray(doc["seq_num"], dtype=np.int64),
                                     np.asarray(doc["time"], dtype=np.float64), frames, positions,
-                                    item.received))
+                                    item.received, flags))
 
     def _on_stream_resource(self, item: _Doc) -> None:
         doc = item.doc
@@ -575,6 +671,12 @@ class NanobeamCallback(DocumentRouter):
         self.stats.latency_max_s = max(self.stats.latency_max_s, float(latencies.max()))
         self._warn_if_behind(float(latencies.max()))
 
+    @staticmethod
+    def _check_result(result: Any, n: int) -> None:
+        if not hasattr(result, "sizes") or result.sizes.get("frame") != n:
+            raise ValueError(f"the model returned {type(result).__name__} for {n} frames, not a Dataset "
+                             "with one row per frame")
+
     def _analyse(self, run: _Run) -> _Rows:
         """The model and the physics check on a run's pending rows (pooled over the run)."""
         blocks, run.pending = run.pending, []
@@ -589,12 +691,13 @@ class NanobeamCallback(DocumentRouter):
         try:
             result = self.predictor.predict(frames, instrument=run.instrument, check_instrument=False,
                                             pooled=run.pooled)
+            self._check_result(result, len(frames))
             rows.mean[readable] = np.stack([result[p].values for p in PARAMETERS], 1)
             rows.std[readable] = np.stack([result[f"{p}_std"].values for p in PARAMETERS], 1)
             rows.err[readable] = np.stack([result[f"{p}_err"].values for p in PARAMETERS], 1)
             rows.fit_quality[readable] = result["fit_quality"].values
             rows.flags[readable] |= result["flag"].values.astype(FLAG_DTYPE)
-        except Exception as exc:
+        except BaseException as exc:  # whatever the model raises, the rows are flagged, the run goes on
             logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR", len(frames))
             rows.flags[readable] |= FLAG_DTYPE(Flag.MODEL_ERROR)
             run.model_error_frames += len(frames)
@@ -603,6 +706,9 @@ class NanobeamCallback(DocumentRouter):
                 run.errors.append(message)
         self.stats.predict_s += time.perf_counter() - t0
         self.stats.batches += 1
+        no_value = (rows.flags & FLAG_DTYPE(NO_VALUE)) != 0  # e.g. a row whose position is unreadable
+        rows.mean[no_value] = rows.std[no_value] = rows.err[no_value] = np.nan
+        rows.fit_quality[no_value] = np.nan
         return rows
 
     def _warn_if_behind(self, lag_s: float) -> None:
