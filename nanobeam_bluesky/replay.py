@@ -13,6 +13,7 @@ The derived run links to its parent through ``parent_uid`` (set by the callback)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import uuid
@@ -80,6 +81,26 @@ def find_run(catalog: Any, run: str | int) -> Any:
         raise RunNotFoundError(f"{what} in the catalog ({exc})") from exc
 
 
+def _rows_stored(node: Any) -> int:
+    """Frames a Tiled array node says it holds (0 if even its structure cannot be read)."""
+    try:
+        return int(node.shape[0])
+    except Exception:
+        return 0
+
+
+def _column(stream: Any, key: str, n: int, dtype: Any, default: np.ndarray,
+            available: set[str]) -> np.ndarray:
+    """A stream column of ``n`` values; ``default`` where it is absent, short or unreadable."""
+    out = default.astype(dtype, copy=True)
+    if key not in available:
+        return out
+    with contextlib.suppress(Exception):
+        values = np.asarray(stream[key].read()).reshape(-1)[:n]
+        out[: len(values)] = values.astype(dtype)
+    return out
+
+
 def _scalar_number(data_key: Mapping[str, Any]) -> bool:
     return data_key.get("dtype") in ("number", "integer") and list(data_key.get("shape") or []) in ([], [1])
 
@@ -106,7 +127,7 @@ def replay_run(
         page_size: frames read from Tiled and predicted at a time.
         source: where the run came from (recorded in the derived start document).
     """
-    from .callbacks import NanobeamCallback, find_frame_layout, is_derived_start
+    from .callbacks import NanobeamCallback, find_frame_layout, is_derived_start, seq_ranges
 
     t0 = time.perf_counter()
     start = copy.deepcopy(dict(run.start))
@@ -153,19 +174,45 @@ def replay_run(
             func(name, doc)
 
     callback.subscribe(forward)
+    missing: dict[str, list[int]] = {}  # why -> raw seq_nums that could not be read
+    validated = False
+    raw_stop = copy.deepcopy(dict(run.metadata.get("stop") or {}))
     try:
         callback("start", start)
         callback("descriptor", descriptor)
         frames_node = stream[layout.image_key]
-        n = int(frames_node.shape[0])
-        seq = (np.asarray(stream["seq_num"].read(), dtype=np.int64) if "seq_num" in available
-               else np.arange(1, n + 1, dtype=np.int64))
-        times = (np.asarray(stream["time"].read(), dtype=np.float64) if "time" in available
-                 else np.full(n, float(descriptor.get("time", start["time"]))))
-        columns = {k: np.asarray(stream[k].read()).reshape(-1)[:n] for k in keys[1:]}
+        stored = _rows_stored(frames_node)
+        # Every raw frame gets a derived row: as many as the raw stop says were taken.
+        n = int((raw_stop.get("num_events") or {}).get(stream_name, stored))
+        seq = _column(stream, "seq_num", n, np.int64, np.arange(1, n + 1), available)
+        times = _column(stream, "time", n, np.float64,
+                        np.full(n, float(descriptor.get("time", start["time"]))), available)
+        columns = {k: _column(stream, k, n, np.float64, np.full(n, np.nan), available) for k in keys[1:]}
+        failure: str | None = None  # the frames' node failed even after validation: skip the rest
         for i in range(0, n, page_size):
             j = min(i + page_size, n)
-            frames = np.asarray(frames_node[i:j]).reshape(j - i, *layout.frame_shape)
+            frames: list[Any] = [None] * (j - i)  # None: a row whose frame cannot be read
+            while failure is None and min(j, stored) > i:
+                readable = min(j, stored)
+                try:
+                    block = np.asarray(frames_node[i:readable]).reshape(readable - i, *layout.frame_shape)
+                    frames[: readable - i] = list(block)
+                    break
+                except Exception as exc:  # a shortened or deleted detector file, a server error
+                    if validated or not hasattr(run, "validate"):
+                        failure = f"{type(exc).__name__}: {exc}"
+                        break
+                    # The file may hold fewer frames than registered: let Tiled's validator
+                    # (bluesky-tiled-plugins) fix the stored shape, then read what is there.
+                    validated = True
+                    with contextlib.suppress(Exception):
+                        run.validate(fix_errors=True, try_reading=False)
+                        frames_node = run[stream_name][layout.image_key]
+                        stored = _rows_stored(frames_node)
+            lost = [int(seq[i + k]) for k, f in enumerate(frames) if f is None]
+            if lost:
+                why = failure or f"not in Tiled ({min(stored, n)} of {n} frames stored)"
+                missing.setdefault(why, []).extend(lost)
             data: dict[str, Any] = {layout.image_key: frames}
             data.update({k: v[i:j].tolist() for k, v in columns.items()})
             page = {
@@ -179,16 +226,24 @@ def replay_run(
             }
             callback("event_page", page)
             callback.flush()  # one page = one model batch: replays are reproducible
-        stop = copy.deepcopy(dict(run.metadata.get("stop") or {}))
-        if not stop:
-            stop = {"uid": str(uuid.uuid4()), "time": time.time(), "exit_status": "abort",
-                    "reason": "the raw run has no stop document (interrupted); replayed the frames "
-                    "stored in Tiled"}
-        stop["run_start"] = start["uid"]
-        stop.setdefault("num_events", {})[stream_name] = n
-        callback("stop", stop)
-        callback.flush()
+    except Exception as exc:  # the derived run still gets its stop, saying why
+        missing.setdefault(f"replay stopped: {type(exc).__name__}: {exc}", [])
+        raise
     finally:
+        stop = raw_stop or {"uid": str(uuid.uuid4()), "time": time.time(), "exit_status": "abort",
+                            "reason": "the raw run has no stop document (interrupted); replayed the "
+                            "frames stored in Tiled"}
+        stop["run_start"] = start["uid"]
+        if missing:  # the raw counts stay as they are; the reason says which rows are missing
+            told = "; ".join(f"rows {seq_ranges(rows)}: {why}" if rows else why
+                             for why, rows in missing.items())
+            stop["reason"] = "; ".join(r for r in (stop.get("reason"), "replay could not read frames "
+                                                   f"(rows flagged INVALID): {told}") if r)
+        if "num_events" not in stop:
+            stop["num_events"] = {stream_name: callback.stats.frames_received}
+        with contextlib.suppress(Exception):
+            callback("stop", stop)
+            callback.flush(timeout=60)
         callback.close()
     starts = [doc for name, doc in documents if name == "start"]
     result = ReplayResult(

@@ -508,6 +508,61 @@ def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, ophyd_sim, mo
     assert np.isfinite(stored["primary"]["fit_quality"].read()).all()
 
 
+@pytest.mark.parametrize("damage", ["shortened", "deleted"])
+def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(runs, model, workspace,
+                                                                          phantom, damage, monkeypatch):
+    import tiled.client.utils
+    from bluesky import RunEngine
+    from ophyd_async.core import init_devices
+
+    from nanobeam_bluesky.devices import (
+        FrameSimulator,
+        NanoprobeFlyDetector,
+        NanoprobeStage,
+        RasterPath,
+        fly_raster_scan,
+    )
+    from nanobeam_bluesky.quality import Flag
+    from nanobeam_bluesky.replay import replay_run
+
+    n = 3
+    directory = workspace["detector"] / f"damaged-{damage}"
+    directory.mkdir()
+    RE = RunEngine({})
+    with init_devices():
+        stage = NanoprobeStage()
+        detector = NanoprobeFlyDetector(FrameSimulator(phantom(n, 0.1), seed=4), stage, directory=directory)
+    RE.subscribe(tiled_writer(runs, batch_size=8))
+    path = RasterPath.grid(0, 0.2, n, 0, 0.2, n, snake=True)
+    (uid,) = RE(fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001,
+                                flush_period_s=0.1))
+    (h5_path,) = directory.glob("*.h5")
+    if damage == "shortened":  # the last 4 of 9 frames lost, positions too
+        with h5py.File(h5_path, "r+") as h5:
+            h5.visititems(lambda name, obj: obj.resize(5, axis=0)
+                          if isinstance(obj, h5py.Dataset) and obj.shape[:1] == (n * n,) else None)
+    else:
+        h5_path.unlink()
+    writer = tiled_writer(runs, batch_size=8)
+    # A missing file is a server error that tiled's client retries for 45 s by default.
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 2)
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
+    result = replay_run(runs[uid], model.predictor, subscribers=[writer], page_size=4)
+    rows = result.data()
+    # Every raw frame has its row; what could not be read is flagged, never dropped or recounted.
+    np.testing.assert_array_equal(rows["raw_seq_num"], np.arange(1, n * n + 1))
+    invalid = (rows["flag"] & Flag.INVALID) != 0
+    expected = np.arange(n * n) >= 5 if damage == "shortened" else np.ones(n * n, dtype=bool)
+    np.testing.assert_array_equal(invalid, expected)
+    assert np.isfinite(rows["strain"][~invalid]).all() and np.isnan(rows["strain"][invalid]).all()
+    stop = result.stop
+    assert stop["exit_status"] == "fail" and stop["num_events"]["primary"] == n * n
+    assert "replay could not read frames" in stop["reason"], stop["reason"]
+    assert ("rows 6..9" in stop["reason"]) if damage == "shortened" else ("rows 1..9" in stop["reason"])
+    stored = runs[result.derived_uid]  # no orphan: the stored derived run has its stop
+    assert stored.metadata["stop"]["exit_status"] == "fail"
+
+
 def test_replay_refuses_a_derived_run(runs, raw_run, model):
     from nanobeam_bluesky.replay import RunNotFoundError, find_run, replay_run
 

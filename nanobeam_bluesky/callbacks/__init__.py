@@ -10,6 +10,7 @@ from ._derived import ANALYSIS_STAGE, DERIVED_FIELDS, DerivedRun, is_derived_sta
 from ._frames import FrameLayout, ImageKeyError, Storage, find_frame_layout, find_position_keys
 from ._live_maps import LiveStrainMaps, MapGrid
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
+from ._rows import seq_ranges
 from ._zmq import DERIVED_PREFIX, GuardedCallback, listen
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "find_position_keys",
     "is_derived_start",
     "listen",
+    "seq_ranges",
 ]

@@ -24,7 +24,7 @@ from ..quality import FLAG_DTYPE, NO_VALUE, Flag, PooledConsistency
 from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
 from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
-from ._rows import RowBlock, StreamJoin
+from ._rows import RowBlock, StreamJoin, seq_ranges
 
 __all__ = ["CallbackStats", "NanobeamCallback"]
 
@@ -166,17 +166,6 @@ def _rows_of_frames(values: Any, n: int, shape: tuple[int, ...]) -> tuple[np.nda
                 frames[i] = np.asarray(value, dtype=np.float32).reshape(shape)
                 bad[i] = False
         return frames, bad
-
-
-def _ranges(rows: list[int]) -> str:
-    """'3, 7..9' for [3, 7, 8, 9] (raw seq_nums)."""
-    parts: list[str] = []
-    for row in rows:
-        if parts and row == int(parts[-1].split("..")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('..')[0]}..{row}"
-        else:
-            parts.append(str(row))
-    return ", ".join(parts)
 
 
 class NanobeamCallback(DocumentRouter):
@@ -502,8 +491,8 @@ class NanobeamCallback(DocumentRouter):
             frames, bad = _rows_of_frames(doc["data"][key], n, run.layout.frame_shape)
             if bad.any():
                 rows = np.asarray(doc["seq_num"])[bad].tolist()
-                run.errors.append(f"frames of rows {_ranges(rows)} unreadable (not {run.layout.frame_shape} "
-                                  "numbers); those rows are flagged INVALID")
+                run.errors.append(f"frames of rows {seq_ranges(rows)} missing or not "
+                                  f"{run.layout.frame_shape} numbers; those rows are flagged INVALID")
                 logger.warning("NanobeamCallback: %s", run.errors[-1])
         except Exception as exc:  # the page's frames cannot be read at all: rows flagged INVALID
             run.unreadable_frames += n
@@ -517,7 +506,7 @@ class NanobeamCallback(DocumentRouter):
                 positions[k] = values
                 if bad_position.any():
                     rows = np.asarray(doc["seq_num"])[bad_position].tolist()
-                    run.errors.append(f"position {k!r} of rows {_ranges(rows)} is not a number; those "
+                    run.errors.append(f"position {k!r} of rows {seq_ranges(rows)} is not a number; those "
                                       "rows are flagged INVALID")
                     bad |= bad_position
         run.unreadable_frames += int(bad.sum())

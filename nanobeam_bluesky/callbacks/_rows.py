@@ -9,7 +9,7 @@ import numpy as np
 
 from ..quality import FLAG_DTYPE, Flag
 
-__all__ = ["RowBlock", "StreamJoin"]
+__all__ = ["RowBlock", "StreamJoin", "seq_ranges"]
 
 
 @dataclass
@@ -91,3 +91,14 @@ class StreamJoin:
     @property
     def pending_frames(self) -> int:
         return sum(c.n for c in self._images)
+
+
+def seq_ranges(rows) -> str:
+    """'3, 7..9' for raw seq_nums [3, 7, 8, 9] (sorted)."""
+    parts: list[list[int]] = []
+    for row in sorted(int(r) for r in rows):
+        if parts and row == parts[-1][1] + 1:
+            parts[-1][1] = row
+        else:
+            parts.append([row, row])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in parts)
