@@ -111,8 +111,8 @@ def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model,
     if not server.alive():
         server.start()
     assert writer.flush(timeout=120), writer.status()
-    if outage != "short":  # the writers gave up during the outage: the spool wrote the runs again
-        assert all(s["rewrites"] >= 1 for s in writer.status().values()), writer.status()
+    if outage != "short":  # a writer gave up during the outage: the spool wrote its run again
+        assert any(s["rewrites"] >= 1 for s in writer.status().values()), writer.status()
     assert writer.close()
     runs = server.client("runs")
     stored = runs[uid]
