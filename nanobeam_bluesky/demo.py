@@ -154,8 +154,9 @@ def run_demo(
 
     from .callbacks import LiveStrainMaps, NanobeamCallback
     from .devices import FrameSimulator, NanoprobeFlyDetector, NanoprobeStage, RasterPath, fly_raster_scan
-    from .tiled_catalog import tiled_writer, writer_batch_size
+    from .tiled_catalog import writer_batch_size
     from .tiled_server import ServerConfig, TiledServer, free_port
+    from .tiled_spool import SpooledTiledWriter
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -183,16 +184,17 @@ def run_demo(
             detector = NanoprobeFlyDetector(FrameSimulator(phantom, instrument, seed=seed), stage,
                                             directory=detector_dir, name=DETECTOR)
         period = exposure_s + dead_time_s
-        raw_writer = tiled_writer(runs, batch_size=writer_batch_size(size, frame_rate_hz=1 / period))
-        derived_writer = tiled_writer(runs, batch_size=writer_batch_size(size, frame_rate_hz=1 / period))
+        # Raw and derived runs go through a local spool: a Tiled outage never stalls the scan.
+        store = SpooledTiledWriter(runs, out / "spool",
+                                   batch_size=writer_batch_size(size, frame_rate_hz=1 / period))
         callback = NanobeamCallback(predictor)
         maps = LiveStrainMaps(out / "maps", redraw_period_s=2.0)
         rows: dict[str, list[np.ndarray]] = {}
-        for subscriber in (derived_writer, maps, _record_rows(rows)):
+        for subscriber in (store, maps, _record_rows(rows)):
             callback.subscribe(subscriber)
         bar = _ScanProgress(size * size, callback, progress)
         raw_starts: list[str] = []
-        for subscriber in (raw_writer, callback, bar):
+        for subscriber in (store, callback, bar):
             RE.subscribe(subscriber)
         RE.subscribe(lambda name, doc: raw_starts.append(doc["uid"]), "start")
 
@@ -220,6 +222,9 @@ def run_demo(
             result.raw_uid = raw_starts[0] if raw_starts else None
             callback.flush(timeout=120)
             callback.close()
+            if not store.close(timeout=120):
+                log(f"Tiled has not taken every document yet; they are safe in {out / 'spool'} and are "
+                    "written by the next writer on that spool")
             bar.close()
         result.scan_s = time.perf_counter() - scan_start
         result.live_maps = list(maps.saved)

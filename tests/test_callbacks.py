@@ -441,3 +441,16 @@ def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(
     pages = derived.of("event_page")
     flags = np.concatenate([p["data"]["flag"] for p in pages])
     assert ((flags[:3] & Flag.MODEL_ERROR) != 0).all() and (flags[3:] == 0).all()
+
+
+def test_the_lag_warning_names_a_slow_subscriber_not_the_model(model: ModelUnderTest, caplog) -> None:
+    from nanobeam_bluesky.physics import simulate, to_counts
+
+    callback = NanobeamCallback(model.predictor, lag_warning_s=0.0)
+    callback.subscribe(lambda name, doc: time.sleep(0.5) if name == "event_page" else None)
+    frames = to_counts(simulate([0.0] * 4, [0.01] * 4, [0.0] * 4), 7.0, scale=1.0, rng=5).astype(np.uint16)
+    _raw_run(callback, frames, [0.0, 0.1, 0.2, 0.3])
+    assert callback.flush(timeout=60)
+    callback.close()
+    (warning,) = [r.getMessage() for r in caplog.records if "behind the scan" in r.getMessage()]
+    assert "subscribers took" in warning and "SpooledTiledWriter" in warning, warning

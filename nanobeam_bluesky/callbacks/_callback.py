@@ -42,6 +42,8 @@ class CallbackStats:
     batches: int = 0
     #: Seconds spent inside the model.
     predict_s: float = 0.0
+    #: Seconds spent in the subscribers (writers, plots) of the derived documents.
+    emit_s: float = 0.0
     #: Sum and maximum of (row emitted - raw documents received), seconds.
     latency_sum_s: float = 0.0
     latency_max_s: float = 0.0
@@ -315,6 +317,11 @@ class NanobeamCallback(DocumentRouter):
 
     def emit(self, name: str, doc: dict[str, Any]) -> None:
         """Pass one derived document to every subscriber (a failing subscriber is logged)."""
+        t0 = time.perf_counter()
+        self._emit(name, doc)
+        self.stats.emit_s += time.perf_counter() - t0
+
+    def _emit(self, name: str, doc: dict[str, Any]) -> None:
         for func, wanted in list(self._subscribers.values()):
             if wanted != "all" and wanted != name:
                 continue
@@ -708,7 +715,16 @@ class NanobeamCallback(DocumentRouter):
             return
         self._last_lag_warning = now
         self.stats.lag_warnings += 1
+        if self.stats.emit_s > self.stats.predict_s:  # the subscribers, not the model, are slow
+            logger.warning(
+                "analysis is %.1f s behind the scan (%d documents queued): the derived documents' "
+                "subscribers took %.1f s, the model %.1f s. No frame is dropped and the scan is not "
+                "slowed, but memory grows: give slow subscribers (a TiledWriter while Tiled is slow or "
+                "down, plots) their own thread, e.g. nanobeam_bluesky.tiled_spool.SpooledTiledWriter.",
+                lag_s, self._queue.qsize(), self.stats.emit_s, self.stats.predict_s)
+            return
         logger.warning(
             "analysis is %.1f s behind the scan (%d documents queued): no frame is dropped and the "
-            "scan is not slowed, but memory grows. Use a GPU (device='cuda', `nanobeam listen "
-            "--device cuda` on an analysis node) or a larger batch_size.", lag_s, self._queue.qsize())
+            "scan is not slowed, but memory grows. The model took %.1f s: use a GPU (device='cuda', "
+            "`nanobeam listen --device cuda` on an analysis node) or a larger batch_size.", lag_s,
+            self._queue.qsize(), self.stats.predict_s)
