@@ -64,12 +64,19 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
     restart_after = None if outage == "forever" else float(outage)
 
     def kill() -> None:
+        """Stop the server from another thread: stopping takes a moment that the RunEngine must
+        not spend (the outage, not our test harness, is what is measured)."""
         if killed.is_set():
             return
         killed.set()
-        server.stop()
-        if restart_after is not None:
-            threading.Timer(restart_after, server.start).start()
+
+        def outage() -> None:
+            server.stop()
+            if restart_after is not None:
+                time.sleep(restart_after)
+                server.start()
+
+        threading.Thread(target=outage, daemon=True).start()
 
     acquired = []
     uid_box: list[str] = []
@@ -99,10 +106,14 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
                 detector = NanoprobeFlyDetector(FrameSimulator(fig3_phantom(n), seed=1), stage,
                                                 directory=server.config.readable[0])
 
+            frame_resources: set[str] = set()
+
             def on_datum(name, doc):
+                if name == "stream_resource" and doc.get("data_key") == "detector":
+                    frame_resources.add(doc["uid"])
                 if name == "stream_datum":
                     kill()
-                    if doc["data_key"] == "detector":
+                    if doc["stream_resource"] in frame_resources:
                         acquired.extend([1] * (doc["indices"]["stop"] - doc["indices"]["start"]))
 
             RE.subscribe(on_datum)
@@ -113,11 +124,12 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
     except Exception as exc:
         outcome = f"failed: {type(exc).__name__}: {str(exc)[:60]}"
     scan_s = time.monotonic() - t0
-    if not server.alive():  # "forever", or a restart that has not come yet
-        while restart_after is not None and not server.alive() and time.monotonic() - t0 < scan_s + 90:
-            time.sleep(0.5)
-        if not server.alive():
-            server.start()
+    # Wait for the outage to end ("forever": it ends now, after the scan).
+    while restart_after is not None and killed.is_set() and not server.alive() \
+            and time.monotonic() - t0 < scan_s + restart_after + 60:
+        time.sleep(0.5)
+    if not server.alive():
+        server.start()
     rewrites = 0
     if writer_kind == "spooled":
         writer.flush(timeout=120)
