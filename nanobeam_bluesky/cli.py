@@ -142,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         binning=args.binning,
         scan_layout=layout,
         readable=tuple(args.readable or ()),
+        instruments=args.instruments,
         catalog_uri=args.catalog_uri,
         files_catalog_uri=args.files_catalog_uri,
         tables_uri=args.tables_uri,
@@ -174,6 +175,8 @@ def _add_serve(sub) -> None:
                    help="dataset path in the scan files: frames=, x_um=, y_um= (repeatable)")
     p.add_argument("--readable", action="append", metavar="DIR",
                    help="another directory the catalogs may read (detector files; repeatable)")
+    p.add_argument("--instruments", default=None, metavar="DIR",
+                   help="directory of instrument configs that catalog entries may name (instrument=NAME)")
     p.add_argument("--catalog-uri", default=None,
                    help="run catalog database (default sqlite in DATA_DIR; postgresql://... )")
     p.add_argument("--files-catalog-uri", default=None,

@@ -21,7 +21,7 @@ hits the detector (row, col, raw pixels) when the writer knows it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,12 +121,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def inspect_scan_file(path: str | Path, layout: ScanLayout = ScanLayout()) -> ScanSummary:
+def inspect_scan_file(
+    path: str | Path,
+    layout: ScanLayout = ScanLayout(),
+    *,
+    check: Callable[[h5py.File], None] | None = None,
+) -> ScanSummary:
     """Open a scan file, check its layout and return a summary; clear errors otherwise.
 
     Raises :class:`ScanFileError` for a missing, unreadable, corrupt or truncated file, a missing
     dataset (naming the configured path, so a wrong layout is easy to fix), or positions whose
-    shape does not match the scan.
+    shape does not match the scan. ``check`` is called with the open file before anything is
+    read from it (the Tiled server refuses files that link to other files).
     """
     path = Path(path)
     if not path.is_file():
@@ -140,6 +146,8 @@ def inspect_scan_file(path: str | Path, layout: ScanLayout = ScanLayout()) -> Sc
         ) from exc
     try:
         with h5:
+            if check is not None:
+                check(h5)
             frames = _dataset(h5, layout.frames, path, "frames")
             if frames.ndim not in (3, 4):
                 raise ScanFileError(

@@ -11,7 +11,7 @@ sample name        ``sample``                     ``RE.md["sample"] = "SrIrO3/LS
 scan type          ``plan_name``                  ``"grid_scan"``, ``"fly_scan"`` (set by plans)
 date               ``time``                       ``TimeRange(since="2025-03-01")``
 derived runs       ``parent_uid``                 uid of the raw run a derived run analyses
-analysing model    ``nanobeam.model_sha256``      sha256 of the model file's weights
+analysing model    ``nanobeam.model_sha256``      sha256 of the model file (weights and metadata)
 =================  =============================  ==============================================
 """
 
@@ -112,7 +112,8 @@ def derived_runs(catalog: Any, parent_uid: str) -> Any:
 
 
 def runs_analysed_by(catalog: Any, sha256: str) -> Any:
-    """Derived runs made by the model whose weights have this sha256."""
+    """Derived runs made by the model file with this sha256 (weights and metadata since model
+    format 4; weights only before)."""
     return _search_eq(catalog, MODEL_SHA256_KEY, sha256)
 
 

@@ -12,9 +12,12 @@ data directory, so the same server can be started with tiled's own command). Its
     /simulated   a library simulated on demand from an instrument config
     /scans       a directory of experimental scan files, listed live
 
-Security: it listens on loopback unless told otherwise, every request needs the API key, and
-only the declared files are served (the catalog refuses assets outside its storage, the scan
-directory never follows links outside itself, raw asset download is off).
+Security: it listens on loopback unless told otherwise, every request needs the API key (at
+least 16 characters), and only the declared files are served: the catalogs refuse assets that
+resolve (symlinks, ``..``) outside their storage, the scan directory never follows links outside
+itself, HDF5 files that link to other files (external links, virtual datasets, external raw
+storage) are refused, ``instrument`` parameters are names, never paths, and raw asset download
+is off (see ``tiled_adapters._guard``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import ipaddress
+import logging
 import os
 import secrets
 import signal
@@ -40,8 +44,10 @@ from .tiled_adapters import ADAPTERS_BY_MIMETYPE
 
 __all__ = [
     "API_KEY_ENV",
+    "MIN_API_KEY_LENGTH",
     "ServerConfig",
     "TiledServer",
+    "check_api_key",
     "ensure_catalog",
     "free_port",
     "resolve_api_key",
@@ -52,6 +58,8 @@ __all__ = [
 
 #: Environment variable holding the API key; the config file refers to it instead of storing it.
 API_KEY_ENV = "NANOBEAM_TILED_API_KEY"
+#: Shortest API key the server accepts (characters); the generated key has 64 (256 bits).
+MIN_API_KEY_LENGTH = 16
 _LOOPBACK_NAMES = {"localhost"}
 RUNS_PATH = "runs"
 
@@ -72,6 +80,9 @@ class ServerConfig:
         scan_layout: dataset paths of the scan files (see ``ScanLayout``).
         readable: more directories the catalogs may read: where detectors write their HDF5
             files (fly scans register them as StreamResources), files to ``tiled register``.
+        instruments: a directory of instrument configs (NAME.yaml/.yml/.json) that catalog
+            entries may choose by name with the ``instrument`` parameter; without it they may
+            only give an inline config or "default".
         catalog_uri: database of the run catalog; default ``sqlite:///<data_dir>/catalog.db``.
             A facility gives ``postgresql://user:${PGPASSWORD}@host/db``: ``${VAR}`` is expanded
             from the environment when the server starts, so no password lands in the config.
@@ -93,6 +104,7 @@ class ServerConfig:
     binning: int | None = None
     scan_layout: dict[str, str] = field(default_factory=dict)
     readable: tuple[Path, ...] = ()
+    instruments: Path | None = None
     catalog_uri: str | None = None
     files_catalog_uri: str | None = None
     tables_uri: str | None = None
@@ -100,7 +112,7 @@ class ServerConfig:
     port: int = 8000
 
     def __post_init__(self) -> None:
-        for name in ("data_dir", "library", "instrument", "scans"):
+        for name in ("data_dir", "library", "instrument", "scans", "instruments"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser().resolve())
@@ -113,6 +125,8 @@ class ServerConfig:
             raise FileNotFoundError(f"scan directory {self.scans} does not exist; create it first")
         if self.instrument is not None and not self.instrument.is_file():
             raise FileNotFoundError(f"no instrument config at {self.instrument}")
+        if self.instruments is not None and not self.instruments.is_dir():
+            raise FileNotFoundError(f"instrument directory {self.instruments} does not exist; create it")
         readable = tuple(Path(p).expanduser().resolve() for p in self.readable)
         for path in readable:
             if not path.is_dir():
@@ -171,6 +185,8 @@ class ServerConfig:
             args += ["--scan-dataset", f"{key}={value}"]
         for path in self.readable:
             args += ["--readable", str(path)]
+        if self.instruments:
+            args += ["--instruments", str(self.instruments)]
         if self.catalog_uri:
             args += ["--catalog-uri", self.catalog_uri]
         if self.files_catalog_uri:
@@ -185,10 +201,19 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
     storage = config.data_dir / "data"
     tables = config.tables_uri or f"sqlite:///{storage / 'tables.sqlite'}"
     readable = config.readable_directories()
+    # tiled's catalog, whose adapters resolve every asset and refuse it outside the storage.
+    catalog = "nanobeam_bluesky.tiled_adapters:contained_catalog"
+    instrument_dir = str(config.instruments) if config.instruments else None
+    # The server's own instrument is named inside its directory: adapters never take paths.
+    instrument = (
+        {"instrument": config.instrument.name, "instrument_dir": str(config.instrument.parent)}
+        if config.instrument
+        else {"instrument": None}
+    )
     trees: list[dict[str, Any]] = [
         {
             "path": f"/{RUNS_PATH}",
-            "tree": "catalog",
+            "tree": catalog,
             "args": {
                 "uri": config.catalog_database(),
                 "writable_storage": [storage.as_uri(), tables],
@@ -197,16 +222,18 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
                 "init_if_not_exists": False,
                 "specs": [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
                 "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
+                "instrument_dir": instrument_dir,
             },
         },
         {
             "path": "/files",
-            "tree": "catalog",
+            "tree": catalog,
             "args": {
                 "uri": config.files_database(),
                 "readable_storage": readable,
                 "init_if_not_exists": False,
                 "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
+                "instrument_dir": instrument_dir,
             },
         },
     ]
@@ -223,10 +250,7 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
             {
                 "path": "/simulated",
                 "tree": "nanobeam_bluesky.tiled_adapters:LazyLibraryAdapter.from_instrument",
-                "args": {
-                    "instrument": str(config.instrument) if config.instrument else None,
-                    "grid_points": config.lazy_grid_points,
-                },
+                "args": {**instrument, "grid_points": config.lazy_grid_points},
             }
         )
     if config.scans:
@@ -240,7 +264,7 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
                     "roi_center_px": list(config.roi_center_px) if config.roi_center_px else None,
                     "roi": config.roi,
                     "binning": config.binning,
-                    "instrument": str(config.instrument) if config.instrument else None,
+                    **instrument,
                 },
             }
         )
@@ -300,6 +324,20 @@ def resolve_api_key(data_dir: Path, given: str | None = None) -> str:
     return key
 
 
+def check_api_key(key: str) -> str:
+    """Refuse an API key too short to serve with (< ``MIN_API_KEY_LENGTH`` characters).
+
+    Kept apart from :func:`resolve_api_key`, which clients also use to find a key.
+    """
+    if len(key) < MIN_API_KEY_LENGTH:
+        raise ValueError(
+            f"the API key is too short ({len(key)} characters, the server needs at least "
+            f"{MIN_API_KEY_LENGTH}): give a longer --api-key / ${API_KEY_ENV} (e.g. `openssl rand -hex 32`) "
+            "or unset both to use the generated key"
+        )
+    return key
+
+
 def ensure_catalog(uri: str) -> bool:
     """Initialise a catalog database once (``tiled catalog init``); True if it was new.
 
@@ -347,7 +385,8 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
     from tiled.config import parse_configs
     from tiled.server.app import build_app_from_config
 
-    key = resolve_api_key(config.data_dir, api_key)
+    key = check_api_key(resolve_api_key(config.data_dir, api_key))
+    _log_refusals()
     write_server_config(config)
     ensure_catalog(os.path.expandvars(config.catalog_database()))
     ensure_catalog(os.path.expandvars(config.files_database()))
@@ -377,6 +416,15 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level)
 
 
+def _log_refusals() -> None:
+    """Send the package's warnings (refused requests, model-file notes) to the server's stderr."""
+    logger = logging.getLogger("nanobeam_bluesky")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -400,7 +448,7 @@ class TiledServer:
         extra_args: Sequence[str] = (),
     ) -> None:
         self.config = config
-        self.api_key = resolve_api_key(config.data_dir, api_key)
+        self.api_key = check_api_key(resolve_api_key(config.data_dir, api_key))
         self._env = {**os.environ, **(env or {}), API_KEY_ENV: self.api_key}
         self._extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None

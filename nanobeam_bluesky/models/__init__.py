@@ -13,7 +13,14 @@ from typing import Any
 from torch import nn
 
 from .mlp import NanobeamMLP, normalise_counts
-from .modelfile import ModelFileError, as_stored, load_model_file, save_model_file, weights_sha256
+from .modelfile import (
+    ModelFileError,
+    as_stored,
+    load_model_file,
+    model_sha256,
+    save_model_file,
+    weights_sha256,
+)
 from .paper import PaperCNN
 from .registered import RegisteredMLP, TiltRegistration, register_frames
 
@@ -28,6 +35,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "load_model_file",
+    "model_sha256",
     "normalise_counts",
     "register_frames",
     "save_model_file",

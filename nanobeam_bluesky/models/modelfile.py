@@ -2,8 +2,12 @@
 
 A file is a dict ``{"format", "format_version", "metadata" (JSON text), "members" (list of
 state_dicts)}``. The metadata names the architecture, instrument, parameter ranges, input and
-output normalisation, count level, training recipe, metrics, package version and the sha256 of
-the weights, so a file is self-describing and checkable.
+output normalisation, count level, training recipe, metrics, package version and a sha256, so a
+file is self-describing and checkable. Since format version 4 the sha256 covers the weights and
+the metadata (its canonical JSON without the sha256 itself): an edited normalisation is caught
+like an edited weight. Versions 1-3 recorded the weights' sha256 only; they still load (their
+weights checked) with a logged note. The sha256 detects corruption and edits, it is no
+signature: whoever edits a file can recompute it.
 
 Large matrices may be stored as int8 with one float32 scale per row (key ``<name>.__row_scale``):
 half the size of float16, and the shipped ensemble's RMSE changes by < 0.2 % (6,000 frames).
@@ -13,18 +17,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["ModelFileError", "as_stored", "load_model_file", "save_model_file", "weights_sha256"]
+__all__ = [
+    "ModelFileError",
+    "as_stored",
+    "load_model_file",
+    "metadata_json",
+    "model_sha256",
+    "save_model_file",
+    "weights_sha256",
+]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "nanobeam-model"
-#: 2: int8 rows; 3: an optional refining stage (metadata "refiner", its members listed last).
-#: Older versions read the same way; older packages refuse version 3 with "upgrade".
-FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+#: 2: int8 rows; 3: an optional refining stage (metadata "refiner", its members listed last);
+#: 4: the sha256 covers the metadata too. Older versions read the same way; older packages
+#: refuse a newer version with "upgrade".
+FORMAT_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
+#: Versions whose sha256 covers the weights only.
+_WEIGHTS_ONLY_VERSIONS = (1, 2, 3)
 _ROW_SCALE = ".__row_scale"
 #: Matrices with at least this many elements are stored as int8 rows when asked for: the MLP's
 #: input layer (256 x 4096). Its 256 x 256 hidden layer is not: as int8 it cost 6 % on omega.
@@ -35,14 +53,34 @@ class ModelFileError(ValueError):
     """A model file that is missing, corrupt, tampered with or of another format."""
 
 
-def weights_sha256(members: list[dict[str, torch.Tensor]]) -> str:
-    """sha256 over every member's tensors (names, dtypes, shapes and bytes), in a fixed order."""
+def _weights_digest(members: list[dict[str, torch.Tensor]]) -> Any:
     digest = hashlib.sha256()
     for state in members:
         for name in sorted(state):
             tensor = state[name].detach().cpu().contiguous()
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest
+
+
+def weights_sha256(members: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 over every member's tensors (names, dtypes, shapes and bytes), in a fixed order."""
+    return _weights_digest(members).hexdigest()
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    """The canonical JSON of the metadata that the sha256 covers: without "sha256", keys sorted,
+    no spaces, ASCII."""
+    rest = {k: v for k, v in metadata.items() if k != "sha256"}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def model_sha256(members: list[dict[str, torch.Tensor]], metadata: dict[str, Any]) -> str:
+    """sha256 over the stored tensors (as :func:`weights_sha256`) then the metadata
+    (:func:`metadata_json`): the model's identity since format version 4."""
+    digest = _weights_digest(members)
+    digest.update(b"\nmetadata:")
+    digest.update(metadata_json(metadata).encode())
     return digest.hexdigest()
 
 
@@ -91,7 +129,7 @@ def save_model_file(
     weight_dtype: torch.dtype = torch.float32,
     int8_rows: bool = False,
 ) -> str:
-    """Write a model file; returns the sha256 of the weights (also stored in the metadata).
+    """Write a model file; returns its sha256 (weights and metadata; also stored in the metadata).
 
     ``weight_dtype=torch.float16`` halves the file (the shipped ensemble: its RMSE changes by
     < 0.1 %); ``int8_rows=True`` halves the large matrices again (int8, one float32 scale per
@@ -100,9 +138,12 @@ def save_model_file(
     """
     path = Path(path)
     members = [_encode(state, weight_dtype, int8_rows) for state in members]
-    sha = weights_sha256(members)
-    metadata = {**metadata, "sha256": sha, "n_members": len(members),
-                "weight_dtype": str(weight_dtype).removeprefix("torch."), "int8_rows": int8_rows}
+    metadata = {k: v for k, v in metadata.items() if k != "sha256"}
+    metadata |= {"n_members": len(members), "weight_dtype": str(weight_dtype).removeprefix("torch."),
+                 "int8_rows": int8_rows}
+    metadata = json.loads(json.dumps(metadata))  # hash what loading gives back (lists, str keys)
+    sha = model_sha256(members, metadata)
+    metadata["sha256"] = sha
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save(
@@ -119,7 +160,8 @@ def save_model_file(
 
 
 def load_model_file(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a model file safely (``weights_only=True``) and verify its weights' sha256."""
+    """Read a model file safely (``weights_only=True``) and verify its sha256 (weights and
+    metadata; weights only for format versions 1-3, with a logged note)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"no model file at {path}")
@@ -140,7 +182,17 @@ def load_model_file(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], di
         )
     metadata = json.loads(blob["metadata"])
     members = blob["members"]
-    sha = weights_sha256(members)
-    if sha != metadata.get("sha256"):
-        raise ModelFileError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
+    version = blob["format_version"]
+    if version in _WEIGHTS_ONLY_VERSIONS:
+        if weights_sha256(members) != metadata.get("sha256"):
+            raise ModelFileError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
+        logger.warning(
+            "%s: model format version %s: its sha256 covers the weights only, not the metadata; "
+            "re-save it with save_model_file (format %s) to cover both", path, version, FORMAT_VERSION
+        )
+    elif model_sha256(members, metadata) != metadata.get("sha256"):
+        raise ModelFileError(
+            f"{path}: weights or metadata do not match the recorded sha256; the file is corrupt or "
+            "was edited: retrain, or re-save it with save_model_file after a deliberate change"
+        )
     return [_decode(m) for m in members], metadata

@@ -1,6 +1,8 @@
 """Tiled adapters: the simulated library (from its file or simulated on demand), experimental
-scan files and directories of them, with the MIME types that register them in a catalog."""
+scan files and directories of them, with the MIME types that register them in a catalog, and
+the catalog that serves only assets inside its declared storage (``contained_catalog``)."""
 
+from ._guard import RefusedError, contained_catalog, named_instrument
 from .library import LIBRARY_SPEC, MAX_SIMULATED_FRAMES, LazyLibraryAdapter, SimulatedLibraryAdapter
 from .mimetypes import (
     ADAPTERS_BY_MIMETYPE,
@@ -22,7 +24,10 @@ __all__ = [
     "SCAN_SUFFIXES",
     "ExperimentalScanAdapter",
     "LazyLibraryAdapter",
+    "RefusedError",
     "ScanDirectoryAdapter",
     "SimulatedLibraryAdapter",
+    "contained_catalog",
     "detect_mimetype",
+    "named_instrument",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "BlockwiseArrayAdapter",
     "ContainerAdapter",
     "DataError",
+    "check_parameters",
     "coordinate",
     "normalise_index",
     "served_errors",
@@ -26,10 +27,14 @@ __all__ = [
 #: HTTP status for data the server cannot read (corrupt, truncated, wrong layout). A 4xx, so the
 #: tiled client shows our message at once instead of retrying as it does for 5xx.
 DATA_ERROR_STATUS = 422
+#: HTTP status for data the server refuses to serve (outside its declared files).
+REFUSED_STATUS = 403
 
 
 class DataError(ValueError):
     """A request that cannot be answered from the data (too large, unreadable)."""
+
+    status_code = DATA_ERROR_STATUS
 
 
 @contextlib.contextmanager
@@ -49,8 +54,16 @@ def served_errors(what: str = "") -> Iterator[None]:
         if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)):
             detail = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
             prefix = f"{what}: " if what and what not in detail else ""
-            raise HTTPException(status_code=DATA_ERROR_STATUS, detail=prefix + detail) from exc
+            status = exc.status_code if isinstance(exc, DataError) else DATA_ERROR_STATUS
+            raise HTTPException(status_code=status, detail=prefix + detail) from exc
         raise
+
+
+def check_parameters(given: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse registration parameters an adapter does not take (one line naming them)."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise DataError(f"unknown registration parameter(s) {unknown}; this node takes {list(allowed)}")
 
 
 def normalise_index(index: Any, shape: tuple[int, ...]) -> tuple[int | slice, ...]:

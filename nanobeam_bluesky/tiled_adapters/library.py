@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import h5py
 import numpy as np
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.core import Spec
@@ -33,11 +32,13 @@ from ._arrays import (
     BlockwiseArrayAdapter,
     ContainerAdapter,
     DataError,
+    check_parameters,
     coordinate,
     h5_read,
     selected,
     served_errors,
 )
+from ._guard import named_instrument, open_hdf5
 
 __all__ = [
     "LIBRARY_SPEC",
@@ -87,7 +88,7 @@ class LibraryFramesAdapter(BlockwiseArrayAdapter):
         self._path = path
 
     def _read(self, index: tuple[int | slice, ...]) -> np.ndarray:
-        with h5py.File(self._path, "r") as h5:
+        with open_hdf5(self._path) as h5:
             return h5_read(h5["frames"], index)
 
 
@@ -135,7 +136,8 @@ class SimulatedLibraryAdapter(ContainerAdapter):
     """A library file written by ``nanobeam simulate-library``, served as a container.
 
     Build with :meth:`from_path`, :meth:`from_uris` (``tiled register``) or :meth:`from_catalog`.
-    Frames are read from the file only when a client asks for them.
+    Frames are read from the file only when a client asks for them. A file holding HDF5 external
+    links, virtual datasets or external raw storage is refused.
     """
 
     @classmethod
@@ -178,8 +180,9 @@ class SimulatedLibraryAdapter(ContainerAdapter):
         return cls.from_path(path_from_uri(data_uri))
 
     @classmethod
-    def from_catalog(cls, data_source: Any, node: Any, /, **kwargs: Any) -> SimulatedLibraryAdapter:
+    def from_catalog(cls, data_source: Any, node: Any, /, **parameters: Any) -> SimulatedLibraryAdapter:
         with served_errors("library"):
+            check_parameters(parameters, ())
             return cls.from_path(
                 path_from_uri(data_source.assets[0].data_uri), metadata=dict(node.metadata_ or {})
             )
@@ -193,23 +196,26 @@ class LazyLibraryAdapter(ContainerAdapter):
     it is ``None``; use the library file when counts must follow the library-wide scale.
     """
 
+    #: Where ``instrument`` names of catalog entries are looked up (set per catalog).
+    instrument_dir: ClassVar[str | Path | None] = None
+    #: Registration parameters a catalog entry may carry.
+    registration_parameters: ClassVar[tuple[str, ...]] = ("instrument", "grid_points", "upsample",
+                                                          "max_counts")
+
     @classmethod
     def from_instrument(
         cls,
-        instrument: Instrument | str | Path | dict[str, Any] | None = None,
+        instrument: Instrument | str | dict[str, Any] | None = None,
         *,
+        instrument_dir: str | Path | None = None,
         grid_points: int | None = None,
         upsample: int | None = None,
         max_counts: float = 7.0,
         metadata: dict[str, Any] | None = None,
     ) -> LazyLibraryAdapter:
-        """Args: an Instrument, a YAML/JSON config path, a dict, or None (physics.md's default)."""
-        if instrument is None:
-            instrument = Instrument()
-        elif isinstance(instrument, dict):
-            instrument = Instrument.from_dict(instrument)
-        elif not isinstance(instrument, Instrument):
-            instrument = Instrument.load(instrument)
+        """Args: an Instrument, an inline config (dict), the name of a config in
+        ``instrument_dir`` (never a path; see ``named_instrument``), or None (physics.md's)."""
+        instrument = named_instrument(instrument, instrument_dir)
         axes = grid_axes(instrument, grid_points)
         s = instrument.upsample if upsample is None else int(upsample)
         n_pix = instrument.frame_pixels
@@ -245,15 +251,19 @@ class LazyLibraryAdapter(ContainerAdapter):
     @classmethod
     def from_uris(cls, data_uri: str, **kwargs: Any) -> LazyLibraryAdapter:
         """From an instrument config file (YAML/JSON), e.g. through ``tiled register``."""
-        return cls.from_instrument(path_from_uri(data_uri), **kwargs)
+        instrument = kwargs.pop("instrument", None) or Instrument.load(path_from_uri(data_uri))
+        return cls.from_instrument(instrument, instrument_dir=cls.instrument_dir, **kwargs)
 
     @classmethod
-    def from_catalog(cls, data_source: Any, node: Any, /, **kwargs: Any) -> LazyLibraryAdapter:
+    def from_catalog(cls, data_source: Any, node: Any, /, **parameters: Any) -> LazyLibraryAdapter:
+        """The registered config file (the asset), or ``instrument``: a name or an inline config."""
         with served_errors("lazy library"):
-            instrument = kwargs.pop("instrument", None)
+            check_parameters(parameters, cls.registration_parameters)
+            instrument = parameters.pop("instrument", None)
             if instrument is None and data_source.assets:
-                instrument = path_from_uri(data_source.assets[0].data_uri)
-            return cls.from_instrument(instrument, metadata=dict(node.metadata_ or {}), **kwargs)
+                instrument = Instrument.load(path_from_uri(data_source.assets[0].data_uri))
+            return cls.from_instrument(instrument, instrument_dir=cls.instrument_dir,
+                                       metadata=dict(node.metadata_ or {}), **parameters)
 
 
 def _inspect_library(path: Path) -> dict[str, Any]:
@@ -261,7 +271,7 @@ def _inspect_library(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LibraryError(f"no library at {path}; make one with `nanobeam simulate-library --out {path}`")
     try:
-        with h5py.File(path, "r") as h5:
+        with open_hdf5(path) as h5:
             attrs = dict(h5.attrs)
             if attrs.get("format") != LIBRARY_FORMAT:
                 raise LibraryError(f"{path.name} is not a nanobeam library (format={attrs.get('format')!r})")

@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import h5py
 import numpy as np
 from tiled.adapters.mapping import MapAdapter
 from tiled.structures.array import ArrayStructure, BuiltinDtype
@@ -32,7 +31,15 @@ from tiled.utils import path_from_uri
 
 from ..physics import Instrument, bin_roi, roi_origin
 from ..scanfile import ScanFileError, ScanLayout, ScanSummary, inspect_scan_file
-from ._arrays import BlockwiseArrayAdapter, ContainerAdapter, coordinate, h5_read, served_errors
+from ._arrays import (
+    BlockwiseArrayAdapter,
+    ContainerAdapter,
+    check_parameters,
+    coordinate,
+    h5_read,
+    served_errors,
+)
+from ._guard import check_hdf5, named_instrument, open_hdf5
 
 __all__ = [
     "SCAN_SPEC",
@@ -71,7 +78,7 @@ class ScanFramesAdapter(BlockwiseArrayAdapter):
 
     def _read(self, index: tuple[int | slice, ...]) -> np.ndarray:
         try:
-            with h5py.File(self._path, "r") as h5:
+            with open_hdf5(self._path) as h5:
                 return h5_read(h5[self._dataset], index)
         except (OSError, KeyError) as exc:
             raise ScanFileError(f"{self._path.name}: cannot read frames ({exc}); the file is "
@@ -107,7 +114,7 @@ class BinnedFramesAdapter(BlockwiseArrayAdapter):
         col0 = round(self._roi_center[1]) - self._roi // 2
         cut = (*index[:-2], slice(row0, row0 + self._roi), slice(col0, col0 + self._roi))
         try:
-            with h5py.File(self._path, "r") as h5:
+            with open_hdf5(self._path) as h5:
                 raw = h5_read(h5[self._dataset], cut)
         except (OSError, KeyError) as exc:
             raise ScanFileError(f"{self._path.name}: cannot read frames ({exc}); the file is "
@@ -125,9 +132,21 @@ class ExperimentalScanAdapter(ContainerAdapter):
         roi_center_px: (row, col) of the central reflected ray on the detector, raw pixels;
             default: the file's ``roi_center_px`` attribute. Without it no ``binned`` node.
         roi, binning: ROI side (raw pixels) and binning; default: the instrument's (128, 2).
-        instrument: an Instrument, a config path or dict; default: the one stored in the file,
-            else physics.md's. Its detector orientation options apply to the binned frames.
+        instrument: an Instrument, an inline config (dict), or the name of a config in
+            ``instrument_dir`` (never a path; see ``named_instrument``); default: the one stored
+            in the file, else physics.md's. Its detector orientation options apply to the binned
+            frames.
+        instrument_dir: where instrument names are looked up. Catalog entries get the server's
+            (the class attribute, set by ``contained_catalog``).
+
+    A file holding HDF5 external links, virtual datasets or external raw storage is refused.
     """
+
+    #: Where ``instrument`` names of catalog entries are looked up (set per catalog).
+    instrument_dir: ClassVar[str | Path | None] = None
+    #: Registration parameters a catalog entry may carry.
+    registration_parameters: ClassVar[tuple[str, ...]] = ("layout", "roi_center_px", "roi", "binning",
+                                                          "instrument")
 
     @classmethod
     def from_path(
@@ -138,13 +157,14 @@ class ExperimentalScanAdapter(ContainerAdapter):
         roi_center_px: tuple[float, float] | list[float] | None = None,
         roi: int | None = None,
         binning: int | None = None,
-        instrument: Instrument | str | Path | dict[str, Any] | None = None,
+        instrument: Instrument | str | dict[str, Any] | None = None,
+        instrument_dir: str | Path | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ExperimentalScanAdapter:
         path = Path(path)
         layout = layout if isinstance(layout, ScanLayout) else ScanLayout.from_dict(layout)
-        summary = inspect_scan_file(path, layout)
-        instrument = _instrument(instrument, summary)
+        summary = inspect_scan_file(path, layout, check=lambda h5: check_hdf5(h5, path.name))
+        instrument = _instrument(instrument, instrument_dir, summary)
         roi = int(roi or instrument.roi_pixels)
         binning = int(binning or instrument.binning)
         center = roi_center_px if roi_center_px is not None else summary.roi_center_px
@@ -192,7 +212,7 @@ class ExperimentalScanAdapter(ContainerAdapter):
                 },
                 specs=[Spec("xarray_data_var")],
             )
-        with h5py.File(path, "r") as h5:
+        with open_hdf5(path) as h5:
             for name in ("x_um", "y_um"):
                 children[name] = coordinate(h5[getattr(layout, name)][()], scan_dims, "um")
         md = {
@@ -217,22 +237,21 @@ class ExperimentalScanAdapter(ContainerAdapter):
 
     @classmethod
     def from_uris(cls, data_uri: str, **kwargs: Any) -> ExperimentalScanAdapter:
-        return cls.from_path(path_from_uri(data_uri), **kwargs)
+        return cls.from_path(path_from_uri(data_uri), instrument_dir=cls.instrument_dir, **kwargs)
 
     @classmethod
-    def from_catalog(cls, data_source: Any, node: Any, /, **kwargs: Any) -> ExperimentalScanAdapter:
+    def from_catalog(cls, data_source: Any, node: Any, /, **parameters: Any) -> ExperimentalScanAdapter:
         uri = data_source.assets[0].data_uri
         with served_errors(Path(path_from_uri(uri)).name):
-            return cls.from_path(path_from_uri(uri), metadata=dict(node.metadata_ or {}), **kwargs)
+            check_parameters(parameters, cls.registration_parameters)
+            return cls.from_path(path_from_uri(uri), metadata=dict(node.metadata_ or {}),
+                                 instrument_dir=cls.instrument_dir, **parameters)
 
 
-def _instrument(value: Instrument | str | Path | dict[str, Any] | None, summary: ScanSummary) -> Instrument:
-    if isinstance(value, Instrument):
-        return value
-    if isinstance(value, dict):
-        return Instrument.from_dict(value)
+def _instrument(value: Instrument | str | dict[str, Any] | None, instrument_dir: str | Path | None,
+                summary: ScanSummary) -> Instrument:
     if value is not None:
-        return Instrument.load(value)
+        return named_instrument(value, instrument_dir)
     if summary.instrument_json:
         return Instrument.from_dict(json.loads(summary.instrument_json))
     return Instrument()
@@ -316,13 +335,17 @@ class ScanDirectoryAdapter(MapAdapter):
         roi: int | None = None,
         binning: int | None = None,
         instrument: str | dict[str, Any] | None = None,
+        instrument_dir: str | None = None,
     ) -> ScanDirectoryAdapter:
-        """Serve ``directory``; the options apply to every file (see ExperimentalScanAdapter)."""
+        """Serve ``directory``; the options apply to every file (see ExperimentalScanAdapter).
+
+        ``instrument`` names a config in ``instrument_dir`` (or is an inline config).
+        """
         root = Path(directory).expanduser().resolve()
         if not root.is_dir():
             raise ScanFileError(f"scan directory {root} does not exist; create it or fix the path")
-        if instrument is not None and not isinstance(instrument, dict):
-            instrument = Instrument.load(instrument).to_dict()  # fail at start, not per request
+        if instrument is not None:
+            instrument = named_instrument(instrument, instrument_dir).to_dict()  # fail at start
         options = {
             "layout": ScanLayout.from_dict(layout),
             "roi_center_px": roi_center_px,

@@ -72,8 +72,9 @@ def train_ensemble(
 ) -> tuple[str, dict[str, Any]]:
     """Train ``n_members`` networks (seeds seed, seed+1, ...) and save them as one model file.
 
-    Returns (sha256 of the weights, metadata). With ``workdir``, each member keeps its metrics
-    log and resumable checkpoint in ``workdir/member-<k>/``, and a finished member is not retrained.
+    Returns (the file's sha256: weights and metadata; metadata). With ``workdir``, each member
+    keeps its metrics log and resumable checkpoint in ``workdir/member-<k>/``, and a finished member
+    is not retrained.
 
     The ``registered`` recipe trains a refining stage for the coarse ensemble in the model file
     ``base`` (same instrument); the file written holds both stages.
