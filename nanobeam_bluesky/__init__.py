@@ -3,10 +3,39 @@
 The main entry points: :func:`load_pretrained` (the shipped two-stage NanobeamNN model),
 :class:`Predictor`, :mod:`nanobeam_bluesky.physics` (the forward model),
 :mod:`nanobeam_bluesky.callbacks` (live analysis in Bluesky) and the ``nanobeam`` command line.
+
+The names below are imported on first use (PEP 562), so ``import nanobeam_bluesky.cli`` and
+``nanobeam --help`` do not import torch.
 """
 
-from ._version import __version__
-from .inference import Flag, InstrumentMismatchError, Predictor, load_pretrained
-from .physics import Instrument
+from __future__ import annotations
 
-__all__ = ["Flag", "Instrument", "InstrumentMismatchError", "Predictor", "__version__", "load_pretrained"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import InputError, NanobeamError
+
+if TYPE_CHECKING:
+    from .inference import InstrumentMismatchError, Predictor, load_pretrained
+    from .physics import Instrument
+    from .quality import Flag
+
+__all__ = ["Flag", "InputError", "Instrument", "InstrumentMismatchError", "NanobeamError", "Predictor",
+           "__version__", "load_pretrained"]
+
+_LAZY = {"Flag": ".quality", "Instrument": ".physics", "InstrumentMismatchError": ".inference",
+         "Predictor": ".inference", "load_pretrained": ".inference"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

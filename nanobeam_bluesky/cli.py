@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ._version import __version__
+from .errors import InputError, NanobeamError
 
 
 def _instrument(path: str | None):
@@ -86,9 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
     recipe = recipe.replace(**changes)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise InputError("--device cuda asked for, but torch sees no CUDA device")
     members = args.members if args.members is not None else (1 if recipe.name == "paper" else 4)
-    command = "nanobeam train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "nanobeam " + " ".join(shlex.quote(a) for a in args.argv)
     sha, meta = train_ensemble(recipe, members, args.out, _instrument(args.instrument),
                                seed=args.seed, workdir=args.workdir, device=args.device,
                                library=args.library, command=command, base=args.base)
@@ -128,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for item in args.scan_dataset or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--scan-dataset wants NAME=PATH (e.g. frames=/entry/data/data), got {item!r}")
+            raise InputError(f"--scan-dataset wants NAME=PATH (e.g. frames=/entry/data/data), got {item!r}")
         layout[key] = value
     config = ServerConfig(
         data_dir=args.data_dir,
@@ -241,7 +242,7 @@ def _predictor(model: str | None, device: str = "cpu"):
     try:
         return load_pretrained(device=device)
     except FileNotFoundError as exc:
-        raise ValueError(f"{exc}; or give a model file with --model") from exc
+        raise InputError(f"{exc}; or give a model file with --model") from exc
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -363,10 +364,11 @@ def _load_scan(path: str, dataset: str):
         return np.load(path, mmap_mode="r")
     import h5py
 
-    h5 = h5py.File(path, "r")
+    h5 = h5py.File(path, "r")  # open while the fit reads it lazily; closed at exit (see cmd_fit)
     if dataset not in h5:
         names = [k for k in h5 if isinstance(h5[k], h5py.Dataset)]
-        raise ValueError(f"{path} has no dataset {dataset!r} (it has {names}); name it with --dataset")
+        h5.close()
+        raise InputError(f"{path} has no dataset {dataset!r} (it has {names}); name it with --dataset")
     return h5[dataset]
 
 
@@ -398,14 +400,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     fitter = make_fitter(args.method, library, **options)
     prepared = time.perf_counter()
-    result = fitter.fit(frames, instrument=data_instrument)
+    try:
+        result = fitter.fit(frames, instrument=data_instrument)
+    finally:
+        if hasattr(frames, "file"):  # an h5py dataset: close its file
+            frames.file.close()
     done = time.perf_counter()
     if phantom is not None:
         truth = phantom.to_dataset()
         result = result.assign_coords(x_um=truth.x_um, y_um=truth.y_um)
         for name in PARAMETERS:
             result[f"{name}_true"] = truth[name]
-    result.attrs["command"] = "nanobeam fit " + " ".join(sys.argv[2:])
+    result.attrs["command"] = "nanobeam " + " ".join(args.argv)
     from pathlib import Path
 
     out = Path(args.out)
@@ -475,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Strain and tilt maps from scanning X-ray nanodiffraction, live in Bluesky.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (by default one line says what to fix)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_simulate_library, _add_train, _add_fit, _add_preview, _add_serve,
                 _add_simulate_scan, _add_replay, _add_listen):
@@ -483,17 +491,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``nanobeam`` command. Errors the user can fix (:class:`~nanobeam_bluesky.errors.NanobeamError`,
+    and files that cannot be read or written) print one line and return 2; anything else prints
+    one line and returns 1; ``--debug`` shows the traceback instead."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except (NanobeamError, OSError) as exc:
+        if args.debug:
+            raise
         # Configuration and data errors are the user's to fix: say what, not a traceback.
         print(f"nanobeam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"nanobeam {args.command}: unexpected error: {type(exc).__name__}: {exc} (run again with "
+              "--debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .errors import NanobeamError
 from .models import (
     NanobeamMLP,
     RegisteredMLP,
@@ -54,7 +55,7 @@ __all__ = [
 PRETRAINED_FILE = "nanobeam-default.pt"
 
 
-class InstrumentMismatchError(ValueError):
+class InstrumentMismatchError(NanobeamError, ValueError):
     """The data's instrument is not the one the model was trained for."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .physics import Instrument, simulate, to_counts
 
 __all__ = ["Phantom", "fig3_phantom", "simulate_scan"]
@@ -47,14 +48,14 @@ class Phantom:
     def __post_init__(self) -> None:
         arrays = [np.asarray(getattr(self, n), dtype=np.float64) for n in ("strain", "omega_deg", "chi_deg")]
         if arrays[0].ndim != 2 or any(a.shape != arrays[0].shape for a in arrays):
-            raise ValueError(
+            raise InputError(
                 "strain, omega_deg and chi_deg must be 2-D maps of one shape (scan_y, scan_x), got "
                 f"{[a.shape for a in arrays]}"
             )
         if not all(np.isfinite(a).all() for a in arrays):
-            raise ValueError("phantom maps must be finite")
+            raise InputError("phantom maps must be finite")
         if not self.pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um must be positive, got {self.pixel_size_um!r}")
+            raise InputError(f"pixel_size_um must be positive, got {self.pixel_size_um!r}")
         for name, arr in zip(("strain", "omega_deg", "chi_deg"), arrays, strict=True):
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
@@ -89,7 +90,7 @@ class Phantom:
         At a pixel's own position both methods return that pixel's values.
         """
         if method not in ("linear", "nearest"):
-            raise ValueError(f"method must be 'linear' or 'nearest', got {method!r}")
+            raise InputError(f"method must be 'linear' or 'nearest', got {method!r}")
         x, y = np.broadcast_arrays(np.asarray(x_um, dtype=np.float64), np.asarray(y_um, dtype=np.float64))
         col = np.clip((x - self.origin_um[0]) / self.pixel_size_um, 0, self.shape[1] - 1)
         row = np.clip((y - self.origin_um[1]) / self.pixel_size_um, 0, self.shape[0] - 1)
@@ -163,11 +164,11 @@ def fig3_phantom(
     """
     n_y, n_x = (size, size) if isinstance(size, (int, np.integer)) else size
     if n_y < 1 or n_x < 1:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise InputError(f"size must be positive, got {size!r}")
     if not 0 < fill <= 1:
-        raise ValueError(f"fill must be in (0, 1], got {fill!r}")
+        raise InputError(f"fill must be in (0, 1], got {fill!r}")
     if step_width <= 0 or omega_steps < 1 or chi_steps < 1:
-        raise ValueError("step_width must be positive and omega_steps, chi_steps at least 1")
+        raise InputError("step_width must be positive and omega_steps, chi_steps at least 1")
     side = max(n_y, n_x) - 1 or 1
     v, u = np.meshgrid(np.arange(n_y) / side, np.arange(n_x) / side, indexing="ij")
     ranges = instrument.parameter_ranges
@@ -213,7 +214,7 @@ def simulate_scan(
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if not max_counts > 0:
-        raise ValueError(f"max_counts must be positive, got {max_counts!r}")
+        raise InputError(f"max_counts must be positive, got {max_counts!r}")
     strain, omega, chi = phantom.parameters()
     n_pix = instrument.frame_pixels
     out = np.empty((len(strain), n_pix, n_pix), dtype=np.float32)

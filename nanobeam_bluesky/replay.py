@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError, NanobeamError
+
 __all__ = ["ReplayResult", "RunNotFoundError", "find_run", "replay_run"]
 
 DocumentCallback = Callable[[str, dict[str, Any]], Any]
 
 
-class RunNotFoundError(LookupError, ValueError):
+class RunNotFoundError(NanobeamError, LookupError, ValueError):
     """No run with the given uid or scan_id in the catalog."""
 
 
@@ -132,12 +134,12 @@ def replay_run(
     t0 = time.perf_counter()
     start = copy.deepcopy(dict(run.start))
     if is_derived_start(start):
-        raise ValueError(
+        raise InputError(
             f"run {start['uid']} is a derived run; replay its raw parent {start.get('parent_uid')}"
         )
     descriptors = [d for d in run.descriptors if d.get("name", "primary") == stream_name]
     if not descriptors:
-        raise ValueError(f"run {start['uid']} has no stream {stream_name!r}; its streams: {list(run)}")
+        raise InputError(f"run {start['uid']} has no stream {stream_name!r}; its streams: {list(run)}")
     descriptor = copy.deepcopy(dict(descriptors[0]))
     callback = NanobeamCallback(
         predictor,

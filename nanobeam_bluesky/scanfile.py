@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
+from .errors import NanobeamError
 from .phantoms import Phantom
 from .physics import Instrument, roi_origin, simulate_roi
 
@@ -48,7 +49,7 @@ FORMAT = "nanobeam-scan"
 FORMAT_VERSION = 1
 
 
-class ScanFileError(ValueError):
+class ScanFileError(NanobeamError, ValueError):
     """A scan file that is missing, corrupt, truncated or not in the declared layout."""
 
 

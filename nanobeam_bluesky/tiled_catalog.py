@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import InputError
+
 __all__ = [
     "MODEL_SHA256_KEY",
     "PARENT_UID_KEY",
@@ -62,7 +64,7 @@ def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> 
             try:
                 client = from_profile(catalog, **({"api_key": key} if key else {}), **kwargs)
             except Exception as exc:
-                raise ValueError(
+                raise InputError(
                     f"{catalog!r} is neither a tiled URI (http://...) nor a known tiled/databroker "
                     f"profile ({exc}); list profiles with `tiled profile list`"
                 ) from exc

@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 from .tiled_adapters import ADAPTERS_BY_MIMETYPE
 
 __all__ = [
@@ -320,7 +321,7 @@ def resolve_api_key(data_dir: Path, given: str | None = None) -> str:
         with os.fdopen(fd, "w") as out:
             out.write(key + "\n")
     if not key.isalnum():
-        raise ValueError("the API key may contain only letters and digits (tiled's rule)")
+        raise InputError("the API key may contain only letters and digits (tiled's rule)")
     return key
 
 
@@ -330,7 +331,7 @@ def check_api_key(key: str) -> str:
     Kept apart from :func:`resolve_api_key`, which clients also use to find a key.
     """
     if len(key) < MIN_API_KEY_LENGTH:
-        raise ValueError(
+        raise InputError(
             f"the API key is too short ({len(key)} characters, the server needs at least "
             f"{MIN_API_KEY_LENGTH}): give a longer --api-key / ${API_KEY_ENV} (e.g. `openssl rand -hex 32`) "
             "or unset both to use the generated key"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter, Filler
 
+from ..errors import InputError
 from ..inference import Predictor
 from ..physics import PARAMETERS, Instrument
 from ..quality import FLAG_DTYPE, NO_VALUE, Flag, PooledConsistency
@@ -219,7 +220,7 @@ class NanobeamCallback(DocumentRouter):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.predictor = predictor
         self.image_key = image_key
         self.stream_name = stream_name
@@ -269,7 +270,7 @@ class NanobeamCallback(DocumentRouter):
             raise TypeError(f"subscribe needs a callable func(name, doc), got {func!r}")
         names = {"all", "start", "descriptor", "event_page", "stop"}
         if name not in names:
-            raise ValueError(f"name must be one of {sorted(names)} (derived runs have no other documents), "
+            raise InputError(f"name must be one of {sorted(names)} (derived runs have no other documents), "
                              f"got {name!r}")
         token = next(self._tokens)
         self._subscribers[token] = (func, name)
@@ -670,7 +671,7 @@ class NanobeamCallback(DocumentRouter):
     @staticmethod
     def _check_result(result: Any, n: int) -> None:
         if not hasattr(result, "sizes") or result.sizes.get("frame") != n:
-            raise ValueError(f"the model returned {type(result).__name__} for {n} frames, not a Dataset "
+            raise InputError(f"the model returned {type(result).__name__} for {n} frames, not a Dataset "
                              "with one row per frame")
 
     def _analyse(self, run: _Run) -> _Rows:

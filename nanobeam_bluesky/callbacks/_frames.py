@@ -7,10 +7,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import NanobeamError
+
 __all__ = ["FrameLayout", "ImageKeyError", "Storage", "find_frame_layout", "find_position_keys"]
 
 
-class ImageKeyError(ValueError):
+class ImageKeyError(NanobeamError, ValueError):
     """The raw stream has no usable frame key, or the named one has the wrong shape."""
 
 

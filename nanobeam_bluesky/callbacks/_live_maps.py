@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..errors import InputError
 from ..inference import UNITS
 
 __all__ = ["LiveStrainMaps", "MapGrid"]
@@ -37,7 +38,7 @@ class MapGrid:
     def __init__(self, shape: Sequence[int], extents: Sequence[Sequence[float]] | None = None,
                  keys: Sequence[str] | None = None) -> None:
         if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"a map needs a 2-D shape (ny, nx), got {shape!r}")
+            raise InputError(f"a map needs a 2-D shape (ny, nx), got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.extents = None if extents is None or keys is None else np.asarray(extents, dtype=float)
         self.keys = None if self.extents is None else tuple(keys)  # type: ignore[arg-type]

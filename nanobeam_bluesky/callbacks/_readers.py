@@ -11,12 +11,14 @@ from urllib.parse import unquote, urlparse
 import h5py
 import numpy as np
 
+from ..errors import NanobeamError
+
 __all__ = ["AreaDetectorHDF5Handler", "StreamReadError", "StreamResourceReader", "path_from_uri"]
 
 HDF5_MIMETYPES = ("application/x-hdf5", "application/x-hdf5-swmr")
 
 
-class StreamReadError(OSError):
+class StreamReadError(NanobeamError, OSError):
     """Frames named by a StreamDatum/Datum could not be read."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 
+from ..errors import InputError
 from ..inference import Predictor
 from ._callback import NanobeamCallback
 from ._live_maps import LiveStrainMaps
@@ -77,7 +78,7 @@ def listen(
     Returns the callback (after the dispatcher stopped), e.g. to read its ``stats``.
     """
     if in_prefix == out_prefix and in_prefix:
-        raise ValueError("in_prefix and out_prefix must differ, or the listener would read its own output")
+        raise InputError("in_prefix and out_prefix must differ, or the listener would read its own output")
     callback = NanobeamCallback(predictor, **callback_kwargs)
     publisher = Publisher(to_address, prefix=out_prefix)
     callback.subscribe(publisher)

@@ -41,6 +41,7 @@ from ophyd_async.core import (
     soft_signal_rw,
 )
 
+from ..errors import InputError
 from ._sample import FrameSimulator
 from ._stage import NanoprobeStage, TriggerPulse
 
@@ -280,7 +281,7 @@ class NanoprobeFlyDetector(StandardDetector):
                  name: str = "") -> None:
         if path_provider is None:
             if directory is None:
-                raise ValueError("give the detector a path_provider or a directory for its HDF5 files")
+                raise InputError("give the detector a path_provider or a directory for its HDF5 files")
             path_provider = StaticPathProvider(UUIDFilenameProvider(), Path(directory).resolve())
         self.driver = NanoprobeDriver(simulator, stage)
         self.add_detector_logics(

@@ -9,6 +9,7 @@ import bluesky.preprocessors as bpp
 from bluesky.utils import MsgGenerator
 from ophyd_async.core import DetectorTrigger, TriggerInfo
 
+from ..errors import InputError
 from ._fly_detector import MIN_DEAD_TIME_S, NanoprobeFlyDetector
 from ._stage import NanoprobeStage, RasterInfo, RasterPath
 
@@ -38,9 +39,9 @@ def fly_raster_scan(
     Returns the run uid.
     """
     if exposure_s <= 0:
-        raise ValueError(f"exposure_s must be positive, got {exposure_s!r}")
+        raise InputError(f"exposure_s must be positive, got {exposure_s!r}")
     if dead_time_s < MIN_DEAD_TIME_S:
-        raise ValueError(f"dead_time_s must be at least the camera readout, {MIN_DEAD_TIME_S} s; "
+        raise InputError(f"dead_time_s must be at least the camera readout, {MIN_DEAD_TIME_S} s; "
                          f"got {dead_time_s!r}")
     n = len(path)
     x_key, y_key = f"{detector.name}-x", f"{detector.name}-y"

@@ -7,6 +7,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import InputError
 from ..physics import Instrument, simulate, simulate_roi
 
 __all__ = ["FrameSimulator", "Sample"]
@@ -51,9 +52,9 @@ class FrameSimulator:
         if not isinstance(self.sample, Sample):
             raise TypeError(f"sample needs a values_at(x_um, y_um) method, got {type(self.sample).__name__}")
         if self.frame not in ("binned", "raw"):
-            raise ValueError(f"frame must be 'binned' or 'raw', got {self.frame!r}")
+            raise InputError(f"frame must be 'binned' or 'raw', got {self.frame!r}")
         if not self.count_rate_per_s > 0:
-            raise ValueError(f"count_rate_per_s must be positive, got {self.count_rate_per_s!r}")
+            raise InputError(f"count_rate_per_s must be positive, got {self.count_rate_per_s!r}")
         self._rng = np.random.default_rng(self.seed)
 
     @property
@@ -76,5 +77,5 @@ class FrameSimulator:
     def frames_at(self, x_um, y_um, exposure_s: float) -> np.ndarray:
         """Poisson counts (N, H, W) as uint32 for an exposure of ``exposure_s`` seconds."""
         if not exposure_s > 0:
-            raise ValueError(f"exposure_s must be positive, got {exposure_s!r}")
+            raise InputError(f"exposure_s must be positive, got {exposure_s!r}")
         return self._rng.poisson(self.expected_counts(x_um, y_um, exposure_s)).astype(np.uint32)

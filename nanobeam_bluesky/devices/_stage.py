@@ -12,6 +12,8 @@ from bluesky.protocols import Flyable, Preparable, Reading
 from ophyd_async.core import AsyncStatus, StandardReadable
 from ophyd_async.sim import SimMotor
 
+from ..errors import InputError
+
 __all__ = ["NanoprobeStage", "RasterInfo", "RasterPath", "TriggerOutput", "TriggerPulse"]
 
 
@@ -37,7 +39,7 @@ class RasterPath:
              *, snake: bool = False) -> RasterPath:
         """ny lines along x from (x_start, y_start) to (x_stop, y_stop), both ends included, µm."""
         if nx < 1 or ny < 1:
-            raise ValueError(f"nx and ny must be >= 1, got {nx}, {ny}")
+            raise InputError(f"nx and ny must be >= 1, got {nx}, {ny}")
         xs = np.linspace(x_start, x_stop, nx)
         ys = np.linspace(y_start, y_stop, ny)
         x = np.tile(xs, (ny, 1))
@@ -60,7 +62,7 @@ class RasterInfo:
 
     def __post_init__(self) -> None:
         if not self.period_s > 0:
-            raise ValueError(f"period_s must be positive, got {self.period_s!r}")
+            raise InputError(f"period_s must be positive, got {self.period_s!r}")
 
 
 @dataclass(frozen=True)

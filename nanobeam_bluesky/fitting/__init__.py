@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InputError
 from ..physics import PARAMETERS
 from .base import GridFitter, available_memory_bytes, default_memory_budget
 from .correlation import CorrelationFitter
@@ -41,5 +42,5 @@ def make_fitter(method: str, library: Library, **kwargs: Any) -> GridFitter:
     try:
         cls = FITTERS[method]
     except KeyError:
-        raise ValueError(f"unknown fit method {method!r}; choose one of {sorted(FITTERS)}") from None
+        raise InputError(f"unknown fit method {method!r}; choose one of {sorted(FITTERS)}") from None
     return cls(library, **kwargs)

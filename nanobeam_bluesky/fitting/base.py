@@ -19,6 +19,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..errors import InputError
 from ..physics import PARAMETERS, UNITS, Instrument
 from ..quality import FLAG_DTYPE, NO_VALUE, PhysicsCheck, flag_attributes, prepare_frames
 from .library import Library
@@ -88,7 +89,7 @@ class GridFitter(ABC):
         progress: bool = True,
     ) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+            raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.library = library
         self.progress = progress
         self.memory_budget_bytes = (
@@ -201,7 +202,7 @@ class GridFitter(ABC):
         if len(shape) == 2:
             frames, shape = np.asarray(frames)[None], (1, *shape)
         if len(shape) not in (3, 4):
-            raise ValueError(
+            raise InputError(
                 f"frames must be (N, F, F) or a map (scan_y, scan_x, F, F); got shape {shape}"
             )
         self.library.check_compatible(shape[-2:], None if allow_instrument_mismatch else instrument)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import InputError
 from .base import GridFitter, rows_times
 from .library import PARAMETERS, Library
 
@@ -52,7 +53,7 @@ class CorrelationFitter(GridFitter):
     def __init__(self, library: Library, *, strategy: Literal["summed", "full"] = "summed",
                  **kwargs: Any) -> None:
         if strategy not in ("summed", "full"):
-            raise ValueError(f"strategy must be 'summed' or 'full', got {strategy!r}")
+            raise InputError(f"strategy must be 'summed' or 'full', got {strategy!r}")
         self.strategy = strategy
         super().__init__(library, **kwargs)
 

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..errors import InputError, NanobeamError
 from ..physics import PARAMETERS, Instrument, grid_axes, iter_grid, library_instrument, open_library
 
 __all__ = ["PARAMETERS", "Library", "LibraryMismatchError"]
@@ -22,7 +23,7 @@ __all__ = ["PARAMETERS", "Library", "LibraryMismatchError"]
 #: Fitted parameters in library-axis order; omega and chi are in degrees.
 
 
-class LibraryMismatchError(ValueError):
+class LibraryMismatchError(NanobeamError, ValueError):
     """The library cannot describe the data: another frame shape or another instrument."""
 
 
@@ -45,11 +46,11 @@ class Library:
 
     def __post_init__(self) -> None:
         if tuple(self.axes) != PARAMETERS:
-            raise ValueError(f"library axes must be {PARAMETERS}, got {tuple(self.axes)}")
+            raise InputError(f"library axes must be {PARAMETERS}, got {tuple(self.axes)}")
         for name, values in self.axes.items():
             values = np.asarray(values, dtype=np.float64)
             if values.ndim != 1 or len(values) < 3 or np.any(np.diff(values) <= 0):
-                raise ValueError(
+                raise InputError(
                     f"library axis {name!r} must be increasing with at least 3 points, got {values}"
                 )
             self.axes[name] = values
@@ -108,7 +109,7 @@ class Library:
         frames = np.asarray(frames, dtype=np.float32)
         shape = tuple(len(axes[name]) for name in PARAMETERS)
         if frames.ndim != 5 or frames.shape[:3] != shape or frames.shape[3] != frames.shape[4]:
-            raise ValueError(f"frames must have shape {(*shape, 'F', 'F')}, got {frames.shape}")
+            raise InputError(f"frames must have shape {(*shape, 'F', 'F')}, got {frames.shape}")
         return cls(instrument, dict(axes), frames.shape[-1], source, lambda: iter(frames))
 
     def load(self) -> Library:

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InputError
 from .base import GridFitter, rows_times
 from .library import PARAMETERS, Library
 
@@ -77,13 +78,13 @@ class LikelihoodFitter(GridFitter):
     def __init__(self, library: Library, *, coarse_stride: int = 2, background_fraction: float = 1e-3,
                  **kwargs: Any) -> None:
         if not isinstance(coarse_stride, (int, np.integer)) or coarse_stride < 1:
-            raise ValueError(f"coarse_stride must be a positive integer, got {coarse_stride!r}")
+            raise InputError(f"coarse_stride must be a positive integer, got {coarse_stride!r}")
         if not 0 < background_fraction < 1:
-            raise ValueError(f"background_fraction must be in (0, 1), got {background_fraction!r}")
+            raise InputError(f"background_fraction must be in (0, 1), got {background_fraction!r}")
         for name, axis in library.axes.items():
             steps = np.diff(axis)
             if not np.allclose(steps, steps[0], rtol=1e-6, atol=0):
-                raise ValueError(f"library axis {name!r} must be evenly spaced for the quadratic fit")
+                raise InputError(f"library axis {name!r} must be evenly spaced for the quadratic fit")
         self.coarse_stride = int(coarse_stride)
         self.background_fraction = float(background_fraction)
         super().__init__(library, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InputError
 from .mlp import NanobeamMLP, normalise_counts
 from .modelfile import (
     ModelFileError,
@@ -51,7 +52,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         cls = ARCHITECTURES[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}") from None
+        raise InputError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}") from None
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(**kwargs)
 

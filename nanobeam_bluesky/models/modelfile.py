@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..errors import NanobeamError
+
 __all__ = [
     "ModelFileError",
     "as_stored",
@@ -49,7 +51,7 @@ _ROW_SCALE = ".__row_scale"
 INT8_MIN_ELEMENTS = 262_144
 
 
-class ModelFileError(ValueError):
+class ModelFileError(NanobeamError, ValueError):
     """A model file that is missing, corrupt, tampered with or of another format."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from .instrument import Instrument
 
 __all__ = ["bin_roi", "orient", "roi_origin", "to_counts"]
@@ -29,13 +30,13 @@ def to_counts(
     """
     frames = np.asarray(frames)
     if not np.all(np.isfinite(frames)) or np.any(frames < 0):
-        raise ValueError("frames must be finite and non-negative intensities")
+        raise InputError("frames must be finite and non-negative intensities")
     if scale is None:
         scale = float(frames.max())
     if not scale > 0:
-        raise ValueError(f"scale must be positive (the reference intensity), got {scale!r}")
+        raise InputError(f"scale must be positive (the reference intensity), got {scale!r}")
     if not max_counts > 0:
-        raise ValueError(f"max_counts must be positive, got {max_counts!r}")
+        raise InputError(f"max_counts must be positive, got {max_counts!r}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     expected = frames.astype(np.float64) * (max_counts / scale)
     return rng.poisson(expected).astype(np.float32)
@@ -64,7 +65,7 @@ def roi_origin(
     row0 = round(center[0]) - roi // 2
     col0 = round(center[1]) - roi // 2
     if row0 < 0 or col0 < 0 or row0 + roi > height or col0 + roi > width:
-        raise ValueError(
+        raise InputError(
             f"a {roi} x {roi} ROI around pixel {tuple(center)} does not fit on the {height} x "
             f"{width} detector; move the ROI centre or choose a smaller roi"
         )
@@ -95,11 +96,11 @@ def bin_roi(
     """
     raw = np.asarray(raw_frames)
     if raw.ndim < 2:
-        raise ValueError(f"raw_frames must be images (..., H, W), got shape {raw.shape}")
+        raise InputError(f"raw_frames must be images (..., H, W), got shape {raw.shape}")
     if roi % binning:
-        raise ValueError(f"roi ({roi}) must be a multiple of binning ({binning})")
+        raise InputError(f"roi ({roi}) must be a multiple of binning ({binning})")
     if reduce not in ("sum", "mean"):
-        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+        raise InputError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     row0, col0 = roi_origin(center, roi, raw.shape[-2:])
     cut = raw[..., row0 : row0 + roi, col0 : col0 + roi]
     if instrument is not None:

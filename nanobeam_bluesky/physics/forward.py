@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .instrument import Instrument
 
 __all__ = [
@@ -62,19 +63,19 @@ def as_parameters(strain, omega_deg, chi_deg) -> tuple[np.ndarray, np.ndarray, n
     arrays = [np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (strain, omega_deg, chi_deg)]
     for name, arr in zip(("strain", "omega_deg", "chi_deg"), arrays, strict=False):
         if arr.ndim != 1:
-            raise ValueError(f"{name} must be a scalar or a 1-D array, got shape {arr.shape}")
+            raise InputError(f"{name} must be a scalar or a 1-D array, got shape {arr.shape}")
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} contains non-finite values")
+            raise InputError(f"{name} contains non-finite values")
     lengths = {len(a) for a in arrays if len(a) != 1}
     if len(lengths) > 1:
-        raise ValueError(
+        raise InputError(
             f"strain, omega_deg and chi_deg must have one common length, got "
             f"{[len(a) for a in arrays]}"
         )
     n = lengths.pop() if lengths else 1
     strain, omega, chi = (np.broadcast_to(a, (n,)).copy() for a in arrays)
     if np.any(strain <= -1):
-        raise ValueError("strain must be > -1 (c' = c (1 + strain) must stay positive)")
+        raise InputError("strain must be > -1 (c' = c (1 + strain) must stay positive)")
     return strain, omega, chi
 
 
@@ -95,7 +96,7 @@ def _normals(omega_deg: np.ndarray, chi_deg: np.ndarray, theta_b: float) -> np.n
 def _resolve_upsample(instrument: Instrument, upsample: int | None) -> int:
     s = instrument.upsample if upsample is None else upsample
     if not isinstance(s, (int, np.integer)) or s < 1:
-        raise ValueError(f"upsample must be a positive integer, got {upsample!r}")
+        raise InputError(f"upsample must be a positive integer, got {upsample!r}")
     return int(s)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import NanobeamError
+
 __all__ = ["HC_KEV_ANGSTROM", "ORIENTATION_FIELDS", "PARAMETERS", "UNITS", "Instrument", "InstrumentError"]
 
 #: h c in keV * Angstrom, as fixed by physics.md (lambda[A] = 12.398 / E[keV]).
@@ -26,7 +28,7 @@ UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 ORIENTATION_FIELDS = ("detector_transpose", "detector_flip_rows", "detector_flip_cols")
 
 
-class InstrumentError(ValueError):
+class InstrumentError(NanobeamError, ValueError):
     """An instrument description that cannot describe a real measurement."""
 
 

@@ -24,6 +24,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..errors import NanobeamError
 from .forward import iter_grid
 from .instrument import PARAMETERS, Instrument
 
@@ -33,7 +34,7 @@ FORMAT = "nanobeam-library"
 FORMAT_VERSION = 1
 
 
-class LibraryError(ValueError):
+class LibraryError(NanobeamError, ValueError):
     """A library file that is missing, incomplete, corrupt or of another format."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..physics import Instrument, orient
 from ._flags import FLAG_DTYPE, Flag
 from ._kernel import KERNEL_LOCK, frame_statistics
@@ -100,7 +101,7 @@ def prepare_frames(
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] not in ((f, f), (raw_side, raw_side)):
-        raise ValueError(
+        raise InputError(
             f"frames must be binned counts (N, {f}, {f}) or raw ROIs (N, {raw_side}, {raw_side}); got "
             f"shape {arr.shape}. Cut a {raw_side} x {raw_side} ROI around the reflection "
             "(nanobeam_bluesky.physics.bin_roi) first."
@@ -118,7 +119,7 @@ def prepare_frames(
         saturated = None
     user = None if mask is None else np.asarray(mask, dtype=bool)
     if user is not None and user.shape[-2:] not in ((f, f), (raw_side, raw_side)):
-        raise ValueError(f"mask must be ({f}, {f}) or ({raw_side}, {raw_side}) (True = masked), "
+        raise InputError(f"mask must be ({f}, {f}) or ({raw_side}, {raw_side}) (True = masked), "
                          f"optionally per frame; got shape {user.shape}")
     if raw:
         arr = orient(arr, instrument)

@@ -14,6 +14,8 @@ from tiled.ndslice import NDBlock, NDSlice
 from tiled.structures.array import ArrayStructure
 from tiled.structures.core import Spec, StructureFamily
 
+from ..errors import NanobeamError
+
 __all__ = [
     "BlockwiseArrayAdapter",
     "ContainerAdapter",
@@ -31,7 +33,7 @@ DATA_ERROR_STATUS = 422
 REFUSED_STATUS = 403
 
 
-class DataError(ValueError):
+class DataError(NanobeamError, ValueError):
     """A request that cannot be answered from the data (too large, unreadable)."""
 
     status_code = DATA_ERROR_STATUS

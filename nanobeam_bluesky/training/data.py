@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..physics import PARAMETERS, Instrument, open_library, simulate, simulate_tensor
 from .recipes import Recipe
 
@@ -262,4 +263,4 @@ def make_data(instrument: Instrument, recipe: Recipe, seed: int, *, library: str
         return GridData(instrument, recipe, seed, library=library)
     if recipe.data == "on_the_fly":
         return OnTheFlyData(instrument, recipe, seed, progress=progress, device=device)
-    raise ValueError(f"unknown data source {recipe.data!r}; use 'grid' or 'on_the_fly'")
+    raise InputError(f"unknown data source {recipe.data!r}; use 'grid' or 'on_the_fly'")

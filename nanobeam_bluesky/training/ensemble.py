@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..errors import InputError
 from ..models import TiltRegistration, as_stored, load_model_file, save_model_file
 from ..physics import Instrument
 from .data import Standardiser
@@ -84,18 +85,18 @@ def train_ensemble(
     from ..inference import InstrumentMismatchError, Predictor
 
     if n_members < 1:
-        raise ValueError(f"n_members must be >= 1, got {n_members}")
+        raise InputError(f"n_members must be >= 1, got {n_members}")
     refining = recipe.architecture == "registered_mlp"
     if refining and base is None:
-        raise ValueError(f"recipe {recipe.name!r} refines a coarse ensemble: pass its model file as base "
+        raise InputError(f"recipe {recipe.name!r} refines a coarse ensemble: pass its model file as base "
                          "(`nanobeam train --recipe registered --base COARSE.pt`, COARSE.pt from "
                          "`nanobeam train --recipe default`)")
     if base is not None and not refining:
-        raise ValueError(f"base is only for the registered recipe, not {recipe.name!r}")
+        raise InputError(f"base is only for the registered recipe, not {recipe.name!r}")
     if base is not None:
         base_states, base_meta = load_model_file(base)
         if "refiner" in base_meta:
-            raise ValueError(f"{base} already has a refining stage; pass the coarse model file")
+            raise InputError(f"{base} already has a refining stage; pass the coarse model file")
         base_instrument = Instrument.from_dict(base_meta["instrument"])
         detail = base_instrument.describe_differences(instrument, "base", "recipe")
         if detail:

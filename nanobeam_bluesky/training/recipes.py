@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import InputError
+
 __all__ = ["DEFAULT_RECIPE", "PAPER_RECIPE", "RECIPES", "REGISTERED_RECIPE", "Recipe"]
 
 
@@ -58,7 +60,7 @@ class Recipe:
     def replace(self, **changes: Any) -> Recipe:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {unknown}")
+            raise InputError(f"unknown recipe field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
