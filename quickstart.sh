@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when the package definition or the pins change.
 stamp=.venv/.nanobeam-install-stamp
-want=$(cat setup.cfg pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "quickstart: installing nanobeam_bluesky into .venv (torch pinned by constraints.txt)"
     .venv/bin/python -m pip install --quiet --upgrade pip

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,10 +208,14 @@ def replay_run(
                     # The file may hold fewer frames than registered: let Tiled's validator
                     # (bluesky-tiled-plugins) fix the stored shape, then read what is there.
                     validated = True
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception), warnings.catch_warnings(record=True) as fixes:
+                        warnings.simplefilter("always")
                         run.validate(fix_errors=True, try_reading=False)
                         frames_node = run[stream_name][layout.image_key]
                         stored = _rows_stored(frames_node)
+                    if fixes:  # what the validator changed goes into the stop's reason
+                        missing.setdefault("Tiled's validator: " + "; ".join(
+                            str(w.message) for w in fixes if layout.image_key in str(w.message)), [])
             lost = [int(seq[i + k]) for k, f in enumerate(frames) if f is None]
             if lost:
                 why = failure or f"not in Tiled ({min(stored, n)} of {n} frames stored)"
