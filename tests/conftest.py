@@ -94,3 +94,17 @@ def make_phantom(n: int = 8, pixel_size_um: float = 0.1) -> Phantom:
 def phantom() -> Callable[..., Phantom]:
     """make_phantom(n=8, pixel_size_um=0.1) -> Phantom."""
     return make_phantom
+
+
+#: Test modules that run real processes and services (a Tiled server, the RunEngine with devices,
+#: 0MQ, subprocesses): "integration". Everything else is "unit" (``pytest -m unit``: < 1 minute).
+INTEGRATION_MODULES = {"test_callbacks", "test_demo", "test_listen", "test_outage", "test_readme",
+                       "test_security", "test_tiled"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        item.add_marker(pytest.mark.integration if module in INTEGRATION_MODULES else pytest.mark.unit)

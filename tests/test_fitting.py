@@ -168,6 +168,7 @@ def test_chunked_and_unchunked_results_agree(library, method):
                                        rtol=0, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 @pytest.mark.parametrize("method", ["faithful-full", "ours"])
 def test_memory_stays_bounded_when_the_map_grows(library, method):
     cls = LikelihoodFitter if method == "ours" else CorrelationFitter

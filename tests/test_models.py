@@ -240,6 +240,7 @@ def test_paper_recipe_trains_on_a_grid_library(tmp_path):
     assert sum(p.numel() for p in result.state_dict.values()) == 27_771
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 def test_shipped_model_predicts_simulated_frames_within_its_stated_accuracy():
     from nanobeam_bluesky import load_pretrained
     from nanobeam_bluesky.physics import simulate_exact
@@ -321,6 +322,7 @@ def test_registered_training_lowers_the_loss():
     assert set(result.metrics) >= {"test_rmse_omega", "test_rmse_chi"}
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 def test_refined_model_beats_its_coarse_stage_and_round_trips(tiny_model, tmp_path):
     out = tmp_path / "refined.pt"
     sha, _ = train_ensemble(REFINE, 2, out, seed=3, progress=False, base=tiny_model[0])
@@ -353,6 +355,7 @@ def test_registered_recipe_needs_a_coarse_base_for_the_same_instrument(tiny_mode
         train_ensemble(TINY, 1, tmp_path / "x.pt", progress=False, base=tiny_model[0])
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 def test_expected_error_of_the_shipped_model_is_calibrated_across_count_levels():
     from nanobeam_bluesky import load_pretrained
 

@@ -192,6 +192,7 @@ def test_false_alarms_on_frames_the_model_describes_stay_below_one_percent(predi
     assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.25, (z.mean(), z.std())
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 @pytest.mark.parametrize("level", [1.0, 7.0, 700.0])
 def test_expected_error_is_the_actual_error_from_1_to_700_counts(predictor, level):
     """Frames of near-exact pixel integration (32 x 32 sub-pixels), as a detector records them."""
@@ -212,6 +213,7 @@ def test_expected_error_is_the_actual_error_from_1_to_700_counts(predictor, leve
     assert np.all(ratio_to_bound < 1.4), ratio_to_bound
 
 
+@pytest.mark.integration  # statistics over thousands of frames, or training: slow
 def test_likelihood_step_takes_the_network_to_the_bound_on_ideal_frames(predictor):
     rng = np.random.default_rng(6)
     frames = _ideal(600, rng, INSTRUMENT)
