@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (reused when present), then runs a job.
 #   ./quickstart.sh demo [args]   the main job (nanobeam demo)
-#   ./quickstart.sh test [args]   lint and the test suite
+#   ./quickstart.sh test [args]   lint, type check, layer check, then the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,6 +26,8 @@ case "$job" in
     demo) exec .venv/bin/nanobeam demo "$@" ;;
     test)
         .venv/bin/ruff check nanobeam_bluesky tests benchmarks
+        .venv/bin/mypy nanobeam_bluesky      # [tool.mypy] in pyproject.toml
+        .venv/bin/lint-imports               # the layers, [tool.importlinter] in pyproject.toml
         exec .venv/bin/python -m pytest "$@" ;;
     *) echo "usage: ./quickstart.sh demo|test [args]" >&2; exit 2 ;;
 esac

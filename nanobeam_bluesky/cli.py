@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .errors import InputError, NanobeamError
 
+if TYPE_CHECKING:  # imported where used, so that `nanobeam --help` stays fast
+    from .physics import Instrument
 
-def _instrument(path: str | None):
+
+def _instrument(path: str | None) -> Instrument:
     from .physics import Instrument
 
     return Instrument() if path is None else Instrument.load(path)
@@ -386,6 +390,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         library = Library.from_instrument(instrument, args.grid, upsample=args.upsample)
     phantom = None
+    data_instrument: Instrument | None
     if args.phantom is not None:
         phantom = fig3_phantom(args.phantom, instrument=library.instrument)
         frames = simulate_scan(phantom, library.instrument, args.max_counts, rng=args.seed,

@@ -31,7 +31,7 @@ from .evaluation import MapErrors, map_errors
 from .inference import Predictor, load_pretrained
 from .phantoms import Phantom, fig3_phantom
 from .physics import PARAMETERS, Instrument, crlb
-from .quality import Flag
+from .quality import FLAG_BITS
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -231,8 +231,8 @@ def run_demo(
         merged = {k: np.concatenate(v) for k, v in rows.items()}
         result.derived_rows = len(merged.get("strain", ()))
         flags = merged.get("flag", np.zeros(0, dtype=int)).astype(int)
-        result.flagged = {bit.name: int(np.count_nonzero(flags & bit)) for bit in Flag
-                          if bit and np.any(flags & bit)}
+        result.flagged = {name: int(np.count_nonzero(flags & bit)) for name, bit in FLAG_BITS.items()
+                          if np.any(flags & bit)}
         starts = list(runs.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
         result.derived_uid = starts[0] if starts else None
         if result.interrupted or not result.raw_uid:
@@ -269,8 +269,8 @@ def run_demo(
         result.errors = {name: map_errors(ds, truth) for name, ds in results.items()}
         pick = np.random.default_rng(0).choice(phantom.strain.size, size=min(200, phantom.strain.size),
                                                replace=False)
-        params = [a.ravel()[pick] for a in phantom.parameters()]
-        bound = np.sqrt(np.mean(crlb(*params, instrument) ** 2, axis=0))
+        strains, omegas, chis = (a.ravel()[pick] for a in phantom.parameters())
+        bound = np.sqrt(np.mean(crlb(strains, omegas, chis, instrument) ** 2, axis=0))
         result.crlb_rms = dict(zip(PARAMETERS, bound.tolist(), strict=True))
 
         from .plotting import save_map_comparison

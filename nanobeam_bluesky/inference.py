@@ -26,6 +26,7 @@ import xarray as xr
 
 from .errors import NanobeamError
 from .models import (
+    ModelFileError,
     NanobeamMLP,
     RegisteredMLP,
     TiltRegistration,
@@ -111,6 +112,8 @@ class Predictor:
                  refiners: list[RegisteredMLP] | None = None,
                  device: str = "cpu", batch_size: int | None = None) -> None:
         self.metadata = metadata
+        #: The model file it was loaded from (:meth:`from_file`), None for one made in memory.
+        self.path: Path | None = None
         self.device = torch.device(device)
         # Frames per forward pass. On a CPU 1,024 frames (16 MB) stay in cache: 1.8x faster
         # than 8,192; a GPU wants large batches.
@@ -121,11 +124,13 @@ class Predictor:
         self._half = torch.tensor(norm["half_range"], dtype=torch.float64)
         for m in members:
             m.eval().requires_grad_(False)
-        if all(isinstance(m, NanobeamMLP) for m in members):
-            self._net: torch.nn.Module | None = _StackedMLP(members).to(self.device)
-            self._members = None
+        # Dense members run stacked (_net); any other architecture one by one (_members).
+        mlps = [m for m in members if isinstance(m, NanobeamMLP)]
+        self._net: _StackedMLP | None = None
+        self._members: list[torch.nn.Module] = []
+        if len(mlps) == len(members):
+            self._net = _StackedMLP(mlps).to(self.device)
         else:
-            self._net = None
             self._members = [m.to(self.device) for m in members]
         self._refiner: _StackedMLP | None = None
         if refiners:
@@ -153,10 +158,10 @@ class Predictor:
                                    (False, metrics.get("coarse_ensemble", metrics.get("ensemble"))))
         }
         rng = np.random.default_rng(0)
-        box = [rng.uniform(lo, hi, 64) for lo, hi in self.instrument.parameter_ranges.values()]
+        strain, omega, chi = (rng.uniform(lo, hi, 64) for lo, hi in self.instrument.parameter_ranges.values())
         #: Mean expected total counts of a test frame (max_counts, uniform over the box).
         self.reference_total_counts = counts["max_counts"] * float(
-            simulate(*box, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
+            simulate(strain, omega, chi, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
         # The networks' error stops falling at the top of the count range they were trained on.
         self._least_error_scale = 1 / np.sqrt(max(1.0, counts.get("augmentation", [1.0, 1.0])[1]))
 
@@ -172,7 +177,14 @@ class Predictor:
         n_refiners = metadata["refiner"]["n_members"] if "refiner" in metadata else 0
         coarse, fine = states[: len(states) - n_refiners], states[len(states) - n_refiners :]
         members = [build(metadata["architecture"], s) for s in coarse]
-        refiners = [build(metadata["refiner"]["architecture"], s) for s in fine]
+        refiners = []
+        for s in fine:
+            refiner = build(metadata["refiner"]["architecture"], s)
+            if not isinstance(refiner, RegisteredMLP):  # the refining stage needs its features
+                raise ModelFileError(
+                    f"the refining stage's architecture is {metadata['refiner']['architecture']['name']!r}; "
+                    "only 'registered_mlp' can refine: re-train it with `nanobeam train --recipe registered`")
+            refiners.append(refiner)
         return cls(members, metadata, refiners=refiners, **kwargs)
 
     @classmethod
@@ -284,6 +296,8 @@ class Predictor:
 
     def _refine(self, frames: torch.Tensor, omega_deg: torch.Tensor, chi_deg: torch.Tensor) -> torch.Tensor:
         """Refined (omega, chi) in degrees per refiner, (K2, N, 2), from coarse tilts (N,)."""
+        if self._refiner is None:  # predict_arrays calls this only for a two-stage model
+            raise RuntimeError("this model has no refining stage")
         rows, cols = self.registration.shifts(omega_deg, chi_deg)
         features = self._refiner_features(frames, rows.to(self.device), cols.to(self.device))
         residual = self._refiner.stacked(features).double().cpu() * self._refiner_half

@@ -63,7 +63,8 @@ class Phantom:
     @property
     def shape(self) -> tuple[int, int]:
         """(scan_y, scan_x)."""
-        return self.strain.shape  # type: ignore[return-value]
+        n_y, n_x = self.strain.shape
+        return n_y, n_x
 
     @property
     def x_um(self) -> np.ndarray:
@@ -94,19 +95,20 @@ class Phantom:
         x, y = np.broadcast_arrays(np.asarray(x_um, dtype=np.float64), np.asarray(y_um, dtype=np.float64))
         col = np.clip((x - self.origin_um[0]) / self.pixel_size_um, 0, self.shape[1] - 1)
         row = np.clip((y - self.origin_um[1]) / self.pixel_size_um, 0, self.shape[0] - 1)
-        maps = (self.strain, self.omega_deg, self.chi_deg)
         if method == "nearest":
             r, c = np.rint(row).astype(int), np.rint(col).astype(int)
-            return tuple(m[r, c] for m in maps)  # type: ignore[return-value]
+            return self.strain[r, c], self.omega_deg[r, c], self.chi_deg[r, c]
         r0 = np.minimum(np.floor(row).astype(int), max(self.shape[0] - 2, 0))
         c0 = np.minimum(np.floor(col).astype(int), max(self.shape[1] - 2, 0))
         r1 = np.minimum(r0 + 1, self.shape[0] - 1)
         c1 = np.minimum(c0 + 1, self.shape[1] - 1)
         fr, fc = row - r0, col - c0
-        return tuple(  # type: ignore[return-value]
-            (1 - fr) * ((1 - fc) * m[r0, c0] + fc * m[r0, c1]) + fr * ((1 - fc) * m[r1, c0] + fc * m[r1, c1])
-            for m in maps
-        )
+
+        def bilinear(m: np.ndarray) -> np.ndarray:
+            return ((1 - fr) * ((1 - fc) * m[r0, c0] + fc * m[r0, c1])
+                    + fr * ((1 - fc) * m[r1, c0] + fc * m[r1, c1]))
+
+        return bilinear(self.strain), bilinear(self.omega_deg), bilinear(self.chi_deg)
 
     def to_dataset(self) -> xr.Dataset:
         """The maps as an ``xarray.Dataset`` (dims scan_y, scan_x; stage coordinates in um)."""
@@ -134,7 +136,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _staircase(r: np.ndarray, n_steps: int, width: float) -> np.ndarray:
     """0 -> 1 in ``n_steps`` equal sigmoidal steps along r, edges placed so terraces have equal areas."""
     edges = np.quantile(r, (np.arange(n_steps) + 1) / (n_steps + 1))
-    return sum(_sigmoid((r - e) / width) for e in edges) / n_steps
+    # a zero array to start from keeps the sum an array (0 + x is exact, so the values are unchanged)
+    return sum((_sigmoid((r - e) / width) for e in edges), start=np.zeros_like(r)) / n_steps
 
 
 def fig3_phantom(

@@ -46,7 +46,7 @@ def save_frame_gallery(
         values = np.linspace(low, high, n_steps)
         params = np.zeros((3, n_steps))
         params[p] = values
-        frames = simulate(*params, instrument)
+        frames = simulate(params[0], params[1], params[2], instrument)
         counts = to_counts(frames, max_counts, scale=1.0, rng=rng)
         for j in range(n_steps):
             for r, (img, kind) in enumerate(((frames[j], "noise-free"), (counts[j], "counts"))):

@@ -133,7 +133,7 @@ def replay_run(
     from .callbacks import NanobeamCallback, find_frame_layout, is_derived_start, seq_ranges
 
     t0 = time.perf_counter()
-    start = copy.deepcopy(dict(run.start))
+    start: dict[str, Any] = copy.deepcopy(dict(run.start))
     if is_derived_start(start):
         raise InputError(
             f"run {start['uid']} is a derived run; replay its raw parent {start.get('parent_uid')}"
@@ -141,7 +141,7 @@ def replay_run(
     descriptors = [d for d in run.descriptors if d.get("name", "primary") == stream_name]
     if not descriptors:
         raise InputError(f"run {start['uid']} has no stream {stream_name!r}; its streams: {list(run)}")
-    descriptor = copy.deepcopy(dict(descriptors[0]))
+    descriptor: dict[str, Any] = copy.deepcopy(dict(descriptors[0]))
     callback = NanobeamCallback(
         predictor,
         image_key=image_key,

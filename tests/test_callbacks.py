@@ -454,3 +454,19 @@ def test_the_lag_warning_names_a_slow_subscriber_not_the_model(model: ModelUnder
     callback.close()
     (warning,) = [r.getMessage() for r in caplog.records if "behind the scan" in r.getMessage()]
     assert "subscribers took" in warning and "SpooledTiledWriter" in warning, warning
+
+
+@pytest.mark.unit
+def test_stream_join_blocks_carry_flags_from_the_start() -> None:
+    from nanobeam_bluesky.callbacks._rows import StreamJoin
+    from nanobeam_bluesky.quality import FLAG_DTYPE
+
+    join = StreamJoin(["x"])
+    join.add_frames(1, np.zeros((2, 64, 64)), 2, time=0.0, received=0.0)
+    join.add_frames(3, None, 2, time=0.0, received=0.0)  # unreadable frames
+    join.add_positions("x", 1, np.arange(4.0))
+    readable, unreadable = join.pop_ready()
+    for block in (readable, unreadable):
+        assert block.flags.dtype == FLAG_DTYPE and len(block.flags) == len(block)
+    assert np.all(readable.flags == 0)
+    assert np.all(unreadable.flags == Flag.INVALID)

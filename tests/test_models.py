@@ -25,6 +25,7 @@ from nanobeam_bluesky.training import (
     DEFAULT_RECIPE,
     PAPER_RECIPE,
     OnTheFlyData,
+    TrainingError,
     random_parameters,
     train_ensemble,
     train_member,
@@ -94,6 +95,15 @@ def test_early_stopping_waits_for_the_low_learning_rate_half():
     assert not _should_stop(recipe, epoch=20, since_best=5)
     assert not _should_stop(recipe.replace(early_stopping_patience=None), epoch=29, since_best=29)
     assert _should_stop(recipe.replace(early_stopping_from=0.0), epoch=6, since_best=6)
+
+
+def test_training_without_a_finite_validation_loss_is_a_clear_error():
+    # It used to reach load_state_dict(None): a TypeError that named no cause.
+    recipe = TINY.replace(frames_per_epoch=256, pool_size=256, validation_frames=16)
+    with pytest.raises(TrainingError, match="epochs=0"):
+        train_member(recipe.replace(epochs=0), progress=False)
+    with pytest.raises(TrainingError, match="finite validation loss"):  # diverged: NaN every epoch
+        train_member(recipe.replace(epochs=1, learning_rate=1e30, lr_schedule="constant"), progress=False)
 
 
 def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch):
@@ -343,6 +353,17 @@ def test_refined_model_beats_its_coarse_stage_and_round_trips(tiny_model, tmp_pa
         # Measured: omega 1.6e-3 -> 3.0e-4 deg, chi 3.6e-3 -> 1.1e-3 deg.
         assert rmse[1] < 0.5 * rmse[0], (name, rmse)
         assert np.all(after[f"{name}_std"].values > 0)
+
+
+def test_predictor_path_and_refiner_architecture(tiny_model):
+    path = tiny_model[0]
+    assert Predictor.from_file(path).path == path
+    states, meta = load_model_file(path)
+    assert Predictor.from_states(states, meta).path is None  # made in memory: no file
+    # A refining stage of an architecture that cannot refine is refused as a bad model file.
+    meta["refiner"] = {"n_members": 1, "architecture": meta["architecture"]}
+    with pytest.raises(ModelFileError, match="registered_mlp"):
+        Predictor.from_states([*states, states[0]], meta)
 
 
 def test_registered_recipe_needs_a_coarse_base_for_the_same_instrument(tiny_model, tmp_path):

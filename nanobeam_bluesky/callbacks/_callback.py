@@ -13,15 +13,26 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from event_model import DocumentRouter, Filler
+from event_model.documents import (
+    Datum,
+    DatumPage,
+    EventDescriptor,
+    EventPage,
+    Resource,
+    RunStart,
+    RunStop,
+    StreamDatum,
+    StreamResource,
+)
 
 from ..errors import InputError
 from ..inference import Predictor
 from ..physics import PARAMETERS, Instrument
-from ..quality import FLAG_DTYPE, NO_VALUE, Flag, PooledConsistency
+from ..quality import FLAG_BITS, FLAG_DTYPE, NO_VALUE, Flag, PooledConsistency
 from ._derived import ANALYSIS_STAGE, DerivedRun, is_derived_start
 from ._frames import FrameLayout, Storage, find_frame_layout, find_position_keys
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
@@ -31,7 +42,11 @@ __all__ = ["CallbackStats", "NanobeamCallback"]
 
 logger = logging.getLogger(__name__)
 
-DocumentCallback = Callable[[str, dict[str, Any]], Any]
+#: A subscriber ``func(name, doc)``. The doc is an event-model document: a dict at run time, a
+#: TypedDict to event-model and a plain dict to bluesky's callbacks, hence Any.
+DocumentCallback = Callable[[str, Any], Any]
+#: The kind of event-model document a work item carries.
+_D = TypeVar("_D", bound=Mapping[str, Any])
 
 
 @dataclass
@@ -65,7 +80,7 @@ class _Run:
     position_keys: list[str]
     join: StreamJoin
     pending: list[RowBlock] = field(default_factory=list)
-    stream_resources: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    stream_resources: dict[str, StreamResource] = field(default_factory=dict)
     readers: dict[str, StreamResourceReader] = field(default_factory=dict)
     filler: Filler | None = None
     #: The data's instrument (None: the model's): orientation, mask, saturation, offset.
@@ -109,16 +124,18 @@ class _Rows:
 @dataclass
 class _Open:
     start: Mapping[str, Any]
-    descriptor: Mapping[str, Any]
+    descriptor: EventDescriptor
     layout: FrameLayout
     position_keys: list[str]
     instrument: Instrument | None
 
 
 @dataclass
-class _Doc:
+class _Doc(Generic[_D]):
+    """A raw document for the analysis thread; handled by ``_on_<name>``."""
+
     name: str
-    doc: Mapping[str, Any]
+    doc: _D
     received: float
 
 
@@ -241,6 +258,7 @@ class NanobeamCallback(DocumentRouter):
         self.frame_shapes = ((f, f), (raw, raw))
         self.stats = CallbackStats()
         # Calling-thread state: which documents matter.
+        # Mapping, not RunStart: a start document carries the plan's own metadata keys too
         self._starts: dict[str, Mapping[str, Any]] = {}
         self._descriptors: dict[str, str] = {}  # frame-stream descriptor uid -> run uid
         self._skipped_runs: set[str] = set()
@@ -316,13 +334,13 @@ class NanobeamCallback(DocumentRouter):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def emit(self, name: str, doc: dict[str, Any]) -> None:
+    def emit(self, name: str, doc: Mapping[str, Any]) -> None:
         """Pass one derived document to every subscriber (a failing subscriber is logged)."""
         t0 = time.perf_counter()
         self._emit(name, doc)
         self.stats.emit_s += time.perf_counter() - t0
 
-    def _emit(self, name: str, doc: dict[str, Any]) -> None:
+    def _emit(self, name: str, doc: Mapping[str, Any]) -> None:
         for func, wanted in list(self._subscribers.values()):
             if wanted != "all" and wanted != name:
                 continue
@@ -456,7 +474,7 @@ class NanobeamCallback(DocumentRouter):
         elif isinstance(item, _Doc):
             getattr(self, f"_on_{item.name}")(item)
 
-    def _on_start(self, item: _Doc) -> None:
+    def _on_start(self, item: _Doc[RunStart]) -> None:
         self._last_start = item.doc["uid"]
         self._fillers[item.doc["uid"]] = Filler(dict(self.handler_registry), inplace=False)
 
@@ -481,7 +499,7 @@ class NanobeamCallback(DocumentRouter):
         if run.filler is not None:
             run.filler.descriptor(item.descriptor)
 
-    def _on_event_page(self, item: _Doc) -> None:
+    def _on_event_page(self, item: _Doc[EventPage]) -> None:
         run = self._run_of_descriptor.get(item.doc["descriptor"])
         if run is None:
             return
@@ -495,7 +513,7 @@ class NanobeamCallback(DocumentRouter):
             if run.layout.storage is Storage.DATUM:
                 if run.filler is None:
                     raise StreamReadError("no Resource/Datum documents were received for these frames")
-                doc = run.filler.fill_event_page(dict(doc), include=[key], inplace=False)
+                doc = run.filler.fill_event_page(EventPage(**doc), include=[key], inplace=False)
             frames, bad = _rows_of_frames(doc["data"][key], n, run.layout.frame_shape)
             if bad.any():
                 rows = np.asarray(doc["seq_num"])[bad].tolist()
@@ -523,7 +541,7 @@ class NanobeamCallback(DocumentRouter):
                                     np.asarray(doc["time"], dtype=np.float64), frames, positions,
                                     item.received, flags))
 
-    def _on_stream_resource(self, item: _Doc) -> None:
+    def _on_stream_resource(self, item: _Doc[StreamResource]) -> None:
         doc = item.doc
         run = self._runs.get(doc.get("run_start", ""))
         if run is None and len(self._runs) == 1:
@@ -531,7 +549,7 @@ class NanobeamCallback(DocumentRouter):
         if run is not None and doc["data_key"] in (run.layout.image_key, *run.position_keys):
             run.stream_resources[doc["uid"]] = doc
 
-    def _on_stream_datum(self, item: _Doc) -> None:
+    def _on_stream_datum(self, item: _Doc[StreamDatum]) -> None:
         doc = item.doc
         run = self._run_of_descriptor.get(doc["descriptor"])
         if run is None or doc["stream_resource"] not in run.stream_resources:
@@ -565,23 +583,23 @@ class NanobeamCallback(DocumentRouter):
             run.join.add_positions(key, seq_start, values)
         run.pending.extend(run.join.pop_ready())
 
-    def _on_resource(self, item: _Doc) -> None:
+    def _on_resource(self, item: _Doc[Resource]) -> None:
         filler = self._fillers.get(item.doc.get("run_start") or self._last_start or "")
         if filler is not None:
             filler.resource(item.doc)
             self._filler_of_resource[item.doc["uid"]] = filler
 
-    def _on_datum(self, item: _Doc) -> None:
+    def _on_datum(self, item: _Doc[Datum]) -> None:
         filler = self._filler_of_resource.get(item.doc["resource"])
         if filler is not None:
             filler.datum(item.doc)
 
-    def _on_datum_page(self, item: _Doc) -> None:
+    def _on_datum_page(self, item: _Doc[DatumPage]) -> None:
         filler = self._filler_of_resource.get(item.doc["resource"])
         if filler is not None:
             filler.datum_page(item.doc)
 
-    def _on_stop(self, item: _Doc) -> None:
+    def _on_stop(self, item: _Doc[RunStop]) -> None:
         doc = item.doc
         filler = self._fillers.pop(doc["run_start"], None)
         for uid in [u for u, f in self._filler_of_resource.items() if f is filler]:
@@ -656,9 +674,9 @@ class NanobeamCallback(DocumentRouter):
         mean, std, err = (np.concatenate([getattr(r, k) for r in held]) for k in ("mean", "std", "err"))
         flags = np.concatenate([r.flags for r in held])
         fit_quality = np.concatenate([r.fit_quality for r in held])
-        for bit in Flag:
-            if bit and (hits := int(np.count_nonzero(flags & FLAG_DTYPE(bit)))):
-                run.flag_counts[bit.name] = run.flag_counts.get(bit.name, 0) + hits
+        for name, bit in FLAG_BITS.items():
+            if hits := int(np.count_nonzero(flags & FLAG_DTYPE(bit))):
+                run.flag_counts[name] = run.flag_counts.get(name, 0) + hits
         page = run.derived.event_page(blocks, mean, std, flags, err, fit_quality)
         self.emit("event_page", page)
         now = time.monotonic()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from event_model import DocumentNames, compose_run, schema_validators
+from event_model.documents import EventPage
 
 from .._version import __version__
 from ..inference import ERR_MEANING, PARAMETERS, UNITS, Predictor
-from ..quality import FLAG_DTYPE, Flag, flag_description
+from ..quality import FLAG_BITS, FLAG_DTYPE, flag_description
 from ._frames import FrameLayout
 from ._rows import RowBlock
 
@@ -83,7 +84,7 @@ class DerivedRun:
                 "frame_shape": list(layout.frame_shape),
                 "raw_stream": self.raw_stream,
                 "package_version": __version__,
-                "flags": {f.name: int(f) for f in Flag if f},
+                "flags": {name: int(f) for name, f in FLAG_BITS.items()},
             },
         )
         self.bundle = compose_run(metadata=metadata)
@@ -114,7 +115,7 @@ class DerivedRun:
 
     def event_page(self, blocks: Sequence[RowBlock], mean: np.ndarray, std: np.ndarray,
                    flags: np.ndarray, err: np.ndarray | None = None,
-                   fit_quality: np.ndarray | None = None) -> dict[str, Any]:
+                   fit_quality: np.ndarray | None = None) -> EventPage:
         """One EventPage for consecutive blocks; mean/std/err (n, 3), flags and fit_quality (n,)
         cover all their rows."""
         err = np.full_like(mean, np.nan) if err is None else err
@@ -143,9 +144,12 @@ class DerivedRun:
             data=data, timestamps=timestamps, time=times.tolist(), validate=validate
         )
 
-    def stop(self, exit_status: str, reason: str, pooled: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def stop(self, exit_status: Literal["success", "abort", "fail"], reason: str,
+             pooled: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The stop document; ``pooled``: the run's pooled physics check (kept under "nanobeam")."""
-        stop = self.bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        # A plain dict: the schema allows our own "nanobeam" key, event-model's RunStop type does not.
+        stop: dict[str, Any] = {**self.bundle.compose_stop(exit_status=exit_status, reason=reason,
+                                                            validate=False)}
         if pooled:
             stop["nanobeam"] = dict(pooled)
         schema_validators[DocumentNames.stop].validate(stop)

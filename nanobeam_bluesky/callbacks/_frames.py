@@ -48,9 +48,12 @@ def _frame_shape(shape: Sequence[int | None]) -> tuple[int, int] | None:
     dims = list(shape)
     if len(dims) == 3 and dims[0] == 1:
         dims = dims[1:]
-    if len(dims) != 2 or any(not isinstance(d, int) for d in dims):
+    if len(dims) != 2:
         return None
-    return int(dims[0]), int(dims[1])
+    rows, cols = dims
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        return None
+    return int(rows), int(cols)
 
 
 def find_frame_layout(
@@ -79,7 +82,7 @@ def find_frame_layout(
                 "detector's image key as NanobeamCallback(image_key=...), or image_key=None to find it."
             )
         shape = _frame_shape(data_keys[image_key].get("shape") or [])
-        if shape not in frame_shapes:
+        if shape is None or shape not in frame_shapes:
             raise ImageKeyError(
                 f"data key {image_key!r} of stream {stream!r} has shape {data_keys[image_key].get('shape')}, "
                 f"but the model takes frames of {accepted} pixels (optionally [1, H, W]). Give the detector "

@@ -40,8 +40,11 @@ class MapGrid:
         if len(shape) != 2 or min(shape) < 1:
             raise InputError(f"a map needs a 2-D shape (ny, nx), got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
-        self.extents = None if extents is None or keys is None else np.asarray(extents, dtype=float)
-        self.keys = None if self.extents is None else tuple(keys)  # type: ignore[arg-type]
+        self.extents: np.ndarray | None = None
+        self.keys: tuple[str, ...] | None = None
+        if extents is not None and keys is not None:
+            self.extents = np.asarray(extents, dtype=float)
+            self.keys = tuple(keys)
 
     @classmethod
     def from_start(cls, start: Mapping[str, Any], stream: str = "primary") -> MapGrid | None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +19,7 @@ class RowBlock:
 
     ``frames`` is (n, H, W) counts, or None when they could not be read (the rows are then
     flagged INVALID). ``positions`` maps a raw position key to its (n,) values (NaN if missing).
+    ``flags`` (n,) FLAG_DTYPE: what is already known to be wrong with each row.
     """
 
     seq_nums: np.ndarray
@@ -26,11 +28,10 @@ class RowBlock:
     positions: dict[str, np.ndarray]
     #: time.monotonic() when the raw documents reached the callback, for latency.
     received: float
-    flags: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # No default: it was None under an ndarray annotation; every caller knows its rows' flags.
+    flags: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.flags is None:
-            self.flags = np.zeros(len(self.seq_nums), dtype=FLAG_DTYPE)
         if self.frames is None:
             self.flags = self.flags | FLAG_DTYPE(Flag.INVALID)
 
@@ -85,7 +86,7 @@ class StreamJoin:
                 for key, store in self._positions.items()
             }
             blocks.append(RowBlock(seqs, np.full(chunk.n, chunk.time), chunk.frames, positions,
-                                   chunk.received))
+                                   chunk.received, np.zeros(chunk.n, dtype=FLAG_DTYPE)))
         return blocks
 
     @property
@@ -93,7 +94,7 @@ class StreamJoin:
         return sum(c.n for c in self._images)
 
 
-def seq_ranges(rows) -> str:
+def seq_ranges(rows: Iterable[int | np.integer]) -> str:
     """'3, 7..9' for raw seq_nums [3, 7, 8, 9] (sorted)."""
     parts: list[list[int]] = []
     for row in sorted(int(r) for r in rows):

@@ -74,7 +74,8 @@ class Library:
         axes = grid_axes(instrument, grid_points)
 
         def slabs() -> Iterator[np.ndarray]:
-            for _, slab in iter_grid(*axes.values(), instrument, upsample=upsample):
+            grid = iter_grid(axes["strain"], axes["omega"], axes["chi"], instrument, upsample=upsample)
+            for _, slab in grid:
                 yield slab
 
         return cls(instrument, axes, instrument.frame_pixels, "simulated", slabs)
@@ -125,7 +126,8 @@ class Library:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Grid points per parameter (n_strain, n_omega, n_chi)."""
-        return tuple(len(self.axes[name]) for name in PARAMETERS)  # type: ignore[return-value]
+        n_strain, n_omega, n_chi = (len(self.axes[name]) for name in PARAMETERS)
+        return n_strain, n_omega, n_chi
 
     @property
     def n_frames(self) -> int:

@@ -116,7 +116,10 @@ class LikelihoodFitter(GridFitter):
 
     def _neighbourhood(self, counts: np.ndarray, centres: np.ndarray) -> np.ndarray:
         """Log-likelihoods (B, 27) of the grid points around ``centres`` (B, 3), in float64."""
-        flat = np.ravel_multi_index((centres[:, None, :] + _OFFSETS).transpose(2, 0, 1), self.library.shape)
+        # asarray (a no-op here): numpy's stubs pick the scalar overload for an index array of
+        # unknown dtype
+        flat = np.asarray(np.ravel_multi_index((centres[:, None, :] + _OFFSETS).transpose(2, 0, 1),
+                                               self.library.shape))
         values = np.empty(flat.shape)
         for start in range(0, len(flat), _GATHER_BATCH):
             stop = start + _GATHER_BATCH

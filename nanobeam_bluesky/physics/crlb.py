@@ -43,7 +43,8 @@ def fisher_information(
             shifted[:, i] += sign * h
             stencil.append(shifted)
     points = np.concatenate(stencil)
-    frames = simulate(*points.T, instrument, upsample=upsample).astype(np.float64)
+    strains, omegas, chis = points.T
+    frames = simulate(strains, omegas, chis, instrument, upsample=upsample).astype(np.float64)
     mu_all = frames.reshape(7, n, -1) * (max_counts / scale) + background
     mu = mu_all[0]
     grads = np.stack(
@@ -53,11 +54,23 @@ def fisher_information(
     return np.einsum("nip,njp,np->nij", grads, grads, inv_mu)
 
 
-def crlb(strain, omega_deg, chi_deg, instrument: Instrument = Instrument(), **kwargs) -> np.ndarray:
+def crlb(
+    strain,
+    omega_deg,
+    chi_deg,
+    instrument: Instrument = Instrument(),
+    *,
+    max_counts: float = 7.0,
+    scale: float = 1.0,
+    background: float = 0.0,
+    steps: tuple[float, float, float] = DEFAULT_STEPS,
+    upsample: int | None = DEFAULT_UPSAMPLE,
+) -> np.ndarray:
     """Lower bound on the standard deviation of unbiased estimates, (N, 3): strain, omega, chi.
 
-    Units: strain dimensionless, omega and chi in degrees. Keyword arguments go to
-    :func:`fisher_information` (max_counts, scale, background, steps, upsample).
+    Units: strain dimensionless, omega and chi in degrees. The keyword arguments are those of
+    :func:`fisher_information`.
     """
-    info = fisher_information(strain, omega_deg, chi_deg, instrument, **kwargs)
+    info = fisher_information(strain, omega_deg, chi_deg, instrument, max_counts=max_counts, scale=scale,
+                              background=background, steps=steps, upsample=upsample)
     return np.sqrt(np.diagonal(np.linalg.inv(info), axis1=1, axis2=2))

@@ -16,6 +16,7 @@ Two implementations of the same page:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,7 +336,7 @@ def iter_grid(
     instrument: Instrument = Instrument(),
     *,
     upsample: int | None = None,
-):
+) -> Iterator[tuple[int, np.ndarray]]:
     """Frames on the product grid, one strain at a time: yields (i, slab (n_omega, n_chi, F, F)).
 
     The tilt-dependent work is done once for the whole grid, not once per strain.

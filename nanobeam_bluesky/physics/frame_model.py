@@ -186,8 +186,8 @@ class FrameModel:
         return len(self.support)
 
     @functools.cached_property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The tables and per-pixel constants as numpy arrays (for fused kernels)."""
+    def arrays(self) -> dict[str, np.ndarray | float]:
+        """The tables (numpy arrays) and per-pixel constants (numbers), for fused kernels."""
         return {"support_row": self._row_px.numpy(), "support_col": self._col_px.numpy(),
                 "u0": self._u0.double().numpy(),
                 "v0": self._v0.double().numpy(), "m0": self._m0.numpy(), "mu": self._mu.numpy(),

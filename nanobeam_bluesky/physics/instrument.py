@@ -213,6 +213,8 @@ class Instrument:
         """The focal length, or D dr / lambda when only the outermost zone width is given."""
         if self.focal_length_m is not None:
             return self.focal_length_m
+        # __post_init__ refuses an instrument with neither given
+        assert self.outermost_zone_width_m is not None
         return (
             self.zone_plate_diameter_m
             * self.outermost_zone_width_m

@@ -95,7 +95,7 @@ def write_library(
                 frames.dims[dim].attach_scale(h5[name])
             frames.attrs["units"] = "intensity (Laue maximum = 1)"
             peak = 0.0
-            slabs = iter_grid(*axes.values(), instrument, upsample=s)
+            slabs = iter_grid(axes["strain"], axes["omega"], axes["chi"], instrument, upsample=s)
             for i, slab in tqdm(slabs, total=shape[0], desc="library", disable=not progress):
                 frames[i] = slab
                 peak = max(peak, float(slab.max()))
@@ -132,7 +132,9 @@ def open_library(path: str | Path) -> xr.Dataset:
         raise LibraryError(f"{path} is incomplete (its writer was interrupted); regenerate it")
     frames = h5["frames"]
     data = dask.array.from_array(frames, chunks=frames.chunks)
-    coords = {name: (name, h5[name][()]) for name in PARAMETERS}
+    coords: dict[str, tuple[str, np.ndarray] | np.ndarray | list[str]] = {
+        name: (name, h5[name][()]) for name in PARAMETERS
+    }
     n_pix = frames.shape[-1]
     coords |= {"row": np.arange(n_pix), "col": np.arange(n_pix), "parameter": list(PARAMETERS)}
     ds = xr.Dataset(

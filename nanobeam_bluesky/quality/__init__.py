@@ -17,10 +17,11 @@ from ._consistency import (
     PooledConsistency,
 )
 from ._deviance import deviance_moments, unit_deviance_moments
-from ._flags import FLAG_DTYPE, NO_VALUE, Flag, flag_attributes, flag_description
+from ._flags import FLAG_BITS, FLAG_DTYPE, NO_VALUE, Flag, flag_attributes, flag_description
 from ._plausibility import PreparedFrames, binned_instrument_mask, prepare_frames
 
 __all__ = [
+    "FLAG_BITS",
     "FLAG_DTYPE",
     "MIN_RING_FRACTION",
     "NO_VALUE",

@@ -196,7 +196,8 @@ class PhysicsCheck:
         self.min_frame_intensity = float(self.model.render(*box.T).sum(axis=(1, 2)).min())
         rng = np.random.default_rng(0)
         points = np.stack([rng.uniform(lo, hi, 16) for lo, hi in ranges.values()], 1)
-        bound = crlb(*points.T, instrument, max_counts=ERROR_FLOOR_COUNTS, upsample=8)
+        strains, omegas, chis = points.T
+        bound = crlb(strains, omegas, chis, instrument, max_counts=ERROR_FLOOR_COUNTS, upsample=8)
         #: (strain, deg, deg): the forward model's accuracy, the least ``*_err`` can be.
         self.error_floor = np.sqrt((bound**2).mean(axis=0))
         # Largest step per parameter (a trust region): a tenth or a twentieth of the box.

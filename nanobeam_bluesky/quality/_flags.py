@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FLAG_DTYPE", "NO_VALUE", "Flag", "flag_attributes", "flag_description"]
+__all__ = ["FLAG_BITS", "FLAG_DTYPE", "NO_VALUE", "Flag", "flag_attributes", "flag_description"]
 
 #: The flag's dtype everywhere (arrays, datasets, derived event data).
 FLAG_DTYPE = np.uint16
@@ -52,17 +52,21 @@ class Flag(enum.IntFlag):
     POOLED_MISMATCH = 1024
 
 
+#: Each bit by name, in value order, OK left out: what iterating Flag gives, with names that are
+#: never None (a Flag's ``name`` is None for a combination of bits).
+FLAG_BITS: dict[str, Flag] = {name: bit for name, bit in Flag.__members__.items() if bit}
+
 #: Flags whose frames get no value (NaN).
 NO_VALUE = Flag.INVALID | Flag.LOW_COUNTS | Flag.MODEL_ERROR | Flag.NO_RING
 
 
 def flag_description() -> str:
     """One line naming every bit, e.g. for an event-model data key's description."""
-    return "quality bits (0: none): " + ", ".join(f"{int(f)}={f.name}" for f in Flag if f)
+    return "quality bits (0: none): " + ", ".join(f"{int(f)}={name}" for name, f in FLAG_BITS.items())
 
 
 def flag_attributes() -> dict[str, Any]:
     """CF-convention attributes of a ``flag`` variable (flag_masks, flag_meanings)."""
-    return {"flag_masks": [int(f) for f in Flag if f],
-            "flag_meanings": " ".join(f.name.lower() for f in Flag if f),
+    return {"flag_masks": [int(f) for f in FLAG_BITS.values()],
+            "flag_meanings": " ".join(name.lower() for name in FLAG_BITS),
             "long_name": "quality bits (0: none found)"}

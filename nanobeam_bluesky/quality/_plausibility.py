@@ -67,7 +67,8 @@ def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
 
 def _bin_any(mask: np.ndarray, binning: int) -> np.ndarray:
     *lead, h, w = mask.shape
-    return mask.reshape(*lead, h // binning, binning, w // binning, binning).any(axis=(-3, -1))
+    # asarray (a no-op: the result has ndim >= 2): numpy's stubs allow a scalar for any(axis=...)
+    return np.asarray(mask.reshape(*lead, h // binning, binning, w // binning, binning).any(axis=(-3, -1)))
 
 
 def prepare_frames(

@@ -238,13 +238,13 @@ def _contained(adapter: type, mimetype: str, storage: _Storage) -> type:
                 if uri is not None:
                     storage.check(uri, label, hdf5, h5_kwargs)
 
-    def from_catalog(cls: type, data_source: Any, node: Any, /, **parameters: Any) -> Any:
+    def from_catalog(cls: type[Any], data_source: Any, node: Any, /, **parameters: Any) -> Any:
         uris = [asset.data_uri for asset in data_source.assets or ()]
         check([*uris, *(parameters.get("data_uris") or ())], str(getattr(node, "key", "") or ""),
               parameters)
         return super(contained, cls).from_catalog(data_source, node, **parameters)
 
-    def from_uris(cls: type, *uris: str, **parameters: Any) -> Any:
+    def from_uris(cls: type[Any], *uris: str, **parameters: Any) -> Any:
         check(uris, "", parameters)
         return super(contained, cls).from_uris(*uris, **parameters)
 
@@ -257,7 +257,8 @@ def _contained(adapter: type, mimetype: str, storage: _Storage) -> type:
     }
     if hasattr(adapter, "from_uris"):
         namespace["from_uris"] = classmethod(from_uris)
-    contained = type(adapter.__name__, (adapter,), namespace)
+    # type[Any], not type: super() wants a class object, and the class is only known at run time
+    contained: type[Any] = type(adapter.__name__, (adapter,), namespace)
     return contained
 
 

@@ -126,7 +126,8 @@ class SimulatedFramesAdapter(BlockwiseArrayAdapter):
             grids = np.meshgrid(
                 *[values[p] for values, p in zip(self._axes.values(), picks, strict=True)], indexing="ij"
             )
-            flat = simulate(*(g.ravel() for g in grids), self._instrument, upsample=self._upsample)
+            strain, omega, chi = (g.ravel() for g in grids)
+            flat = simulate(strain, omega, chi, self._instrument, upsample=self._upsample)
             frames = flat.reshape(*[len(p) for p in picks], n_pix, n_pix)
         keep = tuple(0 if isinstance(item, int) else slice(None) for item in index[:3])
         return frames[keep + index[3:]]

@@ -3,7 +3,15 @@
 from .data import GridData, OnTheFlyData, Standardiser, make_data, noisy_counts, random_parameters
 from .ensemble import model_metadata, train_ensemble
 from .recipes import DEFAULT_RECIPE, PAPER_RECIPE, RECIPES, REGISTERED_RECIPE, Recipe
-from .trainer import MemberResult, Objective, crlb_reference, evaluate, objective_for, train_member
+from .trainer import (
+    MemberResult,
+    Objective,
+    TrainingError,
+    crlb_reference,
+    evaluate,
+    objective_for,
+    train_member,
+)
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -16,6 +24,7 @@ __all__ = [
     "OnTheFlyData",
     "Recipe",
     "Standardiser",
+    "TrainingError",
     "crlb_reference",
     "evaluate",
     "make_data",

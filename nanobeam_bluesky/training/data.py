@@ -14,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,9 @@ from .recipes import Recipe
 
 __all__ = ["GridData", "OnTheFlyData", "Standardiser", "make_data", "noisy_counts", "random_parameters"]
 
+#: A progress bar over an iterable, called like ``tqdm(iterable, desc=..., leave=...)``.
+Progress = Callable[..., Iterable[int]]
+
 
 @dataclass(frozen=True)
 class Standardiser:
@@ -36,10 +39,10 @@ class Standardiser:
 
     @classmethod
     def for_instrument(cls, instrument: Instrument) -> Standardiser:
-        ranges = list(instrument.parameter_ranges.values())
+        (s_lo, s_hi), (o_lo, o_hi), (c_lo, c_hi) = instrument.parameter_ranges.values()
         return cls(
-            centre=tuple((lo + hi) / 2 for lo, hi in ranges),
-            half_range=tuple((hi - lo) / 2 for lo, hi in ranges),
+            centre=((s_lo + s_hi) / 2, (o_lo + o_hi) / 2, (c_lo + c_hi) / 2),
+            half_range=((s_hi - s_lo) / 2, (o_hi - o_lo) / 2, (c_hi - c_lo) / 2),
         )
 
     def forward(self, params: np.ndarray) -> np.ndarray:
@@ -148,10 +151,8 @@ class GridData(_Data):
             from ..physics import grid_axes, iter_grid
 
             axes = list(grid_axes(instrument, recipe.grid_points).values())
-            noise_free = np.concatenate(
-                [slab.reshape(-1, *slab.shape[-2:]) for _, slab in iter_grid(*axes, instrument,
-                                                                              upsample=recipe.upsample)]
-            )
+            slabs = iter_grid(axes[0], axes[1], axes[2], instrument, upsample=recipe.upsample)
+            noise_free = np.concatenate([slab.reshape(-1, *slab.shape[-2:]) for _, slab in slabs])
             scale = float(noise_free.max())
         params = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
         self.labels = torch.as_tensor(std.forward(params), dtype=torch.float32)
@@ -197,7 +198,7 @@ class OnTheFlyData(_Data):
     a GPU, the pool is simulated and kept there: the CPU no longer sets the pace.
     """
 
-    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress=None,
+    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress: Progress | None = None,
                  device: str = "cpu") -> None:
         self.instrument = instrument
         self.recipe = recipe
@@ -212,13 +213,14 @@ class OnTheFlyData(_Data):
         self.labels = torch.empty((self.n_blocks * self.block_size, 3), dtype=torch.float32)
         self.train_index = torch.arange(len(self.frames))
         self.fixed_counts = False
-        self._epoch = None
+        self._epoch: int | None = None
         self._progress = progress
 
     def _generate(self, block: int, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, 1, block, epoch])
         params = random_parameters(self.instrument, self.block_size, rng)
-        frames = simulate_tensor(*params.T, self.instrument, upsample=self.recipe.upsample,
+        strain, omega, chi = params.T
+        frames = simulate_tensor(strain, omega, chi, self.instrument, upsample=self.recipe.upsample,
                                  device=self.device)
         sl = slice(block * self.block_size, (block + 1) * self.block_size)
         self.frames[sl] = frames.half()
@@ -232,7 +234,7 @@ class OnTheFlyData(_Data):
 
     def prepare(self, epoch: int) -> None:
         if self._epoch is None or epoch != self._epoch + 1:
-            blocks = range(self.n_blocks)
+            blocks: Iterable[int] = range(self.n_blocks)
             if self._progress is not None:
                 blocks = self._progress(blocks, desc="simulating training pool", leave=False)
             for block in blocks:
@@ -246,7 +248,8 @@ class OnTheFlyData(_Data):
         # Shared by all members (no member seed): every member is scored on the same frames.
         rng = np.random.default_rng([12345, salt])
         params = random_parameters(self.instrument, self.recipe.validation_frames, rng)
-        frames = simulate(*params.T, self.instrument, upsample=self.recipe.upsample)
+        strain, omega, chi = params.T
+        frames = simulate(strain, omega, chi, self.instrument, upsample=self.recipe.upsample)
         counts = rng.poisson(frames * self.recipe.max_counts).astype(np.float32)
         return torch.as_tensor(counts), params
 
@@ -258,7 +261,7 @@ class OnTheFlyData(_Data):
 
 
 def make_data(instrument: Instrument, recipe: Recipe, seed: int, *, library: str | None = None,
-              progress=None, device: str = "cpu") -> GridData | OnTheFlyData:
+              progress: Progress | None = None, device: str = "cpu") -> GridData | OnTheFlyData:
     if recipe.data == "grid":
         return GridData(instrument, recipe, seed, library=library)
     if recipe.data == "on_the_fly":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from ..physics import Instrument
 from .data import Standardiser
 from .recipes import Recipe
 from .trainer import PARAMETERS, RegisteredObjective, crlb_reference, evaluate, train_member
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["mean_registered_input", "model_metadata", "quantisation_bias_correction", "train_ensemble"]
 
@@ -118,14 +121,15 @@ def train_ensemble(
             torch.save({"state_dict": result.state_dict, "metrics": json.dumps(result.metrics)}, done)
 
     # Stored compactly (float16, large matrices as int8 rows): score the weights as shipped.
-    storage = {"weight_dtype": torch.float16, "int8_rows": True}
-    stored = as_stored(states, **storage)
+    weight_dtype, int8_rows = torch.float16, True
+    stored = as_stored(states, weight_dtype=weight_dtype, int8_rows=int8_rows)
     if refining:
         # The registered input is nearly the same frame every time, so the int8 rounding of the
         # input layer adds a near-constant shift: it biased chi by -0.2x the CRLB until corrected.
         mean_input = mean_registered_input(recipe, instrument, seed=seed)
-        stored = as_stored(quantisation_bias_correction(states, stored, mean_input), **storage)
-        states = as_stored(base_states, **storage) + stored
+        stored = as_stored(quantisation_bias_correction(states, stored, mean_input),
+                           weight_dtype=weight_dtype, int8_rows=int8_rows)
+        states = as_stored(base_states, weight_dtype=weight_dtype, int8_rows=int8_rows) + stored
         metadata = _refined_metadata(base_meta, recipe, instrument, n_members, member_metrics, command)
     else:
         states = stored
@@ -136,14 +140,14 @@ def train_ensemble(
     counts, truth = make_data(instrument, recipe, seed, library=library).test()
     ds = predictor.predict(counts.numpy(), check_instrument=False)
     pred = np.stack([ds[name].values for name in PARAMETERS], axis=1)
-    ensemble = evaluate(pred, truth)
+    ensemble: dict[str, float | dict[str, float]] = {**evaluate(pred, truth)}
     ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in PARAMETERS}
     if refining:
         metadata["metrics"]["coarse_ensemble"] = metadata["metrics"].get("ensemble")
     metadata["metrics"]["ensemble"] = ensemble
     # A quarter of float32, RMSE unchanged to < 0.2 % (measured on the shipped model). The stored
     # tensors are re-encoded from the already round-tripped ones: the encoding is idempotent.
-    sha = save_model_file(out, states, metadata, **storage)
+    sha = save_model_file(out, states, metadata, weight_dtype=weight_dtype, int8_rows=int8_rows)
     return sha, {**metadata, "sha256": sha}
 
 
@@ -193,21 +197,26 @@ def quantisation_bias_correction(float_states: list[dict[str, Any]], stored_stat
     return out
 
 
-def mean_registered_input(recipe: Recipe, instrument: Instrument, *, seed: int = 0, n: int = 4096):
+def mean_registered_input(recipe: Recipe, instrument: Instrument, *, seed: int = 0,
+                          n: int = 4096) -> torch.Tensor:
     """Mean input features of the refining network over its training distribution (float64)."""
     import torch
 
-    from ..models import build_model
+    from ..models import RegisteredMLP, build_model
     from ..physics import simulate_tensor
     from .data import noisy_counts, random_parameters
 
     objective = RegisteredObjective(recipe, instrument)
     rng = np.random.default_rng([seed, 7])
     params = random_parameters(instrument, n, rng)
-    frames = simulate_tensor(*params.T, instrument, upsample=recipe.upsample)
+    strain, omega, chi = params.T
+    frames = simulate_tensor(strain, omega, chi, instrument, upsample=recipe.upsample)
     generator = torch.Generator().manual_seed(seed)
     counts = noisy_counts(frames, recipe.max_counts, recipe.count_augmentation, generator)
     noise = torch.randn((n, 2), generator=generator, dtype=torch.float64)
     rows, cols, _, _ = objective.shifts_and_targets(torch.as_tensor(params[:, 1:]), noise)
     model = build_model(recipe.architecture, **{**recipe.architecture_kwargs, **objective.model_kwargs})
+    if not isinstance(model, RegisteredMLP):
+        raise InputError(f"recipe {recipe.name!r} is not a refining recipe (architecture "
+                         f"{recipe.architecture!r}, not 'registered_mlp')")
     return model.features(counts, rows, cols).double().mean(0)

@@ -15,13 +15,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import NanobeamError
 from ..models import TiltRegistration, build_model
 from ..physics import PARAMETERS, Instrument, crlb
 from .data import Standardiser, make_data, random_parameters
 from .recipes import Recipe
 
-__all__ = ["MemberResult", "Objective", "crlb_reference", "evaluate", "loss_weights", "objective_for",
-           "train_member"]
+__all__ = ["MemberResult", "Objective", "TrainingError", "crlb_reference", "evaluate", "loss_weights",
+           "objective_for", "train_member"]
+
+
+class TrainingError(NanobeamError, RuntimeError):
+    """Training that produced no usable network (no epoch with a finite validation loss)."""
+
 
 @dataclass
 class MemberResult:
@@ -34,7 +40,8 @@ class MemberResult:
 def crlb_reference(instrument: Instrument, max_counts: float, n: int = 64) -> np.ndarray:
     """RMS Cramer-Rao bound over the parameter box (strain, omega deg, chi deg)."""
     params = random_parameters(instrument, n, np.random.default_rng(7))
-    bound = crlb(*params.T, instrument, max_counts=max_counts)
+    strains, omegas, chis = params.T
+    bound = crlb(strains, omegas, chis, instrument, max_counts=max_counts)
     return np.sqrt((bound**2).mean(axis=0))
 
 
@@ -186,7 +193,8 @@ def train_member(
                            "instrument": instrument.to_dict()}, sort_keys=True, default=list)
 
     start_epoch, history = 0, []
-    best_val, best_state, since_best = math.inf, None, 0
+    best_val, since_best = math.inf, 0
+    best_state: dict[str, torch.Tensor] | None = None
     workdir = Path(workdir) if workdir is not None else None
     ckpt_path = workdir / "checkpoint.pt" if workdir else None
     if workdir:
@@ -240,12 +248,17 @@ def train_member(
             torch.save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
                         "optimiser": optimiser.state_dict(), "best_val": best_val,
                         "since_best": since_best, "best_model": best_state,
-                        "history": json.dumps(history)}, ckpt_path)
+                        "history": json.dumps(history)}, workdir / "checkpoint.pt")
         if _should_stop(recipe, epoch, since_best):
             stopped_early = True
             break
     pbar.close()
 
+    if best_state is None:  # no epoch to run, or every validation loss NaN (diverged)
+        why = (f"recipe has epochs={recipe.epochs}" if not history else
+               f"none of its {len(history)} epochs gave a finite validation loss (diverged: lower the "
+               "learning rate)")
+        raise TrainingError(f"{recipe.name} seed {seed}: no network to keep: {why}")
     model.load_state_dict(best_state)
     test_counts, test_params = data.test()
     test_pred = objective.predict(model, test_counts, test_params, device)
