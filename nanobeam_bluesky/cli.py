@@ -21,7 +21,7 @@ def _instrument(path: str | None) -> Instrument:
 
 def _add_instrument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--instrument", metavar="CONFIG", help="instrument YAML/JSON (default: physics.md table)"
+        "--instrument", metavar="CONFIG", help="instrument YAML/JSON (default: the seed experiment of docs/physics.md)"
     )
 
 

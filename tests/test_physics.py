@@ -1,4 +1,4 @@
-"""The forward model against the invariants of shared/docs/physics.md (default instrument)."""
+"""The forward model against the invariants of docs/physics.md (default instrument)."""
 
 from __future__ import annotations
 

@@ -58,3 +58,12 @@ def test_readme_python_examples_run(model, tmp_path, monkeypatch):
     assert namespace["again"].rows == 16
     assert os.path.exists("quick-model.pt")
     assert any(Path("maps").glob("*.png"))
+
+
+def test_nothing_points_outside_the_repository():
+    """Users have the repository, not the project's working notes: every pointer stays inside it."""
+    texts = [README, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    texts += [p.read_text() for p in (ROOT / "nanobeam_bluesky").rglob("*.py")]
+    offenders = [t[:80] for t in texts if "shared/docs" in t or "../shared" in t]
+    assert not offenders, offenders
+    assert (ROOT / "docs" / "physics.md").exists()

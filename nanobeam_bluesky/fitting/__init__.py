@@ -1,7 +1,7 @@
 """Fitting (strain, omega, chi) against a simulated grid library, frame by frame.
 
 * :class:`CorrelationFitter` (``method="faithful"``): the published correlation fit with its
-  interpolated centre of mass, exactly as ``shared/docs/physics.md`` defines it.
+  interpolated centre of mass, exactly as docs/physics.md describes it.
 * :class:`LikelihoodFitter` (``method="ours"``): our improvement, a multinomial likelihood with a
   quadratic (Laplace) refinement between grid points and a standard deviation per parameter.
 

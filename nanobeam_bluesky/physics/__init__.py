@@ -1,4 +1,4 @@
-"""The forward model of ``shared/docs/physics.md`` and what surrounds it."""
+"""The forward model of docs/physics.md (the project's physics and conventions) and what surrounds it."""
 
 from .counts import bin_roi, orient, roi_origin, to_counts
 from .crlb import crlb, fisher_information

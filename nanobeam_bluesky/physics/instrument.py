@@ -1,6 +1,6 @@
 """The instrument: beam, zone plate, film and detector, as one frozen dataclass.
 
-Defaults are the table of ``shared/docs/physics.md`` (the seed experiment: SrIrO3 on LSAT, pc 002).
+Defaults are the seed experiment of docs/physics.md (SrIrO3 on LSAT, pseudo-cubic 002).
 """
 
 from __future__ import annotations
