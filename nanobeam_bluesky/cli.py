@@ -21,7 +21,8 @@ def _instrument(path: str | None) -> Instrument:
 
 def _add_instrument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--instrument", metavar="CONFIG", help="instrument YAML/JSON (default: the seed experiment of docs/physics.md)"
+        "--instrument", metavar="CONFIG",
+        help="instrument YAML/JSON (default: the seed experiment of docs/physics.md)"
     )
 
 
