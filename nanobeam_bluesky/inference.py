@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ._schema import variable_attrs
 from .errors import NanobeamError
 from .models import (
     ModelFileError,
@@ -34,14 +35,13 @@ from .models import (
     load_model_file,
     normalise_counts,
 )
-from .physics import PARAMETERS, UNITS, Instrument, simulate
+from .physics import PARAMETERS, Instrument, simulate
 from .quality import (
     FLAG_DTYPE,
     NO_VALUE,
     Flag,
     PhysicsCheck,
     PooledConsistency,
-    flag_attributes,
     prepare_frames,
 )
 
@@ -374,7 +374,7 @@ class Predictor:
                     result.flags[measured] |= FLAG_DTYPE(Flag.POOLED_MISMATCH)
                 flags[rows] |= result.flags
                 for name in _CHECK_OUTPUTS:
-                    extra[name][rows] = getattr(result, _CHECK_OUTPUTS[name][0])
+                    extra[name][rows] = getattr(result, _CHECK_OUTPUTS[name])
         no_value = (flags & FLAG_DTYPE(NO_VALUE)) != 0
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
@@ -414,15 +414,11 @@ class Predictor:
         err = np.full_like(mean, np.nan) if err is None else err
         data: dict[str, Any] = {}
         for i, name in enumerate(PARAMETERS):
-            attrs = {"units": UNITS[name]}
-            data[name] = ("frame", mean[:, i], attrs | {"long_name": f"{name} ({estimator})"})
-            data[f"{name}_std"] = ("frame", std[:, i], attrs | {"long_name": f"{name} ensemble std "
-                                   "(the networks' spread, not an error bar)"})
-            data[f"{name}_err"] = ("frame", err[:, i], attrs | {"long_name": f"{name} {ERR_MEANING}"})
+            for key, values in ((name, mean), (f"{name}_std", std), (f"{name}_err", err)):
+                data[key] = ("frame", values[:, i], variable_attrs(key, estimator))
         for name, values in (extra or {}).items():
-            units, long_name = _CHECK_OUTPUTS[name][1:]
-            data[name] = ("frame", values, {"units": units, "long_name": long_name})
-        data["flag"] = ("frame", flags.astype(FLAG_DTYPE), flag_attributes())
+            data[name] = ("frame", values, variable_attrs(name))
+        data["flag"] = ("frame", flags.astype(FLAG_DTYPE), variable_attrs("flag"))
         return xr.Dataset(
             data,
             coords={"frame": np.arange(len(mean))},
@@ -432,19 +428,9 @@ class Predictor:
         )
 
 
-#: What ``*_err`` means, in every result and data key.
-ERR_MEANING = ("expected error: the standard deviation to expect for this frame (Fisher information "
-               "at the estimate, floored at the forward model's accuracy); meaningful where flag is 0")
-
-#: Per-frame outputs of the physics check: {name: (Consistency attribute, units, long_name)}.
-_CHECK_OUTPUTS = {
-    "fit_quality": ("fit_quality", "1", "Poisson deviance z-score against the forward model at the "
-                    "estimate (about N(0,1) when the physics describes the frame)"),
-    "thickness_z": ("thickness_z", "1", "score-test z of the film thickness (about N(0,1) at the "
-                    "instrument's thickness)"),
-    "count_scale": ("scale", "counts", "expected counts of a fully lit pixel at the Laue maximum"),
-    "background": ("background", "counts", "background counts per binned pixel"),
-}
+#: The physics check's per-frame outputs in a result: {variable: Consistency attribute}.
+_CHECK_OUTPUTS = {"fit_quality": "fit_quality", "thickness_z": "thickness_z", "count_scale": "scale",
+                  "background": "background"}
 
 
 def inpaint(counts: np.ndarray, masked: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ import numpy as np
 from event_model import DocumentNames, compose_run, schema_validators
 from event_model.documents import EventPage
 
+from .._schema import PARAMETERS, derived_data_key
 from .._version import __version__
-from ..inference import ERR_MEANING, PARAMETERS, UNITS, Predictor
-from ..quality import FLAG_BITS, FLAG_DTYPE, flag_description
+from ..inference import Predictor
+from ..quality import FLAG_BITS
 from ._frames import FrameLayout
 from ._rows import RowBlock
 
@@ -31,18 +32,6 @@ COPIED_START_KEYS = ("scan_id", "sample", "shape", "extents", "snaking", "motors
 def is_derived_start(start: Mapping[str, Any]) -> bool:
     """True for the start document of a run this package derived (never analyse those again)."""
     return "parent_uid" in start and isinstance(start.get("nanobeam"), Mapping)
-
-
-def _parameter_key(name: str, source: str) -> dict[str, Any]:
-    if name == "fit_quality":
-        return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [], "units": "1",
-                "precision": 2, "description": "Poisson deviance z-score against the forward model at "
-                "the estimate: about N(0,1) when the physics describes the frame; flag POOR_FIT above 4"}
-    base = name.removesuffix("_std").removesuffix("_err")
-    what = {"_std": "the networks' spread (not an error bar)", "_err": ERR_MEANING}.get(
-        name[len(base):], "estimate (likelihood step from the network)")
-    return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [],
-            "units": UNITS[base], "precision": 6, "description": f"{base}, {what}"}
 
 
 class DerivedRun:
@@ -90,11 +79,7 @@ class DerivedRun:
         self.bundle = compose_run(metadata=metadata)
         self.start_doc = self.bundle.start_doc
         source = f"nanobeam:{predictor.model_id}:{predictor.sha256[:12]}"
-        data_keys: dict[str, Any] = {name: _parameter_key(name, source) for name in DERIVED_FIELDS[:-1]}
-        data_keys["flag"] = {
-            "source": source, "dtype": "integer", "dtype_numpy": np.dtype(FLAG_DTYPE).str, "shape": [],
-            "units": None, "description": flag_description(),
-        }
+        data_keys: dict[str, Any] = {name: derived_data_key(name, source) for name in DERIVED_FIELDS}
         data_keys["raw_seq_num"] = {"source": f"raw:{self.raw_stream}", "dtype": "integer",
                                     "dtype_numpy": "<i8", "shape": [], "units": None}
         raw_keys = raw_descriptor["data_keys"]

@@ -15,8 +15,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._schema import UNITS
 from ..errors import InputError
-from ..inference import UNITS
 
 __all__ = ["LiveStrainMaps", "MapGrid"]
 

@@ -18,10 +18,11 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .._schema import variable_attrs
 from .._version import __version__
 from ..errors import InputError
-from ..physics import PARAMETERS, UNITS, Instrument
-from ..quality import FLAG_DTYPE, NO_VALUE, PhysicsCheck, flag_attributes, prepare_frames
+from ..physics import PARAMETERS, Instrument
+from ..quality import FLAG_DTYPE, NO_VALUE, PhysicsCheck, prepare_frames
 from .library import Library
 
 __all__ = ["GridFitter", "available_memory_bytes", "default_memory_budget", "rows_times"]
@@ -256,14 +257,11 @@ class GridFitter(ABC):
         coords = {dim: np.arange(size) for dim, size in zip(dims, map_shape, strict=True)}
         data: dict[str, Any] = {}
         for name in PARAMETERS:
-            data[name] = (dims, out[name].reshape(map_shape),
-                          {"units": UNITS[name], "long_name": f"{name} ({self.method} fit)"})
+            data[name] = (dims, out[name].reshape(map_shape), variable_attrs(name, f"{self.method} fit"))
         for name, (units, long_name) in self.extra_outputs.items():
             data[name] = (dims, out[name].reshape(map_shape), {"units": units, "long_name": long_name})
-        data["fit_quality"] = (dims, out["fit_quality"].reshape(map_shape), {
-            "units": "1", "long_name": "Poisson deviance z-score of the frame against the forward model "
-            "at the fit's estimate (about N(0,1) when the estimate explains the frame)"})
-        data["flag"] = (dims, flags.reshape(map_shape), flag_attributes())
+        data["fit_quality"] = (dims, out["fit_quality"].reshape(map_shape), variable_attrs("fit_quality"))
+        data["flag"] = (dims, flags.reshape(map_shape), variable_attrs("flag"))
         lib = self.library
         return xr.Dataset(
             data,

@@ -14,16 +14,13 @@ from typing import Any
 
 import yaml
 
+from .._schema import PARAMETERS, UNITS
 from ..errors import NanobeamError
 
 __all__ = ["HC_KEV_ANGSTROM", "ORIENTATION_FIELDS", "PARAMETERS", "UNITS", "Instrument", "InstrumentError"]
 
 #: h c in keV * Angstrom, as fixed by physics.md (lambda[A] = 12.398 / E[keV]).
 HC_KEV_ANGSTROM = 12.398
-#: The sample parameters, in the order every array and model output uses.
-PARAMETERS = ("strain", "omega", "chi")
-#: Their units: strain is dimensionless, the tilts are in degrees.
-UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 #: The fields that say how the physical detector is mounted (flips, transpose).
 ORIENTATION_FIELDS = ("detector_transpose", "detector_flip_rows", "detector_flip_cols")
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import dask.array
 import h5py
@@ -28,7 +30,8 @@ from ..errors import NanobeamError
 from .forward import iter_grid
 from .instrument import PARAMETERS, Instrument
 
-__all__ = ["LibraryError", "grid_axes", "library_instrument", "open_library", "write_library"]
+__all__ = ["LibraryError", "check_library_attrs", "grid_axes", "library_instrument", "open_library",
+           "write_library"]
 
 FORMAT = "nanobeam-library"
 FORMAT_VERSION = 1
@@ -124,12 +127,11 @@ def open_library(path: str | Path) -> xr.Dataset:
     except OSError as exc:
         raise LibraryError(f"{path} is not a readable HDF5 library ({exc}); regenerate it") from exc
     attrs = dict(h5.attrs)
-    if attrs.get("format") != FORMAT:
+    try:
+        check_library_attrs(attrs, path)
+    except LibraryError:
         h5.close()
-        raise LibraryError(f"{path} is not a nanobeam library (format={attrs.get('format')!r})")
-    if not attrs.get("complete", False):
-        h5.close()
-        raise LibraryError(f"{path} is incomplete (its writer was interrupted); regenerate it")
+        raise
     frames = h5["frames"]
     data = dask.array.from_array(frames, chunks=frames.chunks)
     coords: dict[str, tuple[str, np.ndarray] | np.ndarray | list[str]] = {
@@ -157,6 +159,14 @@ def open_library(path: str | Path) -> xr.Dataset:
     ds["strain"].attrs["units"] = "1"
     ds.set_close(h5.close)
     return ds
+
+
+def check_library_attrs(attrs: Mapping[str, Any], path: str | Path) -> None:
+    """Raise :class:`LibraryError` unless a file's attributes say: a complete nanobeam library."""
+    if attrs.get("format") != FORMAT:
+        raise LibraryError(f"{path} is not a nanobeam library (format={attrs.get('format')!r})")
+    if not attrs.get("complete", False):
+        raise LibraryError(f"{path} is incomplete (its writer was interrupted); regenerate it")
 
 
 def library_instrument(ds: xr.Dataset) -> Instrument:

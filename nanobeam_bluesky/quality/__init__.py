@@ -8,6 +8,7 @@
   z-score), the film-thickness test and the ring test.
 """
 
+from .._schema import FLAG_BITS, FLAG_DTYPE, NO_VALUE, Flag, flag_attributes, flag_description
 from ._consistency import (
     MIN_RING_FRACTION,
     POOR_FIT_Z,
@@ -17,7 +18,6 @@ from ._consistency import (
     PooledConsistency,
 )
 from ._deviance import deviance_moments, unit_deviance_moments
-from ._flags import FLAG_BITS, FLAG_DTYPE, NO_VALUE, Flag, flag_attributes, flag_description
 from ._plausibility import PreparedFrames, binned_instrument_mask, prepare_frames
 
 __all__ = [

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._schema import FLAG_DTYPE, Flag
 from ..physics import FrameModel, Instrument, crlb
 from ._deviance import deviance_moments, deviance_table
-from ._flags import FLAG_DTYPE, Flag
 from ._kernel import KERNEL_LOCK, N_SUMS, frame_statistics, likelihood_sums, pack_geometry
 
 __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]

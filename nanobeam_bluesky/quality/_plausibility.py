@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .._schema import FLAG_DTYPE, Flag
 from ..errors import InputError
 from ..physics import Instrument, orient
-from ._flags import FLAG_DTYPE, Flag
 from ._kernel import KERNEL_LOCK, frame_statistics
 
 __all__ = ["PreparedFrames", "binned_instrument_mask", "prepare_frames"]

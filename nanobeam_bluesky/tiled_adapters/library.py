@@ -26,8 +26,8 @@ from tiled.structures.core import Spec
 from tiled.utils import path_from_uri
 
 from .._version import __version__
-from ..physics import PARAMETERS, Instrument, LibraryError, grid_axes, simulate
-from ..physics.library import FORMAT as LIBRARY_FORMAT
+from ..physics import PARAMETERS, UNITS, Instrument, LibraryError, grid_axes, simulate
+from ..physics.library import check_library_attrs
 from ._arrays import (
     BlockwiseArrayAdapter,
     ContainerAdapter,
@@ -49,7 +49,6 @@ __all__ = [
 
 LIBRARY_SPEC = Spec("nanobeam-library", version="1")
 _DIMS = ("strain", "omega", "chi", "row", "col")
-_UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 #: Largest number of frames one request to the lazy library may simulate (~330 MB of float32).
 MAX_SIMULATED_FRAMES = 20_000
 
@@ -68,7 +67,7 @@ def _frames_structure(shape: tuple[int, ...], chunks: tuple[int, ...]) -> ArrayS
 def _children(frames: BlockwiseArrayAdapter, axes: dict[str, np.ndarray], n_pix: int) -> dict[str, Any]:
     children: dict[str, Any] = {"frames": frames}
     for name, values in axes.items():
-        children[name] = coordinate(values, (name,), _UNITS[name])
+        children[name] = coordinate(values, (name,), UNITS[name])
     children["row"] = coordinate(np.arange(n_pix), ("row",), "binned pixel")
     children["col"] = coordinate(np.arange(n_pix), ("col",), "binned pixel")
     return children
@@ -274,10 +273,7 @@ def _inspect_library(path: Path) -> dict[str, Any]:
     try:
         with open_hdf5(path) as h5:
             attrs = dict(h5.attrs)
-            if attrs.get("format") != LIBRARY_FORMAT:
-                raise LibraryError(f"{path.name} is not a nanobeam library (format={attrs.get('format')!r})")
-            if not attrs.get("complete", False):
-                raise LibraryError(f"{path.name} is incomplete (its writer was interrupted); regenerate it")
+            check_library_attrs(attrs, path.name)
             frames = h5["frames"]
             shape = tuple(frames.shape)
             chunks = frames.chunks or (1, 1, *shape[2:])

@@ -12,7 +12,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import InputError
 from ..models import TiltRegistration, as_stored, load_model_file, save_model_file
-from ..physics import Instrument
+from ..physics import UNITS, Instrument
 from .data import Standardiser
 from .recipes import Recipe
 from .trainer import PARAMETERS, RegisteredObjective, crlb_reference, evaluate, train_member
@@ -39,7 +39,7 @@ def model_metadata(
         "architecture": {"name": recipe.architecture, "kwargs": recipe.architecture_kwargs},
         "instrument": instrument.to_dict(),
         "parameters": list(PARAMETERS),
-        "units": {"strain": "1", "omega": "deg", "chi": "deg"},
+        "units": dict(UNITS),
         "parameter_ranges": {k: list(v) for k, v in instrument.parameter_ranges.items()},
         "output_normalisation": {"centre": list(std.centre), "half_range": list(std.half_range)},
         "input": {"frame_pixels": instrument.frame_pixels, "normalisation": input_norm},

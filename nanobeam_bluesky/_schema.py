@@ -1,4 +1,9 @@
-"""The per-frame ``flag`` bits that every result carries (predictions, fits, derived runs)."""
+"""The results schema: the one home of what every result says.
+
+Parameters and their units, the quality flags and their meanings, what each per-frame variable
+of a result means (``predict()``, the fits, the derived stream), and the derived stream's
+event-model data keys. Everything that writes or describes a result takes it from here.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FLAG_BITS", "FLAG_DTYPE", "NO_VALUE", "Flag", "flag_attributes", "flag_description"]
+__all__ = [
+    "CHECK_VARIABLES",
+    "ERR_MEANING",
+    "FLAG_BITS",
+    "FLAG_DTYPE",
+    "NO_VALUE",
+    "PARAMETERS",
+    "STD_MEANING",
+    "UNITS",
+    "Flag",
+    "derived_data_key",
+    "flag_attributes",
+    "flag_description",
+    "variable_attrs",
+]
+
+#: The sample parameters, in the order every array and model output uses.
+PARAMETERS = ("strain", "omega", "chi")
+#: Their units: strain is dimensionless, the tilts are in degrees.
+UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
 
 #: The flag's dtype everywhere (arrays, datasets, derived event data).
 FLAG_DTYPE = np.uint16
@@ -70,3 +94,44 @@ def flag_attributes() -> dict[str, Any]:
     return {"flag_masks": [int(f) for f in FLAG_BITS.values()],
             "flag_meanings": " ".join(name.lower() for name in FLAG_BITS),
             "long_name": "quality bits (0: none found)"}
+
+
+#: What ``*_err`` means, in every result and data key.
+ERR_MEANING = ("expected error: the standard deviation to expect for this frame (Fisher information "
+               "at the estimate, floored at the forward model's accuracy); meaningful where flag is 0")
+#: What ``*_std`` means.
+STD_MEANING = "ensemble std (the networks' spread, not an error bar)"
+#: Per-frame outputs of the physics check: {name: (units, long_name)}.
+CHECK_VARIABLES: dict[str, tuple[str, str]] = {
+    "fit_quality": ("1", "Poisson deviance z-score against the forward model at the estimate (about "
+                    "N(0,1) when the physics describes the frame)"),
+    "thickness_z": ("1", "score-test z of the film thickness (about N(0,1) at the instrument's "
+                    "thickness)"),
+    "count_scale": ("counts", "expected counts of a fully lit pixel at the Laue maximum"),
+    "background": ("counts", "background counts per binned pixel"),
+}
+
+
+def variable_attrs(name: str, estimator: str = "estimate") -> dict[str, Any]:
+    """``units`` and ``long_name`` of a result variable: a parameter, its ``_std`` or ``_err``, a
+    check output or ``flag``; ``estimator`` names what made the parameter's value."""
+    if name == "flag":
+        return flag_attributes()
+    if name in CHECK_VARIABLES:
+        units, long_name = CHECK_VARIABLES[name]
+        return {"units": units, "long_name": long_name}
+    base = name.removesuffix("_std").removesuffix("_err")
+    what = {"_std": STD_MEANING, "_err": ERR_MEANING}.get(name[len(base):], f"({estimator})")
+    return {"units": UNITS[base], "long_name": f"{base} {what}"}
+
+
+def derived_data_key(name: str, source: str) -> dict[str, Any]:
+    """The event-model data key of a derived-stream field (a parameter, ``_std``, ``_err``,
+    ``fit_quality`` or ``flag``)."""
+    if name == "flag":
+        return {"source": source, "dtype": "integer", "dtype_numpy": np.dtype(FLAG_DTYPE).str,
+                "shape": [], "units": None, "description": flag_description()}
+    attrs = variable_attrs(name, "likelihood step from the network")
+    return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [],
+            "units": attrs["units"], "precision": 2 if name in CHECK_VARIABLES else 6,
+            "description": attrs["long_name"]}
