@@ -27,6 +27,8 @@ import xarray as xr
 from ._schema import variable_attrs
 from .errors import NanobeamError
 from .models import (
+    Architecture,
+    ModelCard,
     ModelFileError,
     NanobeamMLP,
     RegisteredMLP,
@@ -111,6 +113,8 @@ class Predictor:
     def __init__(self, members: list[torch.nn.Module], metadata: dict[str, Any], *,
                  refiners: list[RegisteredMLP] | None = None,
                  device: str = "cpu", batch_size: int | None = None) -> None:
+        #: The model file's metadata, typed and validated (:class:`~nanobeam_bluesky.models.ModelCard`).
+        self.card = ModelCard.from_metadata(metadata)
         self.metadata = metadata
         #: The model file it was loaded from (:meth:`from_file`), None for one made in memory.
         self.path: Path | None = None
@@ -118,10 +122,10 @@ class Predictor:
         # Frames per forward pass. On a CPU 1,024 frames (16 MB) stay in cache: 1.8x faster
         # than 8,192; a GPU wants large batches.
         self.batch_size = batch_size or (8192 if self.device.type == "cuda" else 1024)
-        self.instrument = Instrument.from_dict(metadata["instrument"])
-        norm = metadata["output_normalisation"]
-        self._centre = torch.tensor(norm["centre"], dtype=torch.float64)
-        self._half = torch.tensor(norm["half_range"], dtype=torch.float64)
+        card = self.card
+        self.instrument = card.instrument
+        self._centre = torch.tensor(card.output_centre, dtype=torch.float64)
+        self._half = torch.tensor(card.output_half_range, dtype=torch.float64)
         for m in members:
             m.eval().requires_grad_(False)
         # Dense members run stacked (_net); any other architecture one by one (_members).
@@ -133,56 +137,50 @@ class Predictor:
         else:
             self._members = [m.to(self.device) for m in members]
         self._refiner: _StackedMLP | None = None
-        if refiners:
+        if refiners and card.refiner is not None:
             for m in refiners:
                 m.eval().requires_grad_(False)
-            ref = metadata["refiner"]
-            self.registration = TiltRegistration(**ref["registration"])
+            self.registration = TiltRegistration(**card.refiner.registration)
             self._refiner_features = refiners[0].to(self.device).features
             self._refiner = _StackedMLP(refiners).to(self.device)
-            self._refiner_half = torch.tensor(ref["output_normalisation"]["half_range"], dtype=torch.float64)
-        counts = metadata["count_level"]
-        low = min(1.0, counts.get("augmentation", [1.0, 1.0])[0])
-        typical = metadata.get("typical_frame_sum") or float(
-            simulate(0.0, 0.0, 0.0, self.instrument, upsample=2).sum()
-        )
-        #: Frames with fewer total counts are flagged LOW_COUNTS and not predicted.
-        self.min_total_counts = 0.1 * low * counts["max_counts"] * typical
-        # Expected error: the test RMSE at max_counts (frames uniform over the box), scaled to
-        # each frame's counts as 1/sqrt(counts) -- the Cramer-Rao bound scales so, and is flat
-        # over the box to +-4 %.
-        metrics = metadata.get("metrics", {})
-        self._test_rmse = {
-            refined: np.array([(stage or {}).get(f"rmse_{p}", np.nan) for p in PARAMETERS])
-            for refined, stage in ((True, metrics.get("ensemble")),
-                                   (False, metrics.get("coarse_ensemble", metrics.get("ensemble"))))
-        }
+            self._refiner_half = torch.tensor(card.refiner.half_range, dtype=torch.float64)
+        # One simulation for both count references: the box centre, then 64 frames across it.
         rng = np.random.default_rng(0)
-        strain, omega, chi = (rng.uniform(lo, hi, 64) for lo, hi in self.instrument.parameter_ranges.values())
+        strain, omega, chi = (np.r_[0.0, rng.uniform(lo, hi, 64)]
+                              for lo, hi in self.instrument.parameter_ranges.values())
+        sums = simulate(strain, omega, chi, self.instrument, upsample=2).sum(axis=(1, 2))
+        typical = card.typical_frame_sum or float(sums[0])
+        low = min(1.0, card.count_augmentation[0])
+        #: Frames with fewer total counts are flagged LOW_COUNTS and not predicted.
+        self.min_total_counts = 0.1 * low * card.max_counts * typical
+        # Expected error of the networks alone: the test RMSE at max_counts (frames uniform over
+        # the box), scaled to each frame's counts as 1/sqrt(counts).
+        self._test_rmse = {True: np.array(card.test_rmse), False: np.array(card.coarse_test_rmse)}
         #: Mean expected total counts of a test frame (max_counts, uniform over the box).
-        self.reference_total_counts = counts["max_counts"] * float(
-            simulate(strain, omega, chi, self.instrument, upsample=2).sum(axis=(1, 2)).mean())
+        self.reference_total_counts = card.max_counts * float(sums[1:].mean())
         # The networks' error stops falling at the top of the count range they were trained on.
-        self._least_error_scale = 1 / np.sqrt(max(1.0, counts.get("augmentation", [1.0, 1.0])[1]))
+        self._least_error_scale = 1 / np.sqrt(max(1.0, card.count_augmentation[1]))
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_states(cls, states: list[dict[str, torch.Tensor]], metadata: dict[str, Any],
                     **kwargs: Any) -> Predictor:
-        def build(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
-            model = build_model(arch["name"], **arch.get("kwargs", {}))
+        def build(arch: Architecture, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+            model = build_model(arch.name, **arch.kwargs)
             model.load_state_dict(state)
             return model
 
-        n_refiners = metadata["refiner"]["n_members"] if "refiner" in metadata else 0
+        card = ModelCard.from_metadata(metadata)
+        n_refiners = card.refiner.n_members if card.refiner else 0
         coarse, fine = states[: len(states) - n_refiners], states[len(states) - n_refiners :]
-        members = [build(metadata["architecture"], s) for s in coarse]
+        members = [build(card.architecture, s) for s in coarse]
         refiners = []
         for s in fine:
-            refiner = build(metadata["refiner"]["architecture"], s)
+            assert card.refiner is not None  # fine is empty without a refining stage
+            refiner = build(card.refiner.architecture, s)
             if not isinstance(refiner, RegisteredMLP):  # the refining stage needs its features
                 raise ModelFileError(
-                    f"the refining stage's architecture is {metadata['refiner']['architecture']['name']!r}; "
+                    f"the refining stage's architecture is {card.refiner.architecture.name!r}; "
                     "only 'registered_mlp' can refine: re-train it with `nanobeam train --recipe registered`")
             refiners.append(refiner)
         return cls(members, metadata, refiners=refiners, **kwargs)
@@ -198,11 +196,11 @@ class Predictor:
     # ------------------------------------------------------------------ identity
     @property
     def model_id(self) -> str:
-        return self.metadata["model_id"]
+        return self.card.model_id
 
     @property
     def sha256(self) -> str:
-        return self.metadata["sha256"]
+        return self.card.sha256
 
     @property
     def n_members(self) -> int:
@@ -215,7 +213,7 @@ class Predictor:
 
     @property
     def frame_pixels(self) -> int:
-        return int(self.metadata["input"]["frame_pixels"])
+        return self.card.frame_pixels
 
     def check_instrument(self, instrument: Instrument | None, *, allow_mismatch: bool = False) -> None:
         """Raise InstrumentMismatchError if ``instrument`` is not the model's (unless allowed).
@@ -249,6 +247,7 @@ class Predictor:
         clone = object.__new__(Predictor)
         clone.__dict__.update(self.__dict__)
         clone.metadata = {**self.metadata, "instrument": instrument.to_dict()}
+        clone.card = ModelCard.from_metadata(clone.metadata)
         clone.instrument = instrument
         return clone
 
@@ -402,7 +401,7 @@ class Predictor:
     def range_flags(self, mean: np.ndarray) -> np.ndarray:
         """OUT_OF_RANGE where a prediction is more than 5 % of its range outside the box."""
         # By name: the metadata JSON is stored with sorted keys.
-        ranges = np.array([self.metadata["parameter_ranges"][p] for p in PARAMETERS], dtype=float)
+        ranges = np.array([self.card.parameter_ranges[p] for p in PARAMETERS], dtype=float)
         margin = 0.05 * (ranges[:, 1] - ranges[:, 0])
         with np.errstate(invalid="ignore"):
             outside = ((mean < ranges[:, 0] - margin) | (mean > ranges[:, 1] + margin)).any(axis=1)
@@ -422,7 +421,7 @@ class Predictor:
         return xr.Dataset(
             data,
             coords={"frame": np.arange(len(mean))},
-            attrs={"model_id": self.model_id, "model_sha256": self.metadata.get("sha256", ""),
+            attrs={"model_id": self.model_id, "model_sha256": self.sha256,
                    "n_members": self.n_members, "n_refiners": self.n_refiners if refined else 0,
                    "estimator": estimator},
         )

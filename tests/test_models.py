@@ -361,9 +361,15 @@ def test_predictor_path_and_refiner_architecture(tiny_model):
     states, meta = load_model_file(path)
     assert Predictor.from_states(states, meta).path is None  # made in memory: no file
     # A refining stage of an architecture that cannot refine is refused as a bad model file.
-    meta["refiner"] = {"n_members": 1, "architecture": meta["architecture"]}
+    meta["refiner"] = {"n_members": 1, "architecture": meta["architecture"],
+                       "registration": {"pixels_per_deg_omega": 270.0, "pixels_per_deg_chi": 74.0},
+                       "output_normalisation": {"half_range": [0.004, 0.014]}}
     with pytest.raises(ModelFileError, match="registered_mlp"):
         Predictor.from_states([*states, states[0]], meta)
+    # A file without a field the package reads is refused naming it.
+    del meta["output_normalisation"]
+    with pytest.raises(ModelFileError, match="output_normalisation"):
+        Predictor.from_states(states, meta)
 
 
 def test_registered_recipe_needs_a_coarse_base_for_the_same_instrument(tiny_model, tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError
+from .card import Architecture, ModelCard, ModelCardError, RefinerCard
 from .mlp import NanobeamMLP, normalise_counts
 from .modelfile import (
     ModelFileError,
@@ -27,9 +28,13 @@ from .registered import RegisteredMLP, TiltRegistration, register_frames
 
 __all__ = [
     "ARCHITECTURES",
+    "Architecture",
+    "ModelCard",
+    "ModelCardError",
     "ModelFileError",
     "NanobeamMLP",
     "PaperCNN",
+    "RefinerCard",
     "RegisteredMLP",
     "TiltRegistration",
     "as_stored",
