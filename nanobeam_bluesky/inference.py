@@ -16,9 +16,10 @@ A frame without a measurable ring gets NaN and a flag; any flag says "do not tru
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,11 +52,49 @@ __all__ = [
     "PRETRAINED_FILE",
     "Flag",
     "InstrumentMismatchError",
+    "NetworkEstimate",
+    "Prediction",
     "Predictor",
     "load_pretrained",
 ]
 
 PRETRAINED_FILE = "nanobeam-default.pt"
+
+
+class NetworkEstimate(NamedTuple):
+    """The networks' output for N frames, in physical units (strain, deg, deg)."""
+
+    #: (N, 3) the ensemble mean.
+    mean: np.ndarray
+    #: (N, 3) the members' spread (not an error bar).
+    std: np.ndarray
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Predictor.predict` finds, as arrays over N frames.
+
+    Attributes:
+        values: (N, 3) strain (1), omega and chi (deg); NaN where a flag says there is no value.
+        std: (N, 3) the networks' spread.
+        err: (N, 3) the error to expect (see ``nanobeam_bluesky._schema.ERR_MEANING``).
+        flags: (N,) uint16 quality bits (:class:`~nanobeam_bluesky.quality.Flag`).
+        checks: the physics check's per-frame outputs (fit_quality, thickness_z, count_scale,
+            background); empty without the check.
+        estimator: what made ``values``.
+        refined: the networks' refining stage was used.
+        pooled: the pooled tests' summary (the film thickness the frames say...); empty without
+            the check.
+    """
+
+    values: np.ndarray
+    std: np.ndarray
+    err: np.ndarray
+    flags: np.ndarray
+    checks: dict[str, np.ndarray]
+    estimator: str
+    refined: bool
+    pooled: dict[str, Any] = field(default_factory=dict)
 
 
 class InstrumentMismatchError(NanobeamError, ValueError):
@@ -268,7 +307,7 @@ class Predictor:
         return PhysicsCheck.for_instrument(instrument or self.instrument)
 
     @torch.inference_mode()
-    def predict_arrays(self, frames: np.ndarray, *, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def predict_arrays(self, frames: np.ndarray, *, refine: bool = True) -> NetworkEstimate:
         """(N, F, F) counts -> (mean (N, 3), std (N, 3)) in physical units, no checks or flags.
 
         ``refine=False`` skips the refining stage (the coarse ensemble alone).
@@ -290,8 +329,8 @@ class Predictor:
             means.append(mean)
             stds.append(std)
         if not means:
-            return np.zeros((0, 3)), np.zeros((0, 3))
-        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+            return NetworkEstimate(np.zeros((0, 3)), np.zeros((0, 3)))
+        return NetworkEstimate(torch.cat(means).numpy(), torch.cat(stds).numpy())
 
     def _refine(self, frames: torch.Tensor, omega_deg: torch.Tensor, chi_deg: torch.Tensor) -> torch.Tensor:
         """Refined (omega, chi) in degrees per refiner, (K2, N, 2), from coarse tilts (N,)."""
@@ -341,6 +380,27 @@ class Predictor:
         :class:`~nanobeam_bluesky.quality.Flag`). Frames without a measurable ring get NaN. The
         attributes hold the pooled tests' summary (e.g. the film thickness the frames say).
         """
+        prediction = self.analyse(
+            frames, instrument=instrument, mask=mask, allow_instrument_mismatch=allow_instrument_mismatch,
+            check_instrument=check_instrument, refine=refine, check=check, likelihood=likelihood,
+            pooled=pooled)
+        return self.to_dataset(prediction)
+
+    def analyse(
+        self,
+        frames: Any,
+        *,
+        instrument: Instrument | None = None,
+        mask: Any = None,
+        allow_instrument_mismatch: bool = False,
+        check_instrument: bool = True,
+        refine: bool = True,
+        check: bool = True,
+        likelihood: bool = True,
+        pooled: PooledConsistency | None = None,
+    ) -> Prediction:
+        """:meth:`predict`'s results as arrays (:class:`Prediction`), without the Dataset around them
+        (what the live callback uses). Arguments as for :meth:`predict`."""
         if check_instrument:
             self.check_instrument(instrument, allow_mismatch=allow_instrument_mismatch)
         data_instrument = instrument or self.instrument
@@ -377,11 +437,12 @@ class Predictor:
         no_value = (flags & FLAG_DTYPE(NO_VALUE)) != 0
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
-        estimator = ("likelihood step from the network" if check and likelihood else "network")
-        ds = self.to_dataset(mean, std, flags, refined=refined, err=err, extra=extra, estimator=estimator)
-        if check:
-            ds.attrs.update(pool.summary(data_instrument.film_thickness_angstrom))
-        return ds
+        return Prediction(
+            values=mean, std=std, err=err, flags=flags, checks=extra if check else {},
+            estimator="likelihood step from the network" if check and likelihood else "network",
+            refined=refined,
+            pooled=pool.summary(data_instrument.film_thickness_angstrom) if check else {},
+        )
 
     def expected_error(self, frames: np.ndarray, *, refined: bool = True) -> np.ndarray:
         """(N, 3) RMSE to expect of the network alone (strain, deg, deg): its test RMSE scaled
@@ -407,23 +468,22 @@ class Predictor:
             outside = ((mean < ranges[:, 0] - margin) | (mean > ranges[:, 1] + margin)).any(axis=1)
         return np.where(outside, Flag.OUT_OF_RANGE, 0).astype(FLAG_DTYPE)
 
-    def to_dataset(self, mean: np.ndarray, std: np.ndarray, flags: np.ndarray, *,
-                   refined: bool = False, err: np.ndarray | None = None,
-                   extra: dict[str, np.ndarray] | None = None, estimator: str = "network") -> xr.Dataset:
-        err = np.full_like(mean, np.nan) if err is None else err
+    def to_dataset(self, prediction: Prediction) -> xr.Dataset:
+        """The Dataset :meth:`predict` returns, over ``frame``, from a :meth:`analyse` result."""
+        p = prediction
         data: dict[str, Any] = {}
         for i, name in enumerate(PARAMETERS):
-            for key, values in ((name, mean), (f"{name}_std", std), (f"{name}_err", err)):
-                data[key] = ("frame", values[:, i], variable_attrs(key, estimator))
-        for name, values in (extra or {}).items():
+            for key, values in ((name, p.values), (f"{name}_std", p.std), (f"{name}_err", p.err)):
+                data[key] = ("frame", values[:, i], variable_attrs(key, p.estimator))
+        for name, values in p.checks.items():
             data[name] = ("frame", values, variable_attrs(name))
-        data["flag"] = ("frame", flags.astype(FLAG_DTYPE), variable_attrs("flag"))
+        data["flag"] = ("frame", p.flags.astype(FLAG_DTYPE), variable_attrs("flag"))
         return xr.Dataset(
             data,
-            coords={"frame": np.arange(len(mean))},
+            coords={"frame": np.arange(len(p.values))},
             attrs={"model_id": self.model_id, "model_sha256": self.sha256,
-                   "n_members": self.n_members, "n_refiners": self.n_refiners if refined else 0,
-                   "estimator": estimator},
+                   "n_members": self.n_members, "n_refiners": self.n_refiners if p.refined else 0,
+                   "estimator": p.estimator, **p.pooled},
         )
 
 

@@ -205,11 +205,11 @@ class FlakyPredictor(Predictor):
 
     calls = 0
 
-    def predict(self, frames, **kwargs):
+    def analyse(self, frames, **kwargs):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("simulated CUDA error: device lost")
-        return super().predict(frames, **kwargs)
+        return super().analyse(frames, **kwargs)
 
 
 def test_model_error_mid_scan_is_flagged_and_the_scan_finishes(model: ModelUnderTest,
@@ -242,9 +242,9 @@ class StalledPredictor(Predictor):
 
     release = threading.Event()
 
-    def predict(self, frames, **kwargs):
+    def analyse(self, frames, **kwargs):
         assert self.release.wait(60), "test never released the model"
-        return super().predict(frames, **kwargs)
+        return super().analyse(frames, **kwargs)
 
 
 def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(model: ModelUnderTest,
@@ -413,11 +413,11 @@ class AbortingPredictor(Predictor):
 
     calls = 0
 
-    def predict(self, frames, **kwargs):
+    def analyse(self, frames, **kwargs):
         self.calls += 1
         if self.calls == 1:
             raise Abort("simulated fatal error in the model")
-        return super().predict(frames, **kwargs)
+        return super().analyse(frames, **kwargs)
 
 
 def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(

@@ -1,11 +1,13 @@
 """Live analysis callbacks: raw diffraction frames -> a derived (strain, omega, chi) run.
 
-- :class:`NanobeamCallback`: the analysis, as an event-model DocumentRouter.
+- :class:`NanobeamCallback`: the analysis, as an event-model DocumentRouter: a thin router
+  whose RunRouter makes one :class:`RunAnalysis` per raw run.
 - :class:`LiveStrainMaps`: matplotlib maps of the derived rows, saved as PNG at stop.
 - :func:`listen`: the callback behind bluesky's 0MQ RemoteDispatcher (``nanobeam listen``).
 """
 
-from ._callback import CallbackStats, NanobeamCallback
+from ._analysis import CallbackStats, RunAnalysis, StreamPlan
+from ._callback import NanobeamCallback
 from ._derived import ANALYSIS_STAGE, DERIVED_FIELDS, DerivedRun, is_derived_start
 from ._frames import FrameLayout, ImageKeyError, Storage, find_frame_layout, find_position_keys
 from ._live_maps import LiveStrainMaps, MapGrid
@@ -26,7 +28,9 @@ __all__ = [
     "LiveStrainMaps",
     "MapGrid",
     "NanobeamCallback",
+    "RunAnalysis",
     "Storage",
+    "StreamPlan",
     "StreamReadError",
     "StreamResourceReader",
     "find_frame_layout",

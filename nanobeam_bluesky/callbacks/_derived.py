@@ -53,7 +53,6 @@ class DerivedRun:
         analysis_stage: str = ANALYSIS_STAGE,
         validate_pages: bool = False,
     ) -> None:
-        self.raw_start_uid = raw_start["uid"]
         self.validate_pages = validate_pages
         self.raw_stream = raw_descriptor.get("name", "primary")
         self.position_keys = list(position_keys)

@@ -89,10 +89,6 @@ class StreamJoin:
                                    chunk.received, np.zeros(chunk.n, dtype=FLAG_DTYPE)))
         return blocks
 
-    @property
-    def pending_frames(self) -> int:
-        return sum(c.n for c in self._images)
-
 
 def seq_ranges(rows: Iterable[int | np.integer]) -> str:
     """'3, 7..9' for raw seq_nums [3, 7, 8, 9] (sorted)."""

@@ -40,15 +40,13 @@ class GuardedCallback:
 
     def __init__(self, callback: Callable[[str, dict[str, Any]], Any]) -> None:
         self.callback = callback
-        self.errors: list[str] = []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         try:
             self.callback(name, doc)
         except Exception as exc:
-            message = f"{name} of run {doc.get('run_start', doc.get('uid', '?'))}: {exc}"
-            self.errors.append(message)
-            logger.error("nanobeam listen: skipping the frames of %s", message)
+            logger.error("nanobeam listen: skipping the frames of %s of run %s: %s", name,
+                         doc.get("run_start", doc.get("uid", "?")), exc)
 
 
 def listen(
