@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from nanobeam_bluesky.physics import simulate, to_counts
-from nanobeam_bluesky.tiled_server import ServerConfig, TiledServer, free_port
+from nanobeam_bluesky.tiled.server import ServerConfig, TiledServer, free_port
 
 
 def _step_detector(x):
@@ -52,8 +52,8 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
     import ophyd.sim
     from bluesky import RunEngine
 
-    from nanobeam_bluesky.tiled_catalog import tiled_writer
-    from nanobeam_bluesky.tiled_spool import SpooledTiledWriter
+    from nanobeam_bluesky.tiled.catalog import tiled_writer
+    from nanobeam_bluesky.tiled.spool import SpooledTiledWriter
 
     runs = server.client("runs")
     writer = (SpooledTiledWriter(runs, spool, probe_interval_s=0.5) if writer_kind == "spooled"

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from nanobeam_bluesky.physics import simulate, to_counts
-from nanobeam_bluesky.tiled_catalog import open_catalog, tiled_writer
-from nanobeam_bluesky.tiled_server import ServerConfig, TiledServer, free_port
+from nanobeam_bluesky.tiled.catalog import open_catalog, tiled_writer
+from nanobeam_bluesky.tiled.server import ServerConfig, TiledServer, free_port
 
 
 def main() -> None:

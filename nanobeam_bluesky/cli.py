@@ -128,7 +128,7 @@ def _add_train(sub) -> None:
 
 # ------------------------------------------------------------------ serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .tiled_server import ServerConfig, run_server
+    from .tiled.server import ServerConfig, run_server
 
     layout = {}
     for item in args.scan_dataset or []:
@@ -253,8 +253,8 @@ def _predictor(model: str | None, device: str = "cpu"):
 def cmd_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .replay import find_run, replay_run
-    from .tiled_catalog import open_catalog, tiled_writer
+    from .tiled.catalog import open_catalog, tiled_writer
+    from .tiled.replay import find_run, replay_run
 
     catalog = open_catalog(args.catalog, api_key=args.api_key)
     run = find_run(catalog, args.run)

@@ -1,25 +1,25 @@
-"""The run catalog from the user's side: open it, write runs into it, and the queries people type.
+"""Moved to :mod:`nanobeam_bluesky.tiled.catalog`; re-exported here.
 
-Raw and derived runs are written by bluesky-tiled-plugins' own ``TiledWriter``; this module only
-chooses its batching. The metadata keys the queries use are the contract with the live callback
-(derived runs) and with the beamline's ``RE.md`` (raw runs):
-
-=================  =============================  ==============================================
-query              start-document key             example
-=================  =============================  ==============================================
-sample name        ``sample``                     ``RE.md["sample"] = "SrIrO3/LSAT #3"``
-scan type          ``plan_name``                  ``"grid_scan"``, ``"fly_scan"`` (set by plans)
-date               ``time``                       ``TimeRange(since="2025-03-01")``
-derived runs       ``parent_uid``                 uid of the raw run a derived run analyses
-analysing model    ``nanobeam.model_sha256``      sha256 of the model file (weights and metadata)
-=================  =============================  ==============================================
+Kept, like ``nanobeam_bluesky.tiled_adapters`` (which server config files written by earlier
+versions name, e.g. ``nanobeam_bluesky.tiled_adapters:contained_catalog``), so that configs,
+scripts and notebooks written for earlier versions keep working;
+new code imports ``nanobeam_bluesky.tiled.catalog``.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from .errors import InputError
+from .tiled.catalog import (
+    MODEL_SHA256_KEY,
+    PARENT_UID_KEY,
+    SAMPLE_KEY,
+    SCAN_TYPE_KEY,
+    derived_runs,
+    open_catalog,
+    runs_analysed_by,
+    runs_between,
+    runs_by_sample,
+    runs_by_scan_type,
+    tiled_writer,
+    writer_batch_size,
+)
 
 __all__ = [
     "MODEL_SHA256_KEY",
@@ -35,125 +35,3 @@ __all__ = [
     "tiled_writer",
     "writer_batch_size",
 ]
-
-SAMPLE_KEY = "sample"
-SCAN_TYPE_KEY = "plan_name"
-PARENT_UID_KEY = "parent_uid"
-MODEL_SHA256_KEY = "nanobeam.model_sha256"
-
-
-def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> Any:
-    """The run catalog from a tiled URI, a tiled/databroker profile name, or a client.
-
-    ``catalog`` may be the server (``http://127.0.0.1:8000``; its ``runs`` node is used), the
-    catalog itself (``http://127.0.0.1:8000/api/v1/metadata/runs``), a profile name as beamlines
-    name their catalogs (``tiled profile list``; databroker 2 reads the same profiles), or an
-    already opened tiled client. The API key may also come from ``$TILED_API_KEY``.
-    """
-    import os
-
-    from tiled.client import from_profile, from_uri
-
-    if not isinstance(catalog, str):
-        client = catalog
-    else:
-        key = api_key or os.environ.get("TILED_API_KEY") or os.environ.get("NANOBEAM_TILED_API_KEY")
-        if "://" in catalog:
-            client = from_uri(catalog, api_key=key, **kwargs)
-        else:
-            try:
-                client = from_profile(catalog, **({"api_key": key} if key else {}), **kwargs)
-            except Exception as exc:
-                raise InputError(
-                    f"{catalog!r} is neither a tiled URI (http://...) nor a known tiled/databroker "
-                    f"profile ({exc}); list profiles with `tiled profile list`"
-                ) from exc
-    specs = {spec.name for spec in getattr(client, "specs", [])}
-    if "CatalogOfBlueskyRuns" not in specs and "runs" in client:
-        client = client["runs"]
-    return client
-
-
-def _start_key(key: str) -> str:
-    return key if key.startswith(("start.", "stop.")) else f"start.{key}"
-
-
-def _search_eq(catalog: Any, key: str, value: Any) -> Any:
-    from tiled.queries import Key
-
-    return catalog.search(Key(_start_key(key)) == value)
-
-
-def runs_by_sample(catalog: Any, sample: str) -> Any:
-    """Runs whose start document has ``sample == sample``."""
-    return _search_eq(catalog, SAMPLE_KEY, sample)
-
-
-def runs_by_scan_type(catalog: Any, plan_name: str) -> Any:
-    """Runs of one plan (``grid_scan``, ``fly_scan``, ...)."""
-    return _search_eq(catalog, SCAN_TYPE_KEY, plan_name)
-
-
-def runs_between(catalog: Any, since: Any = None, until: Any = None, *, timezone: str | None = None) -> Any:
-    """Runs started in [since, until): dates as timestamps, datetimes or "2025-03-01 14:00"."""
-    from bluesky_tiled_plugins.queries import TimeRange
-    from tiled.queries import Comparison
-
-    query = TimeRange(since=since, until=until, timezone=timezone)
-    result = catalog
-    if query.since is not None:
-        result = result.search(Comparison("ge", "start.time", query.since))
-    if query.until is not None:
-        result = result.search(Comparison("lt", "start.time", query.until))
-    return result
-
-
-def derived_runs(catalog: Any, parent_uid: str) -> Any:
-    """Derived (ε, ω, χ) runs that analyse the raw run ``parent_uid``."""
-    return _search_eq(catalog, PARENT_UID_KEY, parent_uid)
-
-
-def runs_analysed_by(catalog: Any, sha256: str) -> Any:
-    """Derived runs made by the model file with this sha256 (weights and metadata since model
-    format 4; weights only before)."""
-    return _search_eq(catalog, MODEL_SHA256_KEY, sha256)
-
-
-def writer_batch_size(
-    points_per_row: int | None = None,
-    *,
-    frame_rate_hz: float | None = None,
-    latency_s: float = 2.0,
-    min_interval_s: float = 0.5,
-) -> int:
-    """Events per TiledWriter write: results show within ``latency_s`` yet the writer keeps pace.
-
-    ``TiledWriter(batch_size=1)`` makes two HTTP writes per event (about 7 events/s here), which
-    cannot keep pace with a detector; its default (10,000) shows nothing until the run ends. One
-    write costs ~0.1-0.3 s, so writes should come at most every ``min_interval_s``. A step scan is
-    written a row at a time (``points_per_row``), kept between ``frame_rate_hz * min_interval_s``
-    and ``frame_rate_hz * latency_s`` when the rate is known; with nothing known, 50 events.
-    """
-    if frame_rate_hz:
-        low = frame_rate_hz * min_interval_s
-        high = frame_rate_hz * latency_s
-        size = high if not points_per_row else min(max(points_per_row, low), high)
-    else:
-        size = points_per_row or 50
-    return max(1, int(size))
-
-
-def tiled_writer(
-    catalog: Any, *, batch_size: int | None = None, api_key: str | None = None, **kwargs: Any
-) -> Any:
-    """bluesky-tiled-plugins' ``TiledWriter`` on ``catalog``, batched by :func:`writer_batch_size`.
-
-    ``max_array_size=0`` stores every array as an array (tiled otherwise stores arrays of <= 16
-    elements as strings in the event table). Subscribe it to the RunEngine (``RE.subscribe``)
-    and to the live callback's derived documents.
-    """
-    from bluesky_tiled_plugins import TiledWriter
-
-    kwargs.setdefault("max_array_size", 0)
-    client = open_catalog(catalog, api_key=api_key)
-    return TiledWriter(client, batch_size=batch_size or writer_batch_size(), **kwargs)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanobeam_bluesky.demo import report, run_demo
-from nanobeam_bluesky.tiled_server import ServerConfig, TiledServer, free_port
+from nanobeam_bluesky.tiled.server import ServerConfig, TiledServer, free_port
 
 SIZE = 8
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from nanobeam_bluesky.physics import simulate, to_counts
-from nanobeam_bluesky.tiled_server import ServerConfig, TiledServer, free_port
-from nanobeam_bluesky.tiled_spool import SpooledTiledWriter
+from nanobeam_bluesky.tiled.server import ServerConfig, TiledServer, free_port
+from nanobeam_bluesky.tiled.spool import SpooledTiledWriter
 
 WORKTREE = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model,
     from bluesky import RunEngine
 
     from nanobeam_bluesky.callbacks import NanobeamCallback
-    from nanobeam_bluesky.tiled_catalog import derived_runs
+    from nanobeam_bluesky.tiled.catalog import derived_runs
 
     runs = server.client("runs")
     writer = SpooledTiledWriter(runs, tmp_path / "spool", probe_interval_s=0.2)

@@ -22,7 +22,7 @@ import torch
 from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, InstrumentError, grid_axes, simulate
 from nanobeam_bluesky.scanfile import simulate_scan_file
-from nanobeam_bluesky.tiled_adapters import (
+from nanobeam_bluesky.tiled.adapters import (
     INSTRUMENT_MIMETYPE,
     SCAN_MIMETYPE,
     ExperimentalScanAdapter,
@@ -31,8 +31,8 @@ from nanobeam_bluesky.tiled_adapters import (
     ScanDirectoryAdapter,
     named_instrument,
 )
-from nanobeam_bluesky.tiled_adapters._guard import hdf5_refusal, open_hdf5
-from nanobeam_bluesky.tiled_server import (
+from nanobeam_bluesky.tiled.adapters._guard import hdf5_refusal, open_hdf5
+from nanobeam_bluesky.tiled.server import (
     API_KEY_ENV,
     MIN_API_KEY_LENGTH,
     ServerConfig,

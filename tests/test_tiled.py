@@ -27,7 +27,7 @@ import pytest
 from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, bin_roi, grid_axes, simulate, to_counts, write_library
 from nanobeam_bluesky.scanfile import ScanFileError, inspect_scan_file, simulate_scan_file
-from nanobeam_bluesky.tiled_catalog import (
+from nanobeam_bluesky.tiled.catalog import (
     derived_runs,
     open_catalog,
     runs_analysed_by,
@@ -37,7 +37,7 @@ from nanobeam_bluesky.tiled_catalog import (
     tiled_writer,
     writer_batch_size,
 )
-from nanobeam_bluesky.tiled_server import API_KEY_ENV, ServerConfig, TiledServer, free_port
+from nanobeam_bluesky.tiled.server import API_KEY_ENV, ServerConfig, TiledServer, free_port
 
 WORKTREE = Path(__file__).resolve().parents[1]
 GRID = 5
@@ -205,7 +205,7 @@ def test_corrupt_scan_files_give_clear_errors_and_the_server_keeps_running(serve
 def test_scan_file_registered_in_a_catalog_by_mime_type(server, workspace):
     from tiled.client.register import register
 
-    from nanobeam_bluesky.tiled_adapters import ADAPTERS_BY_MIMETYPE, detect_mimetype
+    from nanobeam_bluesky.tiled.adapters import ADAPTERS_BY_MIMETYPE, detect_mimetype
 
     good = workspace["scans"] / "good.h5"
     assert detect_mimetype(good, "application/x-hdf5") == "application/x-nanobeam-scan+hdf5"
@@ -217,7 +217,7 @@ def test_scan_file_registered_in_a_catalog_by_mime_type(server, workspace):
             good,
             prefix="registered",
             adapters_by_mimetype=dict(ADAPTERS_BY_MIMETYPE),
-            mimetype_detection_hook="nanobeam_bluesky.tiled_adapters:detect_mimetype",
+            mimetype_detection_hook="nanobeam_bluesky.tiled.adapters:detect_mimetype",
         )
     )
     node = files["registered"]["good"]
@@ -229,7 +229,7 @@ def test_scan_file_registered_in_a_catalog_by_mime_type(server, workspace):
     asyncio.run(
         register(files, workspace["root"] / "outside.h5", prefix="escaped",
                  adapters_by_mimetype=dict(ADAPTERS_BY_MIMETYPE),
-                 mimetype_detection_hook="nanobeam_bluesky.tiled_adapters:detect_mimetype")
+                 mimetype_detection_hook="nanobeam_bluesky.tiled.adapters:detect_mimetype")
     )
     def fetch(path: str) -> httpx.Response:
         return httpx.get(f"{server.url}/api/v1/array/full/files/{path}/frames", params={"slice": "0,0"},
@@ -382,7 +382,7 @@ def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypa
 def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(server, runs, raw_run,
                                                                               model):
     from nanobeam_bluesky.cli import main
-    from nanobeam_bluesky.replay import find_run, replay_run
+    from nanobeam_bluesky.tiled.replay import find_run, replay_run
 
     uid, n = raw_run["uid"], raw_run["frames"].shape[0]
     writer = tiled_writer(runs, batch_size=8)
@@ -424,7 +424,7 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
         RasterPath,
         fly_raster_scan,
     )
-    from nanobeam_bluesky.replay import replay_run
+    from nanobeam_bluesky.tiled.replay import replay_run
 
     n = 4
     RE = RunEngine({})
@@ -523,7 +523,7 @@ def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(runs,
         fly_raster_scan,
     )
     from nanobeam_bluesky.quality import Flag
-    from nanobeam_bluesky.replay import replay_run
+    from nanobeam_bluesky.tiled.replay import replay_run
 
     n = 3
     directory = workspace["detector"] / f"damaged-{damage}"
@@ -564,7 +564,7 @@ def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(runs,
 
 
 def test_replay_refuses_a_derived_run(runs, raw_run, model):
-    from nanobeam_bluesky.replay import RunNotFoundError, find_run, replay_run
+    from nanobeam_bluesky.tiled.replay import RunNotFoundError, find_run, replay_run
 
     derived_uid = next(iter(derived_runs(runs, raw_run["uid"])))
     with pytest.raises(ValueError, match="derived run"):
@@ -596,7 +596,7 @@ def test_writer_batch_size_keeps_pace_and_shows_rows():
 
 
 def test_server_api_key_resolution(tmp_path, monkeypatch):
-    from nanobeam_bluesky.tiled_server import resolve_api_key
+    from nanobeam_bluesky.tiled.server import resolve_api_key
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     first = resolve_api_key(tmp_path)
@@ -611,7 +611,7 @@ def test_server_api_key_resolution(tmp_path, monkeypatch):
 def test_find_run_takes_a_uid_prefix_made_of_digits(runs):
     from event_model import compose_run
 
-    from nanobeam_bluesky.replay import RunNotFoundError, find_run
+    from nanobeam_bluesky.tiled.replay import RunNotFoundError, find_run
 
     # 2 % of 8-character uid prefixes are all digits: they must still find their run.
     uid = "20261126-0000-4000-8000-" + uuid.uuid4().hex[:12]

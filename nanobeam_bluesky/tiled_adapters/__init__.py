@@ -1,17 +1,28 @@
-"""Tiled adapters: the simulated library (from its file or simulated on demand), experimental
-scan files and directories of them, with the MIME types that register them in a catalog, and
-the catalog that serves only assets inside its declared storage (``contained_catalog``)."""
+"""Moved to :mod:`nanobeam_bluesky.tiled.adapters`; re-exported here.
 
-from ._guard import RefusedError, contained_catalog, named_instrument
-from .library import LIBRARY_SPEC, MAX_SIMULATED_FRAMES, LazyLibraryAdapter, SimulatedLibraryAdapter
-from .mimetypes import (
+Kept so that server config files written by earlier versions, which name adapters by this path
+(e.g. ``nanobeam_bluesky.tiled_adapters:contained_catalog``), keep working;
+new configs name ``nanobeam_bluesky.tiled.adapters:...``.
+"""
+
+from ..tiled.adapters import (
     ADAPTERS_BY_MIMETYPE,
     INSTRUMENT_MIMETYPE,
     LIBRARY_MIMETYPE,
+    LIBRARY_SPEC,
+    MAX_SIMULATED_FRAMES,
     SCAN_MIMETYPE,
+    SCAN_SPEC,
+    SCAN_SUFFIXES,
+    ExperimentalScanAdapter,
+    LazyLibraryAdapter,
+    RefusedError,
+    ScanDirectoryAdapter,
+    SimulatedLibraryAdapter,
+    contained_catalog,
     detect_mimetype,
+    named_instrument,
 )
-from .scans import SCAN_SPEC, SCAN_SUFFIXES, ExperimentalScanAdapter, ScanDirectoryAdapter
 
 __all__ = [
     "ADAPTERS_BY_MIMETYPE",

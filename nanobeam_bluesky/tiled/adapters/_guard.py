@@ -1,6 +1,7 @@
 """What ``nanobeam serve`` refuses: bytes from outside its declared files and directories.
 
-Three checks, each logged (logger ``nanobeam_bluesky.serve``) and answered with a one-line 403:
+Three checks, each logged (logger ``nanobeam_bluesky.serve``) and answered with a one-line 403
+(a :class:`~nanobeam_bluesky.tiled.RefusedError`; see ``nanobeam_bluesky.tiled._http``):
 
 - :func:`open_hdf5`: every HDF5 file an adapter opens is refused while it holds an external link,
   a virtual dataset or a dataset with external raw storage (each can read another file). Soft
@@ -20,16 +21,20 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import h5py
 
-from ..physics import Instrument, InstrumentError
-from ._arrays import REFUSED_STATUS, DataError, served_errors
+from ...physics import Instrument, InstrumentError
+from .._errors import RefusedError
+from .._http import served_errors
+
+if TYPE_CHECKING:
+    from tiled.catalog.orm import Node
+    from tiled.structures.data_source import DataSource
 
 __all__ = [
-    "RefusedError",
     "check_hdf5",
     "contained_catalog",
     "hdf5_refusal",
@@ -45,12 +50,6 @@ _HDF5_MIMETYPE_WORDS = ("hdf5", "netcdf")
 #: Instrument config names: no path separators, no leading dot (so never ".."), no NUL.
 _NAME = re.compile(r"[^/\\\x00.][^/\\\x00]{0,254}")
 _INSTRUMENT_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-class RefusedError(DataError):
-    """A request for bytes outside the declared storage (served as HTTP 403)."""
-
-    status_code = REFUSED_STATUS
 
 
 def _refused(message: str, detail: str) -> RefusedError:
@@ -238,7 +237,7 @@ def _contained(adapter: type, mimetype: str, storage: _Storage) -> type:
                 if uri is not None:
                     storage.check(uri, label, hdf5, h5_kwargs)
 
-    def from_catalog(cls: type[Any], data_source: Any, node: Any, /, **parameters: Any) -> Any:
+    def from_catalog(cls: type[Any], data_source: DataSource[Any], node: Node, /, **parameters: Any) -> Any:
         uris = [asset.data_uri for asset in data_source.assets or ()]
         check([*uris, *(parameters.get("data_uris") or ())], str(getattr(node, "key", "") or ""),
               parameters)

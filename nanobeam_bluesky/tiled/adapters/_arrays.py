@@ -1,9 +1,7 @@
-"""Building blocks shared by the adapters: index handling, served errors, array nodes."""
+"""Building blocks shared by the adapters: index handling, registration parameters, array nodes."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,51 +12,16 @@ from tiled.ndslice import NDBlock, NDSlice
 from tiled.structures.array import ArrayStructure
 from tiled.structures.core import Spec, StructureFamily
 
-from ..errors import NanobeamError
+from .._errors import DataError
+from .._http import served_errors
 
 __all__ = [
     "BlockwiseArrayAdapter",
     "ContainerAdapter",
-    "DataError",
     "check_parameters",
     "coordinate",
     "normalise_index",
-    "served_errors",
 ]
-
-#: HTTP status for data the server cannot read (corrupt, truncated, wrong layout). A 4xx, so the
-#: tiled client shows our message at once instead of retrying as it does for 5xx.
-DATA_ERROR_STATUS = 422
-#: HTTP status for data the server refuses to serve (outside its declared files).
-REFUSED_STATUS = 403
-
-
-class DataError(NanobeamError, ValueError):
-    """A request that cannot be answered from the data (too large, unreadable)."""
-
-    status_code = DATA_ERROR_STATUS
-
-
-@contextlib.contextmanager
-def served_errors(what: str = "") -> Iterator[None]:
-    """Turn data errors into an HTTP error whose message reaches the tiled client.
-
-    Inside a server, ``ValueError`` / ``OSError`` / ``KeyError`` raised while opening or reading a
-    file would otherwise become an opaque "500 Internal server error" (retried by the client).
-    """
-    try:
-        yield
-    except Exception as exc:
-        from fastapi import HTTPException
-
-        if isinstance(exc, HTTPException):
-            raise
-        if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)):
-            detail = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            prefix = f"{what}: " if what and what not in detail else ""
-            status = exc.status_code if isinstance(exc, DataError) else DATA_ERROR_STATUS
-            raise HTTPException(status_code=status, detail=prefix + detail) from exc
-        raise
 
 
 def check_parameters(given: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -134,7 +97,7 @@ class BlockwiseArrayAdapter(Adapter[ArrayStructure]):
     """An array node that computes any requested region (subclasses implement ``_read``).
 
     ``read`` takes any basic index; ``read_block`` maps a chunk index to its region first.
-    Errors become HTTP errors with the message intact (see :func:`served_errors`).
+    Errors become HTTP errors with the message intact (``nanobeam_bluesky.tiled._http``).
     """
 
     structure_family = StructureFamily.array
