@@ -149,14 +149,13 @@ def run_demo(
 ) -> DemoResult:
     """Run the simulated beamtime; returns what it made (see :class:`DemoResult`)."""
     from bluesky import RunEngine
-    from bluesky.utils import RunEngineInterrupted
     from ophyd_async.core import init_devices
 
     from .callbacks import LiveStrainMaps, NanobeamCallback
     from .devices import FrameSimulator, NanoprobeFlyDetector, NanoprobeStage, RasterPath, fly_raster_scan
-    from .tiled_catalog import writer_batch_size
-    from .tiled_server import ServerConfig, TiledServer, free_port
-    from .tiled_spool import SpooledTiledWriter
+    from .tiled.catalog import writer_batch_size
+    from .tiled.server import ServerConfig, TiledServer, free_port
+    from .tiled.spool import SpooledTiledWriter
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -172,7 +171,6 @@ def run_demo(
     with server:
         runs = server.client("runs")
         phantom = fig3_phantom(size, instrument=instrument)
-        truth = phantom.to_dataset()
         log(f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
             f"({phantom.pixel_size_um * 1e3:.0f} nm steps), model {predictor.model_id} "
             f"(K={predictor.n_members}{f'+{predictor.n_refiners} refining' if predictor.n_refiners else ''}, "
@@ -203,29 +201,9 @@ def run_demo(
         log(f"[3/4] fly scan: {size * size} points, {exposure_s * 1e3:g} ms exposure + "
             f"{dead_time_s * 1e3:g} ms dead time, analysed live (Ctrl-C stops it cleanly)")
         scan_start = time.perf_counter()
-        try:
-            RE(
-                fly_raster_scan(detector, stage, path, exposure_s=exposure_s, dead_time_s=dead_time_s,
-                                flush_period_s=0.5),
-                sample="Fig. 3 phantom (simulated SrIrO3 on LSAT)", scan_type="fly_raster_scan",
-                phantom=phantom.description,
-            )
-        except (RunEngineInterrupted, KeyboardInterrupt):
-            result.interrupted = True
-            # Aborting cancels the raster; bluesky logs that cancellation as an error: expected here.
-            quiet = logging.getLogger("bluesky")
-            level, quiet.level = quiet.level, logging.CRITICAL
-            with contextlib.suppress(Exception):
-                RE.abort("interrupted by the user (Ctrl-C)")
-            quiet.setLevel(level)
-        finally:
-            result.raw_uid = raw_starts[0] if raw_starts else None
-            callback.flush(timeout=120)
-            callback.close()
-            if not store.close(timeout=120):
-                log(f"Tiled has not taken every document yet; they are safe in {out / 'spool'} and are "
-                    "written by the next writer on that spool")
-            bar.close()
+        _run_scan(RE, fly_raster_scan(detector, stage, path, exposure_s=exposure_s, dead_time_s=dead_time_s,
+                                      flush_period_s=0.5),
+                  result, raw_starts, callback, store, bar, out / "spool", log, phantom.description)
         result.scan_s = time.perf_counter() - scan_start
         result.live_maps = list(maps.saved)
         merged = {k: np.concatenate(v) for k, v in rows.items()}
@@ -242,44 +220,82 @@ def run_demo(
             return result
 
         log("[4/4] reading the frames back from Tiled; NanobeamNN and correlation fits on the same frames")
-        stream = runs[result.raw_uid]["primary"]
-        x_um, y_um = (np.asarray(stream[f"{DETECTOR}-{axis}"].read()) for axis in ("x", "y"))
-        frames = np.asarray(stream[DETECTOR].read())  # ophyd-async frames: (N, 1, H, W)
-        frames = frames.reshape(len(x_um), *frames.shape[-2:]).astype(np.float32)
-        result.frames = len(frames)
-        col = np.rint((x_um - phantom.origin_um[0]) / phantom.pixel_size_um).astype(int)
-        row = np.rint((y_um - phantom.origin_um[1]) / phantom.pixel_size_um).astype(int)
-        scan = np.zeros((*phantom.shape, *frames.shape[1:]), dtype=np.float32)
-        scan[row, col] = frames
-
-        results = {"NanobeamNN (live)": _maps_from_rows(merged, phantom)}
-        start = time.perf_counter()
-        predictor.predict(frames)
-        result.frames_per_s["NanobeamNN (live)"] = len(frames) / (time.perf_counter() - start)
-        if fit:
-            from .fitting import CorrelationFitter, Library, LikelihoodFitter
-
-            library = Library.from_instrument(instrument).load()
-            fitters = {"correlation fit (published)": CorrelationFitter(library, progress=progress),
-                       "correlation fit (ours)": LikelihoodFitter(library, progress=progress)}
-            for name, fitter in fitters.items():
-                start = time.perf_counter()
-                results[name] = fitter.fit(scan, instrument=instrument)
-                result.frames_per_s[name] = len(frames) / (time.perf_counter() - start)
-        result.errors = {name: map_errors(ds, truth) for name, ds in results.items()}
-        pick = np.random.default_rng(0).choice(phantom.strain.size, size=min(200, phantom.strain.size),
-                                               replace=False)
-        strains, omegas, chis = (a.ravel()[pick] for a in phantom.parameters())
-        bound = np.sqrt(np.mean(crlb(strains, omegas, chis, instrument) ** 2, axis=0))
-        result.crlb_rms = dict(zip(PARAMETERS, bound.tolist(), strict=True))
-
-        from .plotting import save_map_comparison
-
-        result.picture = save_map_comparison(
-            out / "demo-maps.png", truth, results, phantom.pixel_size_um,
-            f"Simulated fly scan {size}×{size}, 7 counts: truth, NanobeamNN (live) and correlation fits")
+        _compare_on_stored_frames(result, runs[result.raw_uid]["primary"], phantom, predictor, merged,
+                                  fit=fit, progress=progress, out=out)
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _run_scan(RE: Any, plan: Any, result: DemoResult, raw_starts: list[str], callback: Any, store: Any,
+              bar: _ScanProgress, spool: Path, log: Any, phantom_description: str) -> None:
+    """The fly scan, analysed live; Ctrl-C aborts it cleanly. Every frame is analysed and stored
+    (or left safe in the spool) before it returns."""
+    from bluesky.utils import RunEngineInterrupted
+
+    try:
+        RE(plan, sample="Fig. 3 phantom (simulated SrIrO3 on LSAT)", scan_type="fly_raster_scan",
+           phantom=phantom_description)
+    except (RunEngineInterrupted, KeyboardInterrupt):
+        result.interrupted = True
+        # Aborting cancels the raster; bluesky logs that cancellation as an error: expected here.
+        quiet = logging.getLogger("bluesky")
+        level, quiet.level = quiet.level, logging.CRITICAL
+        with contextlib.suppress(Exception):
+            RE.abort("interrupted by the user (Ctrl-C)")
+        quiet.setLevel(level)
+    finally:
+        result.raw_uid = raw_starts[0] if raw_starts else None
+        callback.flush(timeout=120)
+        callback.close()
+        if not store.close(timeout=120):
+            log(f"Tiled has not taken every document yet; they are safe in {spool} and are "
+                "written by the next writer on that spool")
+        bar.close()
+
+
+def _compare_on_stored_frames(result: DemoResult, stream: Any, phantom: Phantom, predictor: Predictor,
+                              live_rows: dict[str, np.ndarray], *, fit: bool, progress: bool,
+                              out: Path) -> None:
+    """The frames read back from Tiled: the live maps, NanobeamNN's speed and the correlation fits
+    on the same frames, their errors against the truth and the bound, and the picture."""
+    instrument = predictor.instrument
+    truth = phantom.to_dataset()
+    x_um, y_um = (np.asarray(stream[f"{DETECTOR}-{axis}"].read()) for axis in ("x", "y"))
+    frames = np.asarray(stream[DETECTOR].read())  # ophyd-async frames: (N, 1, H, W)
+    frames = frames.reshape(len(x_um), *frames.shape[-2:]).astype(np.float32)
+    result.frames = len(frames)
+    col = np.rint((x_um - phantom.origin_um[0]) / phantom.pixel_size_um).astype(int)
+    row = np.rint((y_um - phantom.origin_um[1]) / phantom.pixel_size_um).astype(int)
+    scan = np.zeros((*phantom.shape, *frames.shape[1:]), dtype=np.float32)
+    scan[row, col] = frames
+
+    results = {"NanobeamNN (live)": _maps_from_rows(live_rows, phantom)}
+    start = time.perf_counter()
+    predictor.predict(frames)
+    result.frames_per_s["NanobeamNN (live)"] = len(frames) / (time.perf_counter() - start)
+    if fit:
+        from .fitting import CorrelationFitter, Library, LikelihoodFitter
+
+        library = Library.from_instrument(instrument).load()
+        fitters = {"correlation fit (published)": CorrelationFitter(library, progress=progress),
+                   "correlation fit (ours)": LikelihoodFitter(library, progress=progress)}
+        for name, fitter in fitters.items():
+            start = time.perf_counter()
+            results[name] = fitter.fit(scan, instrument=instrument)
+            result.frames_per_s[name] = len(frames) / (time.perf_counter() - start)
+    result.errors = {name: map_errors(ds, truth) for name, ds in results.items()}
+    pick = np.random.default_rng(0).choice(phantom.strain.size, size=min(200, phantom.strain.size),
+                                           replace=False)
+    strains, omegas, chis = (a.ravel()[pick] for a in phantom.parameters())
+    bound = np.sqrt(np.mean(crlb(strains, omegas, chis, instrument) ** 2, axis=0))
+    result.crlb_rms = dict(zip(PARAMETERS, bound.tolist(), strict=True))
+
+    from .plotting import save_map_comparison
+
+    result.picture = save_map_comparison(
+        out / "demo-maps.png", truth, results, phantom.pixel_size_um,
+        f"Simulated fly scan {phantom.shape[0]}×{phantom.shape[1]}, 7 counts: truth, NanobeamNN (live) "
+        "and correlation fits")
 
 
 def _parent_query(uid: str):

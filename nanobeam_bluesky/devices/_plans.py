@@ -26,7 +26,7 @@ def fly_raster_scan(
     flush_period_s: float = 0.2,
     stream_name: str = "primary",
     md: dict[str, Any] | None = None,
-) -> MsgGenerator[str]:
+) -> MsgGenerator[None]:
     """Fly a raster: the stage visits every point of ``path`` and triggers one frame at each.
 
     The detector is prepared for external edges, the stage for one point per
@@ -36,7 +36,7 @@ def fly_raster_scan(
     ``<detector>-x`` and ``<detector>-y``; the start document has ``shape``, ``extents`` and
     ``hints.dimensions`` for maps.
 
-    Returns the run uid.
+    The RunEngine returns the run uid: ``(uid,) = RE(fly_raster_scan(...))``.
     """
     if exposure_s <= 0:
         raise InputError(f"exposure_s must be positive, got {exposure_s!r}")
@@ -65,7 +65,7 @@ def fly_raster_scan(
 
     @bpp.stage_decorator([stage, detector])
     @bpp.run_decorator(md=metadata)
-    def inner() -> MsgGenerator[str]:
+    def inner() -> MsgGenerator[None]:
         yield from bps.prepare(detector, trigger_info, wait=True)
         yield from bps.prepare(stage, RasterInfo(path, exposure_s + dead_time_s), wait=True)
         yield from bps.declare_stream(detector, name=stream_name, collect=True)
@@ -73,6 +73,5 @@ def fly_raster_scan(
         yield from bps.kickoff(stage, wait=True)
         yield from bps.collect_while_completing([stage, detector], [detector], flush_period=flush_period_s,
                                                 stream_name=stream_name)
-        return metadata.get("uid", "")
 
-    return (yield from inner())
+    yield from inner()

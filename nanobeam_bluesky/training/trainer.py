@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import NanobeamError
 from ..models import TiltRegistration, build_model
 from ..physics import PARAMETERS, Instrument, crlb
-from .data import Standardiser, make_data, random_parameters
+from .data import GridData, OnTheFlyData, Standardiser, make_data, random_parameters
 from .recipes import Recipe
 
 __all__ = ["MemberResult", "Objective", "TrainingError", "crlb_reference", "evaluate", "loss_weights",
@@ -164,6 +164,73 @@ def _learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     return recipe.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+@dataclass
+class _Progress:
+    """Where training stands after an epoch: what a checkpoint saves and a resume restores."""
+
+    epoch: int = -1
+    best_val: float = math.inf
+    since_best: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, epoch: int, row: dict[str, float], model: torch.nn.Module) -> None:
+        """Adds an epoch's metrics; keeps the weights when its validation loss is the best."""
+        self.epoch = epoch
+        self.history.append(row)
+        if row["val_loss"] < self.best_val:
+            self.best_val, self.since_best = row["val_loss"], 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.since_best += 1
+
+    def save(self, path: Path, identity: str, model: torch.nn.Module,
+             optimiser: torch.optim.Optimizer) -> None:
+        torch.save({"identity": identity, "epoch": self.epoch, "model": model.state_dict(),
+                    "optimiser": optimiser.state_dict(), "best_val": self.best_val,
+                    "since_best": self.since_best, "best_model": self.best_state,
+                    "history": json.dumps(self.history)}, path)
+
+    @classmethod
+    def resume(cls, path: Path, identity: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
+               device: str) -> _Progress:
+        """The progress saved at ``path`` (model and optimiser restored) if it is this training's."""
+        if not path.exists():
+            return cls()
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if ckpt["identity"] != identity:  # another recipe, seed or instrument: start afresh
+            return cls()
+        model.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        return cls(ckpt["epoch"], ckpt["best_val"], ckpt["since_best"], ckpt["best_model"],
+                   json.loads(ckpt["history"]))
+
+
+def _train_epoch(recipe: Recipe, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
+                 objective: Objective, weights: torch.Tensor, data: GridData | OnTheFlyData, epoch: int,
+                 seed: int, device: str, pbar: Any) -> tuple[float, float]:
+    """One pass over the epoch's training frames; returns (mean training loss, last learning rate)."""
+    steps_per_epoch = data.steps_per_epoch()
+    data.prepare(epoch)
+    # Index order on the CPU, noise on the training device; both fixed by (seed, epoch).
+    generators = (torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+                  torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1))
+    running, n_batches, lr = 0.0, 0, recipe.learning_rate
+    for i, (x, y) in enumerate(data.batches(epoch, generators, device)):
+        lr = _learning_rate(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        out, target = objective.outputs_and_targets(model, x, y, generators[1])
+        loss = (((out - target) ** 2) * weights).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        running += loss.item()
+        n_batches += 1
+        pbar.update(1)
+    return running / max(1, n_batches), lr
+
+
 def train_member(
     recipe: Recipe,
     instrument: Instrument = Instrument(),
@@ -192,82 +259,55 @@ def train_member(
     identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed,
                            "instrument": instrument.to_dict()}, sort_keys=True, default=list)
 
-    start_epoch, history = 0, []
-    best_val, since_best = math.inf, 0
-    best_state: dict[str, torch.Tensor] | None = None
     workdir = Path(workdir) if workdir is not None else None
-    ckpt_path = workdir / "checkpoint.pt" if workdir else None
     if workdir:
         workdir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["identity"] == identity:
-            model.load_state_dict(ckpt["model"])
-            optimiser.load_state_dict(ckpt["optimiser"])
-            start_epoch, best_val, since_best = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["since_best"]
-            best_state, history = ckpt["best_model"], json.loads(ckpt["history"])
+    state = _Progress()
+    if resume and workdir:
+        state = _Progress.resume(workdir / "checkpoint.pt", identity, model, optimiser, device)
 
     steps_per_epoch = data.steps_per_epoch()
-    pbar = tqdm(total=recipe.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+    pbar = tqdm(total=recipe.epochs * steps_per_epoch, initial=(state.epoch + 1) * steps_per_epoch,
                 desc=f"{recipe.name} seed {seed}", disable=not progress, unit="step")
     start_time = time.perf_counter()
     stopped_early = False
-    for epoch in range(start_epoch, recipe.epochs):
-        data.prepare(epoch)
-        # Index order on the CPU, noise on the training device; both fixed by (seed, epoch).
-        generators = (torch.Generator().manual_seed(seed * 1_000_003 + epoch),
-                      torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1))
-        running, n_batches = 0.0, 0
-        for i, (x, y) in enumerate(data.batches(epoch, generators, device)):
-            lr = _learning_rate(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            out, target = objective.outputs_and_targets(model, x, y, generators[1])
-            loss = (((out - target) ** 2) * weights).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            running += loss.item()
-            n_batches += 1
-            pbar.update(1)
+    for epoch in range(state.epoch + 1, recipe.epochs):
+        train_loss, lr = _train_epoch(recipe, model, optimiser, objective, weights, data, epoch, seed,
+                                      device, pbar)
         pred = objective.predict(model, val_counts, val_params, device)
-        val_loss = objective.loss(pred, val_params)
-        row = {"epoch": epoch, "train_loss": running / max(1, n_batches), "val_loss": val_loss,
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": objective.loss(pred, val_params),
                "lr": lr, "elapsed_s": time.perf_counter() - start_time}
         scores = evaluate(pred, val_params[:, objective.index], objective.names)
         row |= {f"val_{k}": v for k, v in scores.items() if k.startswith("rmse")}
-        history.append(row)
-        if val_loss < best_val:
-            best_val, since_best = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-        pbar.set_postfix(val_loss=f"{val_loss:.3g}", best=f"{best_val:.3g}")
+        state.record(epoch, row, model)
+        pbar.set_postfix(val_loss=f"{row['val_loss']:.3g}", best=f"{state.best_val:.3g}")
         if workdir:
-            _write_history(workdir / "metrics.csv", history)
-            torch.save({"identity": identity, "epoch": epoch, "model": model.state_dict(),
-                        "optimiser": optimiser.state_dict(), "best_val": best_val,
-                        "since_best": since_best, "best_model": best_state,
-                        "history": json.dumps(history)}, workdir / "checkpoint.pt")
-        if _should_stop(recipe, epoch, since_best):
+            _write_history(workdir / "metrics.csv", state.history)
+            state.save(workdir / "checkpoint.pt", identity, model, optimiser)
+        if _should_stop(recipe, epoch, state.since_best):
             stopped_early = True
             break
     pbar.close()
+    return _best_member(recipe, seed, state, model, objective, data, device, stopped_early)
 
-    if best_state is None:  # no epoch to run, or every validation loss NaN (diverged)
-        why = (f"recipe has epochs={recipe.epochs}" if not history else
-               f"none of its {len(history)} epochs gave a finite validation loss (diverged: lower the "
-               "learning rate)")
+
+def _best_member(recipe: Recipe, seed: int, state: _Progress, model: torch.nn.Module, objective: Objective,
+                 data: GridData | OnTheFlyData, device: str, stopped_early: bool) -> MemberResult:
+    """The best-validation weights, scored on the test frames."""
+    if state.best_state is None:  # no epoch to run, or every validation loss NaN (diverged)
+        why = (f"recipe has epochs={recipe.epochs}" if not state.history else
+               f"none of its {len(state.history)} epochs gave a finite validation loss (diverged: lower "
+               "the learning rate)")
         raise TrainingError(f"{recipe.name} seed {seed}: no network to keep: {why}")
-    model.load_state_dict(best_state)
+    model.load_state_dict(state.best_state)
     test_counts, test_params = data.test()
     test_pred = objective.predict(model, test_counts, test_params, device)
     metrics = {f"test_{k}": v for k, v in evaluate(test_pred, test_params[:, objective.index],
                                                    objective.names).items()}
-    metrics |= {"best_val_loss": best_val, "epochs_trained": len(history),
+    metrics |= {"best_val_loss": state.best_val, "epochs_trained": len(state.history),
                 "stopped_early": stopped_early, "test_frames": len(test_params)}
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    return MemberResult(state_dict=state, metrics=metrics, history=history)
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    return MemberResult(state_dict=weights, metrics=metrics, history=state.history)
 
 
 def _should_stop(recipe: Recipe, epoch: int, since_best: int) -> bool:
