@@ -41,8 +41,10 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     params = random_parameters(inst, args.frames, rng)
     frames = simulate(*params.T, inst, upsample=args.upsample)
-    print(f"{args.frames} off-grid frames, instrument '{inst.name}', sub-pixels "
-          f"{args.upsample or inst.upsample}x{args.upsample or inst.upsample}")
+    print(
+        f"{args.frames} off-grid frames, instrument '{inst.name}', sub-pixels "
+        f"{args.upsample or inst.upsample}x{args.upsample or inst.upsample}"
+    )
     for level in args.levels:
         bound = crlb(*params[: args.crlb_points].T, inst, max_counts=level)
         bound_rms = np.sqrt((bound**2).mean(axis=0))
@@ -54,30 +56,35 @@ def main() -> None:
         runs += [(p, False, False) for p in predictors if p.n_refiners]
         for predictor, refine, check in runs:
             ds = predictor.predict(counts, refine=refine, check=check)
-            k = f"K={predictor.n_members}" + (f"+{predictor.n_refiners}" if refine and predictor.n_refiners
-                                               else "")
+            k = f"K={predictor.n_members}" + (
+                f"+{predictor.n_refiners}" if refine and predictor.n_refiners else ""
+            )
             how = "predict()" if check else "networks alone"
             for i, name in enumerate(PARAMETERS):
                 err = ds[name].values - params[:, i]
                 rmse = float(np.sqrt(np.nanmean(err**2)))
                 label = predictor.model_id if refine else predictor.model_id.split("+")[0]
                 label = f"{how}: {label} ({k})" if i == 0 else ""
-                print(f"{label:<62}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
-                      f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}"
-                      f"{np.sqrt(np.nanmean(ds[f'{name}_err'] ** 2)):>11.2e}")
-
+                print(
+                    f"{label:<62}{name:>7}{rmse:>11.3e}{np.nanmean(err):>11.2e}{bound_rms[i]:>11.3e}"
+                    f"{rmse / bound_rms[i]:>10.2f}{np.nanmean(ds[f'{name}_std']):>11.2e}"
+                    f"{np.sqrt(np.nanmean(ds[f'{name}_err'] ** 2)):>11.2e}"
+                )
 
     if args.exact:
         exact_check(predictors, params[: args.exact], rng)
 
 
-def exact_check(predictors, params: np.ndarray, rng: np.random.Generator, level: float = 7.0,
-                draws: int = 5) -> None:
+def exact_check(
+    predictors, params: np.ndarray, rng: np.random.Generator, level: float = 7.0, draws: int = 5
+) -> None:
     """RMSE and bias over CRLB on 8x8 (training sampling) and 32x32 (near exact) frames."""
     inst = predictors[0].instrument
     bound = np.sqrt((crlb(*params.T, inst, max_counts=level) ** 2).mean(axis=0))
-    sets = {"8x8 (as trained)": simulate(*params.T, inst),
-            "32x32 reference": simulate_exact(*params.T, inst, upsample=32)}
+    sets = {
+        "8x8 (as trained)": simulate(*params.T, inst),
+        "32x32 reference": simulate_exact(*params.T, inst, upsample=32),
+    }
     print(f"\n-- {len(params)} frames x {draws} noise draws at {level:g} counts: RMSE / bias over CRLB --")
     for predictor in predictors:
         for label, frames in sets.items():
@@ -88,8 +95,12 @@ def exact_check(predictors, params: np.ndarray, rng: np.random.Generator, level:
             err = np.concatenate(errors)
             ratio = np.sqrt(np.nanmean(err**2, axis=0)) / bound
             bias = np.nanmean(err, axis=0) / bound
-            print(f"{predictor.model_id:<34}{label:<18}" + "".join(
-                f"{n} {r:.2f} / {b:+.2f}   " for n, r, b in zip(PARAMETERS, ratio, bias, strict=True)))
+            print(
+                f"{predictor.model_id:<34}{label:<18}"
+                + "".join(
+                    f"{n} {r:.2f} / {b:+.2f}   " for n, r, b in zip(PARAMETERS, ratio, bias, strict=True)
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def _fill_budget(recipe, rate: float, simulate_rate: float, budget_s: float, epo
         simulated = pool * (1 + recipe.pool_refresh_fraction * (epochs - 1))
         seconds = frames / rate + (simulated + 2 * recipe.validation_frames) / simulate_rate
         per_epoch = max(recipe.batch_size, frames // epochs)
-        return seconds, recipe.replace(epochs=epochs, frames_per_epoch=per_epoch, pool_size=pool,
-                                       early_stopping_patience=None)
+        return seconds, recipe.replace(
+            epochs=epochs, frames_per_epoch=per_epoch, pool_size=pool, early_stopping_patience=None
+        )
 
     low, high = recipe.batch_size * epochs, int(rate * budget_s)
     while high - low > recipe.batch_size:
@@ -95,8 +96,9 @@ def main() -> None:
         meta = {**model_metadata(budgeted, inst, {}), "sha256": "benchmark"}
         predictor = Predictor.from_states([result.state_dict], meta)
         ds = predictor.predict(counts)
-        rmse = np.array([np.sqrt(np.mean((ds[p].values - params[:, i]) ** 2))
-                         for i, p in enumerate(PARAMETERS)])
+        rmse = np.array(
+            [np.sqrt(np.mean((ds[p].values - params[:, i]) ** 2)) for i, p in enumerate(PARAMETERS)]
+        )
         predictor.predict_arrays(counts[:256])
         start = time.perf_counter()
         predictor.predict_arrays(counts)
@@ -106,17 +108,25 @@ def main() -> None:
         rows[name] = (rmse / bound, infer, rate, seen, train_s, n_params)
         print(f"{name}: trained {train_s / 60:.1f} min on {rows[name][3]:,} frames", flush=True)
 
-    print(f"\nSame recipe, {args.minutes:g} min of training each, {args.threads} threads; "
-          f"{args.frames} off-grid test frames at 7 counts")
-    print(f"{'network':<22}{'params':>10}{'train fr/s':>12}{'frames seen':>13}{'train min':>11}"
-          f"{'RMSE/CRLB ε':>13}{'ω':>7}{'χ':>7}{'infer fr/s':>12}")
+    print(
+        f"\nSame recipe, {args.minutes:g} min of training each, {args.threads} threads; "
+        f"{args.frames} off-grid test frames at 7 counts"
+    )
+    print(
+        f"{'network':<22}{'params':>10}{'train fr/s':>12}{'frames seen':>13}{'train min':>11}"
+        f"{'RMSE/CRLB ε':>13}{'ω':>7}{'χ':>7}{'infer fr/s':>12}"
+    )
     for name, (ratio, infer, rate, seen, train_s, n_params) in rows.items():
-        print(f"{name:<22}{n_params:>10,}{rate:>12,.0f}{seen:>13,}{train_s / 60:>11.1f}{ratio[0]:>13.2f}"
-              f"{ratio[1]:>7.2f}{ratio[2]:>7.2f}{infer:>12,.0f}")
+        print(
+            f"{name:<22}{n_params:>10,}{rate:>12,.0f}{seen:>13,}{train_s / 60:>11.1f}{ratio[0]:>13.2f}"
+            f"{ratio[1]:>7.2f}{ratio[2]:>7.2f}{infer:>12,.0f}"
+        )
     (paper, ours) = rows.values()
     ratio = ours[0] / paper[0]
-    print(f"\nours / paper: inference {ours[1] / paper[1]:.1f}x faster; RMSE ratio ε {ratio[0]:.2f}, "
-          f"ω {ratio[1]:.2f}, χ {ratio[2]:.2f} (below 1: ours more accurate)")
+    print(
+        f"\nours / paper: inference {ours[1] / paper[1]:.1f}x faster; RMSE ratio ε {ratio[0]:.2f}, "
+        f"ω {ratio[1]:.2f}, χ {ratio[2]:.2f} (below 1: ours more accurate)"
+    )
 
 
 if __name__ == "__main__":

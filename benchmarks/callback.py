@@ -44,8 +44,9 @@ def _predictor(path: str | None) -> Predictor:
     except FileNotFoundError:
         cached = sorted(Path(".pytest_cache/d/nanobeam-tiny-model").glob("tiny-*.pt"))
         if not cached:
-            raise SystemExit("no pretrained model yet: pass --model FILE (or run the tests once, which "
-                             "cache a tiny model)") from None
+            raise SystemExit(
+                "no pretrained model yet: pass --model FILE (or run the tests once, which cache a tiny model)"
+            ) from None
         print(f"NOTE: no pretrained model; using the tiny test model {cached[0]}")
         return Predictor.from_file(cached[0])
 
@@ -96,14 +97,19 @@ def _pace(start: float, sent: int, rate: float | None) -> None:
             time.sleep(delay)
 
 
-def replay_event_pages(predictor: Predictor, pool: np.ndarray, n: int, page: int, batch_size: int,
-                       rate: float | None) -> tuple[float, Replay]:
+def replay_event_pages(
+    predictor: Predictor, pool: np.ndarray, n: int, page: int, batch_size: int, rate: float | None
+) -> tuple[float, Replay]:
     replay = Replay(predictor, batch_size)
     run = compose_run(metadata={"plan_name": "benchmark", "motors": ["x"]})
-    desc = run.compose_descriptor(name="primary", data_keys={
-        "cam_image": {"source": "sim", "dtype": "array", "shape": [64, 64], "dtype_numpy": "<u4"},
-        "x": {"source": "sim", "dtype": "number", "shape": [], "units": "um"},
-    }, object_keys={"x": ["x"], "cam": ["cam_image"]})
+    desc = run.compose_descriptor(
+        name="primary",
+        data_keys={
+            "cam_image": {"source": "sim", "dtype": "array", "shape": [64, 64], "dtype_numpy": "<u4"},
+            "x": {"source": "sim", "dtype": "number", "shape": [], "units": "um"},
+        },
+        object_keys={"x": ["x"], "cam": ["cam_image"]},
+    )
     replay.send("start", run.start_doc)
     replay.send("descriptor", desc.descriptor_doc)
     start = time.perf_counter()
@@ -113,7 +119,9 @@ def replay_event_pages(predictor: Predictor, pool: np.ndarray, n: int, page: int
         now = time.time()
         doc = desc.compose_event_page(
             data={"cam_image": list(pool[idx]), "x": (np.arange(i, i + m) * 0.05).tolist()},
-            timestamps={"cam_image": [now] * m, "x": [now] * m}, validate=False)
+            timestamps={"cam_image": [now] * m, "x": [now] * m},
+            validate=False,
+        )
         _pace(start, i, rate)
         replay.send("event_page", doc)
     replay.send("stop", run.compose_stop(validate=False))
@@ -124,21 +132,45 @@ def replay_event_pages(predictor: Predictor, pool: np.ndarray, n: int, page: int
     return n / elapsed, replay
 
 
-def replay_stream_datums(predictor: Predictor, pool: np.ndarray, n: int, datum: int, batch_size: int,
-                         rate: float | None, directory: Path) -> tuple[float, Replay]:
+def replay_stream_datums(
+    predictor: Predictor,
+    pool: np.ndarray,
+    n: int,
+    datum: int,
+    batch_size: int,
+    rate: float | None,
+    directory: Path,
+) -> tuple[float, Replay]:
     """A writer thread appends frames to an SWMR HDF5 file; a StreamDatum follows every ``datum``."""
     path = directory / "frames.h5"
     replay = Replay(predictor, batch_size)
     run = compose_run(metadata={"plan_name": "benchmark"})
-    desc = run.compose_descriptor(name="primary", data_keys={
-        "cam": {"source": path.as_uri(), "dtype": "array", "shape": [1, 64, 64], "dtype_numpy": "<u4",
-                "external": "STREAM:"}})
+    desc = run.compose_descriptor(
+        name="primary",
+        data_keys={
+            "cam": {
+                "source": path.as_uri(),
+                "dtype": "array",
+                "shape": [1, 64, 64],
+                "dtype_numpy": "<u4",
+                "external": "STREAM:",
+            }
+        },
+    )
     bundle = run.compose_stream_resource(
-        mimetype="application/x-hdf5", uri=path.as_uri(), data_key="cam",
-        parameters={"dataset": "/entry/data/data", "chunk_shape": [1, 64, 64]})
+        mimetype="application/x-hdf5",
+        uri=path.as_uri(),
+        data_key="cam",
+        parameters={"dataset": "/entry/data/data", "chunk_shape": [1, 64, 64]},
+    )
     with h5py.File(path, "w", libver="latest") as f:
-        dset = f.create_dataset("/entry/data/data", shape=(0, 64, 64), maxshape=(None, 64, 64),
-                                chunks=(1, 64, 64), dtype=np.uint32)
+        dset = f.create_dataset(
+            "/entry/data/data",
+            shape=(0, 64, 64),
+            maxshape=(None, 64, 64),
+            chunks=(1, 64, 64),
+            dtype=np.uint32,
+        )
         f.swmr_mode = True
         replay.send("start", run.start_doc)
         replay.send("descriptor", desc.descriptor_doc)
@@ -160,9 +192,12 @@ def replay_stream_datums(predictor: Predictor, pool: np.ndarray, n: int, datum: 
         for i in range(0, n, datum):
             m = min(datum, n - i)
             written.acquire()
-            doc = bundle.compose_stream_datum(indices={"start": i, "stop": i + m},
-                                              seq_nums={"start": i + 1, "stop": i + m + 1},
-                                              descriptor=desc.descriptor_doc, validate=False)
+            doc = bundle.compose_stream_datum(
+                indices={"start": i, "stop": i + m},
+                seq_nums={"start": i + 1, "stop": i + m + 1},
+                descriptor=desc.descriptor_doc,
+                validate=False,
+            )
             replay.send("stream_datum", doc)
         writer.join()
         replay.send("stop", run.compose_stop(validate=False))
@@ -194,22 +229,28 @@ def main() -> None:
     print(f"model {predictor.model_id} ({predictor.n_members} members), batch_size {args.batch_size}")
     print(f"raw predictor.predict, batches of {args.batch_size}: {raw:,.0f} frames/s")
     paced_n = int(args.rate * args.paced_seconds)
-    print(f"{'source':<26} {'flat-out fr/s':>13} {'x raw':>6} {'paced at':>9} {'latency mean':>13} "
-          f"{'max':>8} {'sender us/frame':>16}")
+    print(
+        f"{'source':<26} {'flat-out fr/s':>13} {'x raw':>6} {'paced at':>9} {'latency mean':>13} "
+        f"{'max':>8} {'sender us/frame':>16}"
+    )
     with tempfile.TemporaryDirectory(prefix="nanobeam-bench-") as tmp:
         cases = {
             f"EventPage x{args.page}": lambda r, n: replay_event_pages(
-                predictor, pool, n, args.page, args.batch_size, r),
+                predictor, pool, n, args.page, args.batch_size, r
+            ),
             f"StreamDatum x{args.datum} (HDF5)": lambda r, n: replay_stream_datums(
-                predictor, pool, n, args.datum, args.batch_size, r, Path(tmp)),
+                predictor, pool, n, args.datum, args.batch_size, r, Path(tmp)
+            ),
         }
         for name, run in cases.items():
             flat, flat_replay = run(None, args.frames)
             _, paced = run(args.rate, paced_n)
             s = paced.callback.stats
             sender = 1e6 * flat_replay.send_s / args.frames
-            print(f"{name:<26} {flat:>13,.0f} {flat / raw:>6.2f} {args.rate:>7,.0f}/s "
-                  f"{1e3 * s.mean_latency_s:>10.1f} ms {1e3 * s.latency_max_s:>5.0f} ms {sender:>16.1f}")
+            print(
+                f"{name:<26} {flat:>13,.0f} {flat / raw:>6.2f} {args.rate:>7,.0f}/s "
+                f"{1e3 * s.mean_latency_s:>10.1f} ms {1e3 * s.latency_max_s:>5.0f} ms {sender:>16.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -122,8 +122,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="network model file (default: the shipped one)")
     parser.add_argument("--max-counts", type=float, default=7.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--literal", action="store_true",
-                        help="also run the faithful fit as the literal frames x library product (minutes)")
+    parser.add_argument(
+        "--literal",
+        action="store_true",
+        help="also run the faithful fit as the literal frames x library product (minutes)",
+    )
     parser.add_argument("--ours-full-search", action="store_true", help="also run ours with coarse_stride=1")
     parser.add_argument("--crlb-pixels", type=int, default=200, help="phantom pixels for the CRLB (0: skip)")
     parser.add_argument("--scan-cache", default=None, help=".npy to reuse the simulated scan from")
@@ -140,8 +143,10 @@ def main() -> None:
     else:
         start = time.perf_counter()
         scan = simulate_scan(phantom, instrument, args.max_counts, rng=args.seed)
-        print(f"scan: {scan.shape} simulated in {time.perf_counter() - start:.1f} s "
-              f"({scan.shape[0] * scan.shape[1]} frames, {args.max_counts:g} counts at the Laue maximum)")
+        print(
+            f"scan: {scan.shape} simulated in {time.perf_counter() - start:.1f} s "
+            f"({scan.shape[0] * scan.shape[1]} frames, {args.max_counts:g} counts at the Laue maximum)"
+        )
         if cache is not None:
             np.save(cache, scan)
     n_frames = scan.shape[0] * scan.shape[1]
@@ -151,11 +156,13 @@ def main() -> None:
     }
     if args.literal:
         runs["faithful (literal product)"] = _fit(
-            lambda: CorrelationFitter(_library(args, instrument), strategy="full"), scan)
+            lambda: CorrelationFitter(_library(args, instrument), strategy="full"), scan
+        )
     runs["ours"] = _fit(lambda: LikelihoodFitter(_library(args, instrument)), scan)
     if args.ours_full_search:
         runs["ours (full search)"] = _fit(
-            lambda: LikelihoodFitter(_library(args, instrument), coarse_stride=1), scan)
+            lambda: LikelihoodFitter(_library(args, instrument), coarse_stride=1), scan
+        )
     network = _network(args, scan, instrument)
     if network is not None:
         runs["NN"] = network[1]
@@ -167,8 +174,11 @@ def main() -> None:
         (result, prep, fit), _, peak, rise = measure(run)
         results[name] = result
         timing[name] = (prep, fit, peak, rise)
-        print(f"{name}: prep {prep:.1f} s, fit {fit:.1f} s ({n_frames / fit:,.0f} frames/s), "
-              f"peak RSS {peak:,.0f} MiB (+{rise:,.0f} MiB)", flush=True)
+        print(
+            f"{name}: prep {prep:.1f} s, fit {fit:.1f} s ({n_frames / fit:,.0f} frames/s), "
+            f"peak RSS {peak:,.0f} MiB (+{rise:,.0f} MiB)",
+            flush=True,
+        )
 
     grid = args.grid or instrument.grid_points
     source = args.library or f"simulated {grid}^3"
@@ -178,19 +188,27 @@ def main() -> None:
         pick = rng.choice(n_frames, size=min(args.crlb_pixels, n_frames), replace=False)
         params = [a[pick] for a in phantom.parameters()]
         bound = np.sqrt(np.mean(crlb(*params, instrument, max_counts=args.max_counts) ** 2, axis=0))
-        print("CRLB (rms over phantom pixels): " + ", ".join(
-            f"{p} {b:.3g}{UNITS[p]}" for p, b in zip(PARAMETERS, bound, strict=True)))
-    header = ("| method | RMSE ε | RMSE ω (deg) | RMSE χ (deg) | bias ε | bias ω | bias χ | corr(ε err, ω) "
-              "| prep (s) | fit (s) | frames/s | peak RSS (MiB) |")
+        print(
+            "CRLB (rms over phantom pixels): "
+            + ", ".join(f"{p} {b:.3g}{UNITS[p]}" for p, b in zip(PARAMETERS, bound, strict=True))
+        )
+    header = (
+        "| method | RMSE ε | RMSE ω (deg) | RMSE χ (deg) | bias ε | bias ω | bias χ | corr(ε err, ω) "
+        "| prep (s) | fit (s) | frames/s | peak RSS (MiB) |"
+    )
     print("\n" + header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, result in results.items():
         m = map_errors(result, truth)
         prep, fit, peak, rise = timing[name]
-        print(f"| {name} | " + " | ".join(f"{m.rmse[p]:.3g}" for p in PARAMETERS) + " | "
-              + " | ".join(f"{m.bias[p]:+.2g}" for p in PARAMETERS)
-              + f" | {m.strain_error_vs_omega:+.2f} | {prep:.1f} | {fit:.1f} | {n_frames / fit:,.0f} "
-              f"| {peak:,.0f} (+{rise:,.0f}) |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{m.rmse[p]:.3g}" for p in PARAMETERS)
+            + " | "
+            + " | ".join(f"{m.bias[p]:+.2g}" for p in PARAMETERS)
+            + f" | {m.strain_error_vs_omega:+.2f} | {prep:.1f} | {fit:.1f} | {n_frames / fit:,.0f} "
+            f"| {peak:,.0f} (+{rise:,.0f}) |"
+        )
         missing = [p for p in PARAMETERS if m.missing[p] > 0]
         if missing:
             print(f"  ({name}: NaN on {', '.join(f'{m.missing[p]:.1%} of {p}' for p in missing)})")
@@ -199,11 +217,17 @@ def main() -> None:
         print()
         for name, (prep, fit, _, _) in timing.items():
             if name != "NN":
-                print(f"NN vs {name}: {_times(fit / nn)} the speed of the fit alone, "
-                      f"{_times((prep + fit) / nn)} with library preparation")
-    save_map_comparison(args.out, truth, results, phantom.pixel_size_um,
-                        f"Fig. 3 phantom {args.size}×{args.size}: truth and fitted maps "
-                        "(shared colour scale per row)")
+                print(
+                    f"NN vs {name}: {_times(fit / nn)} the speed of the fit alone, "
+                    f"{_times((prep + fit) / nn)} with library preparation"
+                )
+    save_map_comparison(
+        args.out,
+        truth,
+        results,
+        phantom.pixel_size_um,
+        f"Fig. 3 phantom {args.size}×{args.size}: truth and fitted maps (shared colour scale per row)",
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -82,8 +82,11 @@ def choose_epochs(costs: dict[str, float], budget_s: float, recipe=DEFAULT_RECIP
     sim = costs["simulate_s_per_frame"] * contention
     setup = (recipe.pool_size + 2 * recipe.validation_frames) * sim + 20  # + imports, CUDA init
     steps_per_epoch = -(-recipe.frames_per_epoch // recipe.batch_size)
-    per_epoch = (steps_per_epoch * costs["step_s"] * contention
-                 + recipe.pool_size * recipe.pool_refresh_fraction * sim + 1.0)
+    per_epoch = (
+        steps_per_epoch * costs["step_s"] * contention
+        + recipe.pool_size * recipe.pool_refresh_fraction * sim
+        + 1.0
+    )
     return int(max(1, min(100, (budget_s - setup) // per_epoch)))
 
 
@@ -91,11 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=540, help="whole script, seconds")
     parser.add_argument("--model", default=None, help="ensemble for the inference benchmark")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per member (default: as many as fit the budget)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per member (default: as many as fit the budget)"
+    )
     parser.add_argument("--no-inference", action="store_true", help="skip the inference benchmark")
-    parser.add_argument("--smoke", action="store_true",
-                        help="check this script on the CPU: tiny pool and epochs, no GPU needed")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check this script on the CPU: tiny pool and epochs, no GPU needed",
+    )
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     small = ["--pool-size", "2000", "--frames-per-epoch", "2000"] if args.smoke else []
@@ -110,12 +117,26 @@ def main() -> None:
             fh.write(text + "\n")
 
     if not args.smoke:
-        note(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
-                        capture_output=True, text=True).stdout)
+        note(
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
     note(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-    bench = [sys.executable, "benchmarks/inference.py", "--device", device, "--frames",
-             "2048" if args.smoke else "65536",
-             "--batch", "8192", "--threads", "16"] + (["--model", args.model] if args.model else [])
+    bench = [
+        sys.executable,
+        "benchmarks/inference.py",
+        "--device",
+        device,
+        "--frames",
+        "2048" if args.smoke else "65536",
+        "--batch",
+        "8192",
+        "--threads",
+        "16",
+    ] + (["--model", args.model] if args.model else [])
     if not args.no_inference:
         bench_run = subprocess.run(bench, capture_output=True, text=True)
         note(bench_run.stdout + bench_run.stderr[-2000:])
@@ -129,17 +150,35 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS_PER_MEMBER), "PYTHONUNBUFFERED": "1"}
     procs = []
     for k in range(MEMBERS):
-        cmd = _cli("train", "--recipe", "default", "--members", "1", "--seed", str(k), "--epochs",
-                   str(epochs), "--device", device, "--out", f"/tmp/member-{k}.pt",
-                   "--workdir", str(work / f"seed-{k}"), *small)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(f"/tmp/train-{k}.log", "w")))
+        cmd = _cli(
+            "train",
+            "--recipe",
+            "default",
+            "--members",
+            "1",
+            "--seed",
+            str(k),
+            "--epochs",
+            str(epochs),
+            "--device",
+            device,
+            "--out",
+            f"/tmp/member-{k}.pt",
+            "--workdir",
+            str(work / f"seed-{k}"),
+            *small,
+        )
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"/tmp/train-{k}.log", "w"))
+        )
     deadline = t0 + args.budget_s - 45
     try:
         for p in procs:
             p.wait(timeout=max(1, deadline - time.perf_counter()))
-        note(f"members trained (exit codes {[p.returncode for p in procs]}); "
-             f"elapsed {time.perf_counter() - t0:.0f} s")
+        note(
+            f"members trained (exit codes {[p.returncode for p in procs]}); "
+            f"elapsed {time.perf_counter() - t0:.0f} s"
+        )
         join(work, epochs, device, small, out, note)
     finally:
         for p in procs:
@@ -159,11 +198,26 @@ def join(work: Path, epochs: int, device: str, small: list[str], out: Path, note
         (joined / f"member-{k}").mkdir(parents=True, exist_ok=True)
         for name in ("member.pt", "metrics.csv"):
             shutil.copy(work / f"seed-{k}" / "member-0" / name, joined / f"member-{k}" / name)
-    result = subprocess.run(_cli("train", "--recipe", "default", "--members", str(MEMBERS), "--epochs",
-                                 str(epochs), "--device", device, "--out",
-                                 str(out / "nanobeam-default-cuda.pt"), "--workdir", str(joined),
-                                 *small),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        _cli(
+            "train",
+            "--recipe",
+            "default",
+            "--members",
+            str(MEMBERS),
+            "--epochs",
+            str(epochs),
+            "--device",
+            device,
+            "--out",
+            str(out / "nanobeam-default-cuda.pt"),
+            "--workdir",
+            str(joined),
+            *small,
+        ),
+        capture_output=True,
+        text=True,
+    )
     note(result.stdout + result.stderr[-2000:])
 
 

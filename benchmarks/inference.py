@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    predictor = Predictor.from_file(args.model, device=args.device) if args.model else load_pretrained(
-        device=args.device)
+    predictor = (
+        Predictor.from_file(args.model, device=args.device)
+        if args.model
+        else load_pretrained(device=args.device)
+    )
     inst = predictor.instrument
     params = random_parameters(inst, 512, np.random.default_rng(0))
     base = to_counts(simulate(*params.T, inst), 7.0, scale=1.0, rng=0)
@@ -70,15 +73,16 @@ def main() -> None:
         "paper CNN (1 network)": _rate(lambda: run(paper), len(x)),
         f"ours: {arch['name']} (1 network)": _rate(lambda: run(single), len(x)),
         f"shipped, forward ({k})": _rate(lambda: predictor.predict_arrays(frames), len(x)),
-        f"shipped, predict(check=False) ({k})": _rate(lambda: predictor.predict(frames, check=False),
-                                                       len(x)),
+        f"shipped, predict(check=False) ({k})": _rate(lambda: predictor.predict(frames, check=False), len(x)),
         f"shipped, predict(), all checks ({k})": _rate(lambda: predictor.predict(frames), len(x)),
         "the physics check alone (likelihood step)": _rate(
-            lambda: predictor.physics_check()(frames, start), len(x)),
+            lambda: predictor.physics_check()(frames, start), len(x)
+        ),
     }
     if predictor.n_refiners:
         rates[f"shipped, coarse stage only (K={predictor.n_members})"] = _rate(
-            lambda: predictor.predict(frames, refine=False), len(x))
+            lambda: predictor.predict(frames, refine=False), len(x)
+        )
     print(f"{args.frames} frames, batch {args.batch}, {args.threads} threads, device {args.device}")
     paper_rate = rates["paper CNN (1 network)"]
     for name, rate in rates.items():

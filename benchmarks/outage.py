@@ -41,8 +41,9 @@ def _step_detector(x):
 
     def frame():
         time.sleep(0.1)  # the exposure
-        return to_counts(simulate(0.001 * x.position, 0.01 * x.position, 0.0), 7.0, scale=1.0,
-                         rng=rng)[0].astype(np.uint16)
+        return to_counts(simulate(0.001 * x.position, 0.01 * x.position, 0.0), 7.0, scale=1.0, rng=rng)[
+            0
+        ].astype(np.uint16)
 
     return FrameSignal(func=frame, name="image", labels={"detectors"})
 
@@ -56,8 +57,11 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
     from nanobeam_bluesky.tiled.spool import SpooledTiledWriter
 
     runs = server.client("runs")
-    writer = (SpooledTiledWriter(runs, spool, probe_interval_s=0.5) if writer_kind == "spooled"
-              else tiled_writer(runs))
+    writer = (
+        SpooledTiledWriter(runs, spool, probe_interval_s=0.5)
+        if writer_kind == "spooled"
+        else tiled_writer(runs)
+    )
     RE = RunEngine({})
     RE.subscribe(writer)
     killed = threading.Event()
@@ -85,8 +89,11 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
     try:
         if scan == "step":
             x = ophyd.sim.SynAxis(name="x")
-            RE.subscribe(lambda name, doc: (acquired.append(1), doc["seq_num"] == 5 and kill())
-                         if name == "event" else None)
+            RE.subscribe(
+                lambda name, doc: (
+                    (acquired.append(1), doc["seq_num"] == 5 and kill()) if name == "event" else None
+                )
+            )
             RE(bp.scan([_step_detector(x)], x, -1, 1, 40))
         else:
             from ophyd_async.core import init_devices
@@ -103,8 +110,9 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
             n = 16
             with init_devices():
                 stage = NanoprobeStage()
-                detector = NanoprobeFlyDetector(FrameSimulator(fig3_phantom(n), seed=1), stage,
-                                                directory=server.config.readable[0])
+                detector = NanoprobeFlyDetector(
+                    FrameSimulator(fig3_phantom(n), seed=1), stage, directory=server.config.readable[0]
+                )
 
             frame_resources: set[str] = set()
 
@@ -118,15 +126,18 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
 
             RE.subscribe(on_datum)
             path = RasterPath.grid(0, 1.5, n, 0, 1.5, n, snake=True)
-            RE(fly_raster_scan(detector, stage, path, exposure_s=0.01, dead_time_s=0.002,
-                               flush_period_s=0.2))
+            RE(fly_raster_scan(detector, stage, path, exposure_s=0.01, dead_time_s=0.002, flush_period_s=0.2))
         outcome = "completed"
     except Exception as exc:
         outcome = f"failed: {type(exc).__name__}: {str(exc)[:60]}"
     scan_s = time.monotonic() - t0
     # Wait for the outage to end ("forever": it ends now, after the scan).
-    while restart_after is not None and killed.is_set() and not server.alive() \
-            and time.monotonic() - t0 < scan_s + restart_after + 60:
+    while (
+        restart_after is not None
+        and killed.is_set()
+        and not server.alive()
+        and time.monotonic() - t0 < scan_s + restart_after + 60
+    ):
         time.sleep(0.5)
     if not server.alive():
         server.start()
@@ -142,8 +153,13 @@ def run_case(server: TiledServer, scan: str, outage: str, writer_kind: str, spoo
         primary = runs[uid_box[0]]
         if "primary" in primary and key in primary["primary"]:
             stored = int(primary["primary"][key].shape[0])
-    return {"outcome": outcome, "scan_s": scan_s, "acquired": len(acquired), "stored": stored,
-            "rewrites": rewrites}
+    return {
+        "outcome": outcome,
+        "scan_s": scan_s,
+        "acquired": len(acquired),
+        "stored": stored,
+        "rewrites": rewrites,
+    }
 
 
 def main() -> None:
@@ -157,8 +173,10 @@ def main() -> None:
     detector.mkdir()
     server = TiledServer(ServerConfig(data_dir=root / "tiled", readable=(detector,), port=free_port()))
     server.start()
-    print("| scan | outage | writer | scan outcome | scan time | frames acquired | stored in Tiled "
-          "| runs written again |")
+    print(
+        "| scan | outage | writer | scan outcome | scan time | frames acquired | stored in Tiled "
+        "| runs written again |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     try:
         for scan in args.scans:
@@ -168,8 +186,11 @@ def main() -> None:
                         server.start()
                     r = run_case(server, scan, outage, kind, root / f"spool-{scan}-{outage}-{kind}")
                     share = r["stored"] / r["acquired"] if r["acquired"] else float("nan")
-                    print(f"| {scan} | {outage} s | {kind} | {r['outcome']} | {r['scan_s']:.1f} s | "
-                          f"{r['acquired']} | {r['stored']} ({share:.0%}) | {r['rewrites']} |", flush=True)
+                    print(
+                        f"| {scan} | {outage} s | {kind} | {r['outcome']} | {r['scan_s']:.1f} s | "
+                        f"{r['acquired']} | {r['stored']} ({share:.0%}) | {r['rewrites']} |",
+                        flush=True,
+                    )
     finally:
         server.stop()
 

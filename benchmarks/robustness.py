@@ -44,13 +44,21 @@ def score(ds, frames) -> dict:
     if keep.sum() >= 10:
         e = est[keep] - frames.params[keep]
         points = frames.params[keep][:100]
-        bound = np.sqrt((crlb(*points.T, frames.instrument, max_counts=frames.max_counts,
-                              background=frames.background) ** 2).mean(axis=0))
+        bound = np.sqrt(
+            (
+                crlb(*points.T, frames.instrument, max_counts=frames.max_counts, background=frames.background)
+                ** 2
+            ).mean(axis=0)
+        )
         rmse = np.sqrt((e**2).mean(axis=0))
-        row |= {"ratio": rmse / bound, "bias": e.mean(axis=0) / bound,
-                "stated": np.sqrt((err[keep] ** 2).mean(axis=0)) / rmse}
+        row |= {
+            "ratio": rmse / bound,
+            "bias": e.mean(axis=0) / bound,
+            "stated": np.sqrt((err[keep] ** 2).mean(axis=0)) / rmse,
+        }
         good = (row["ratio"] <= GOAL_RATIO).all() and (
-            (row["stated"] >= GOAL_ERR[0]) & (row["stated"] <= GOAL_ERR[1])).all()
+            (row["stated"] >= GOAL_ERR[0]) & (row["stated"] <= GOAL_ERR[1])
+        ).all()
     else:
         good = False
     row["ok"] = bool(good or row["flagged"] >= GOAL_FLAGGED)
@@ -71,10 +79,14 @@ def main() -> None:
     predictor = Predictor.from_file(args.model) if args.model else load_pretrained()
     inst = predictor.instrument
     rng = np.random.default_rng(args.seed)
-    print(f"model {predictor.model_id} ({predictor.sha256[:12]}), {args.frames} frames per departure, "
-          "32x32 sub-pixels\n")
-    header = ("| departure | flagged | RMSE / CRLB (ε, ω, χ) | bias / CRLB | stated / actual | ok "
-              "| network alone: flagged | network alone: RMSE / CRLB | network alone: stated / actual |")
+    print(
+        f"model {predictor.model_id} ({predictor.sha256[:12]}), {args.frames} frames per departure, "
+        "32x32 sub-pixels\n"
+    )
+    header = (
+        "| departure | flagged | RMSE / CRLB (ε, ω, χ) | bias / CRLB | stated / actual | ok "
+        "| network alone: flagged | network alone: RMSE / CRLB | network alone: stated / actual |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     t0 = time.perf_counter()
@@ -85,10 +97,13 @@ def main() -> None:
         kwargs = {"mask": frames.mask, "instrument": frames.declared}
         checked = score(predictor.predict(frames.counts, **kwargs), frames)
         alone = score(predictor.predict(frames.counts, **kwargs, check=False), frames)
-        print(f"| {dep.name} | {checked['flagged']:.0%} | {fmt(checked.get('ratio'))} | "
-              f"{fmt(checked.get('bias'), '+.2f')} | {fmt(checked.get('stated'))} | "
-              f"{'yes' if checked['ok'] else 'NO'} | {alone['flagged']:.0%} | {fmt(alone.get('ratio'))} | "
-              f"{fmt(alone.get('stated'))} |", flush=True)
+        print(
+            f"| {dep.name} | {checked['flagged']:.0%} | {fmt(checked.get('ratio'))} | "
+            f"{fmt(checked.get('bias'), '+.2f')} | {fmt(checked.get('stated'))} | "
+            f"{'yes' if checked['ok'] else 'NO'} | {alone['flagged']:.0%} | {fmt(alone.get('ratio'))} | "
+            f"{fmt(alone.get('stated'))} |",
+            flush=True,
+        )
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

@@ -47,8 +47,9 @@ def main() -> None:
             for _ in iter_grid(*axes.values(), inst, upsample=s):
                 pass
             dt = time.perf_counter() - start
-            print(f"library 41^3 = 68,921 frames at {s}x{s} sub-pixels: {dt:.1f} s "
-                  f"({68921 / dt:,.0f} frames/s)")
+            print(
+                f"library 41^3 = 68,921 frames at {s}x{s} sub-pixels: {dt:.1f} s ({68921 / dt:,.0f} frames/s)"
+            )
 
 
 if __name__ == "__main__":

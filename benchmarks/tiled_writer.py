@@ -27,8 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--cols", type=int, default=20)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 0, 100, 10000],
-                        help="batch sizes; 0 means one scan row")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 0, 100, 10000], help="batch sizes; 0 means one scan row"
+    )
     parser.add_argument("--tables", choices=["sqlite", "duckdb"], default="sqlite")
     args = parser.parse_args()
 
@@ -38,8 +39,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="nanobeam-bench-"))
     tables = None if args.tables == "sqlite" else f"duckdb:///{workdir / 'tiled' / 'data' / 'tables.duckdb'}"
-    config = ServerConfig(data_dir=workdir / "tiled", lazy_library=False, port=free_port(),
-                          tables_uri=tables)
+    config = ServerConfig(data_dir=workdir / "tiled", lazy_library=False, port=free_port(), tables_uri=tables)
     frame = to_counts(simulate(0.001, 0.01, 0.02), 7.0, scale=1.0, rng=0)[0].astype(np.uint16)
 
     class FrameSignal(ophyd.sim.SynSignal):
@@ -79,8 +79,12 @@ def main() -> None:
                 def probe(name, doc, state=state, visible=visible):
                     # Subscribed after the writer: at each row's end, can a second client read the
                     # first row yet? (Checked once per row so the probe does not slow the scan.)
-                    if (name == "event" and doc["seq_num"] % args.cols == 0 and "row_done" in state
-                            and "seen" not in visible):
+                    if (
+                        name == "event"
+                        and doc["seq_num"] % args.cols == 0
+                        and "row_done" in state
+                        and "seen" not in visible
+                    ):
                         stream = reader[state["uid"]]["primary"]
                         if "nanobeam_image" in stream and stream["nanobeam_image"].shape[0] >= args.cols:
                             visible["seen"] = time.perf_counter() - state["row_done"]

@@ -21,11 +21,24 @@ if TYPE_CHECKING:
     from .physics import Instrument
     from .quality import Flag
 
-__all__ = ["Flag", "InputError", "Instrument", "InstrumentMismatchError", "NanobeamError", "Predictor",
-           "__version__", "load_pretrained"]
+__all__ = [
+    "Flag",
+    "InputError",
+    "Instrument",
+    "InstrumentMismatchError",
+    "NanobeamError",
+    "Predictor",
+    "__version__",
+    "load_pretrained",
+]
 
-_LAZY = {"Flag": ".quality", "Instrument": ".physics", "InstrumentMismatchError": ".inference",
-         "Predictor": ".inference", "load_pretrained": ".inference"}
+_LAZY = {
+    "Flag": ".quality",
+    "Instrument": ".physics",
+    "InstrumentMismatchError": ".inference",
+    "Predictor": ".inference",
+    "load_pretrained": ".inference",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -91,22 +91,28 @@ def flag_description() -> str:
 
 def flag_attributes() -> dict[str, Any]:
     """CF-convention attributes of a ``flag`` variable (flag_masks, flag_meanings)."""
-    return {"flag_masks": [int(f) for f in FLAG_BITS.values()],
-            "flag_meanings": " ".join(name.lower() for name in FLAG_BITS),
-            "long_name": "quality bits (0: none found)"}
+    return {
+        "flag_masks": [int(f) for f in FLAG_BITS.values()],
+        "flag_meanings": " ".join(name.lower() for name in FLAG_BITS),
+        "long_name": "quality bits (0: none found)",
+    }
 
 
 #: What ``*_err`` means, in every result and data key.
-ERR_MEANING = ("expected error: the standard deviation to expect for this frame (Fisher information "
-               "at the estimate, floored at the forward model's accuracy); meaningful where flag is 0")
+ERR_MEANING = (
+    "expected error: the standard deviation to expect for this frame (Fisher information "
+    "at the estimate, floored at the forward model's accuracy); meaningful where flag is 0"
+)
 #: What ``*_std`` means.
 STD_MEANING = "ensemble std (the networks' spread, not an error bar)"
 #: Per-frame outputs of the physics check: {name: (units, long_name)}.
 CHECK_VARIABLES: dict[str, tuple[str, str]] = {
-    "fit_quality": ("1", "Poisson deviance z-score against the forward model at the estimate (about "
-                    "N(0,1) when the physics describes the frame)"),
-    "thickness_z": ("1", "score-test z of the film thickness (about N(0,1) at the instrument's "
-                    "thickness)"),
+    "fit_quality": (
+        "1",
+        "Poisson deviance z-score against the forward model at the estimate (about "
+        "N(0,1) when the physics describes the frame)",
+    ),
+    "thickness_z": ("1", "score-test z of the film thickness (about N(0,1) at the instrument's thickness)"),
     "count_scale": ("counts", "expected counts of a fully lit pixel at the Laue maximum"),
     "background": ("counts", "background counts per binned pixel"),
 }
@@ -121,7 +127,7 @@ def variable_attrs(name: str, estimator: str = "estimate") -> dict[str, Any]:
         units, long_name = CHECK_VARIABLES[name]
         return {"units": units, "long_name": long_name}
     base = name.removesuffix("_std").removesuffix("_err")
-    what = {"_std": STD_MEANING, "_err": ERR_MEANING}.get(name[len(base):], f"({estimator})")
+    what = {"_std": STD_MEANING, "_err": ERR_MEANING}.get(name[len(base) :], f"({estimator})")
     return {"units": UNITS[base], "long_name": f"{base} {what}"}
 
 
@@ -129,9 +135,21 @@ def derived_data_key(name: str, source: str) -> dict[str, Any]:
     """The event-model data key of a derived-stream field (a parameter, ``_std``, ``_err``,
     ``fit_quality`` or ``flag``)."""
     if name == "flag":
-        return {"source": source, "dtype": "integer", "dtype_numpy": np.dtype(FLAG_DTYPE).str,
-                "shape": [], "units": None, "description": flag_description()}
+        return {
+            "source": source,
+            "dtype": "integer",
+            "dtype_numpy": np.dtype(FLAG_DTYPE).str,
+            "shape": [],
+            "units": None,
+            "description": flag_description(),
+        }
     attrs = variable_attrs(name, "likelihood step from the network")
-    return {"source": source, "dtype": "number", "dtype_numpy": "<f8", "shape": [],
-            "units": attrs["units"], "precision": 2 if name in CHECK_VARIABLES else 6,
-            "description": attrs["long_name"]}
+    return {
+        "source": source,
+        "dtype": "number",
+        "dtype_numpy": "<f8",
+        "shape": [],
+        "units": attrs["units"],
+        "precision": 2 if name in CHECK_VARIABLES else 6,
+        "description": attrs["long_name"],
+    }

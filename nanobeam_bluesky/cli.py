@@ -21,8 +21,9 @@ def _instrument(path: str | None) -> Instrument:
 
 def _add_instrument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--instrument", metavar="CONFIG",
-        help="instrument YAML/JSON (default: the seed experiment of docs/physics.md)"
+        "--instrument",
+        metavar="CONFIG",
+        help="instrument YAML/JSON (default: the seed experiment of docs/physics.md)",
     )
 
 
@@ -85,9 +86,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import RECIPES, train_ensemble
 
     recipe = RECIPES[args.recipe]
-    changes = {k: v for k, v in {"epochs": args.epochs, "frames_per_epoch": args.frames_per_epoch,
-                                 "pool_size": args.pool_size, "batch_size": args.batch_size}.items()
-               if v is not None}
+    changes = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "frames_per_epoch": args.frames_per_epoch,
+            "pool_size": args.pool_size,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }
     if args.hidden:
         changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
     recipe = recipe.replace(**changes)
@@ -95,21 +103,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError("--device cuda asked for, but torch sees no CUDA device")
     members = args.members if args.members is not None else (1 if recipe.name == "paper" else 4)
     command = "nanobeam " + " ".join(shlex.quote(a) for a in args.argv)
-    sha, meta = train_ensemble(recipe, members, args.out, _instrument(args.instrument),
-                               seed=args.seed, workdir=args.workdir, device=args.device,
-                               library=args.library, command=command, base=args.base)
+    sha, meta = train_ensemble(
+        recipe,
+        members,
+        args.out,
+        _instrument(args.instrument),
+        seed=args.seed,
+        workdir=args.workdir,
+        device=args.device,
+        library=args.library,
+        command=command,
+        base=args.base,
+    )
     ens = meta["metrics"]["ensemble"]
     what = f"{members} refining members on {args.base}" if "refiner" in meta else f"{members} members"
     print(f"wrote {args.out} ({what}, sha256 {sha[:12]})")
-    print("test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg"
-          .format(**ens))
+    print(
+        "test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg".format(
+            **ens
+        )
+    )
     return 0
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train an ensemble (paper, default or registered recipe) into a file")
-    p.add_argument("--recipe", choices=["default", "paper", "registered"], default="default",
-                   help="registered: the refining stage for the --base model (see README)")
+    p.add_argument(
+        "--recipe",
+        choices=["default", "paper", "registered"],
+        default="default",
+        help="registered: the refining stage for the --base model (see README)",
+    )
     p.add_argument("--base", default=None, help="coarse model file the registered recipe refines")
     p.add_argument("--members", type=int, default=None, help="ensemble size (default 4; paper 1)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
@@ -173,22 +197,49 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-lazy-library", action="store_true", help="do not serve /simulated")
     p.add_argument("--grid", type=int, default=None, help="grid points of /simulated (default 41)")
     p.add_argument("--scans", default=None, help="directory of experimental scan files (/scans)")
-    p.add_argument("--roi-center", type=float, nargs=2, metavar=("ROW", "COL"), default=None,
-                   help="ROI centre on the scans' detector, raw pixels (default: from each file)")
+    p.add_argument(
+        "--roi-center",
+        type=float,
+        nargs=2,
+        metavar=("ROW", "COL"),
+        default=None,
+        help="ROI centre on the scans' detector, raw pixels (default: from each file)",
+    )
     p.add_argument("--roi", type=int, default=None, help="ROI side in raw pixels (default 128)")
     p.add_argument("--binning", type=int, default=None, help="ROI binning (default 2)")
-    p.add_argument("--scan-dataset", action="append", metavar="NAME=PATH",
-                   help="dataset path in the scan files: frames=, x_um=, y_um= (repeatable)")
-    p.add_argument("--readable", action="append", metavar="DIR",
-                   help="another directory the catalogs may read (detector files; repeatable)")
-    p.add_argument("--instruments", default=None, metavar="DIR",
-                   help="directory of instrument configs that catalog entries may name (instrument=NAME)")
-    p.add_argument("--catalog-uri", default=None,
-                   help="run catalog database (default sqlite in DATA_DIR; postgresql://... )")
-    p.add_argument("--files-catalog-uri", default=None,
-                   help="database of the /files catalog (default next to the run catalog)")
-    p.add_argument("--tables-uri", default=None,
-                   help="event-table storage (default sqlite in DATA_DIR; duckdb:///..., postgresql://...)")
+    p.add_argument(
+        "--scan-dataset",
+        action="append",
+        metavar="NAME=PATH",
+        help="dataset path in the scan files: frames=, x_um=, y_um= (repeatable)",
+    )
+    p.add_argument(
+        "--readable",
+        action="append",
+        metavar="DIR",
+        help="another directory the catalogs may read (detector files; repeatable)",
+    )
+    p.add_argument(
+        "--instruments",
+        default=None,
+        metavar="DIR",
+        help="directory of instrument configs that catalog entries may name (instrument=NAME)",
+    )
+    p.add_argument(
+        "--catalog-uri",
+        default=None,
+        help="run catalog database (default sqlite in DATA_DIR; postgresql://... )",
+    )
+    p.add_argument(
+        "--files-catalog-uri",
+        default=None,
+        help="database of the /files catalog (default next to the run catalog)",
+    )
+    p.add_argument(
+        "--tables-uri",
+        default=None,
+        help="event-table storage (default sqlite in DATA_DIR; duckdb:///..., postgresql://...)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="API key (prefer $NANOBEAM_TILED_API_KEY)")
@@ -217,8 +268,10 @@ def cmd_simulate_scan(args: argparse.Namespace) -> int:
         rng=args.seed,
         sample=args.sample,
     )
-    print(f"wrote {args.size}x{args.size} raw frames of {args.detector}x{args.detector} pixels to "
-          f"{path} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {args.size}x{args.size} raw frames of {args.detector}x{args.detector} pixels to "
+        f"{path} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -231,13 +284,21 @@ def _add_simulate_scan(sub) -> None:
     p.add_argument("--size", type=int, default=16, help="scan points per side")
     p.add_argument("--step-um", type=float, default=0.05, help="stage step, micrometres")
     p.add_argument("--detector", type=int, default=256, help="detector side, raw pixels")
-    p.add_argument("--roi-center", type=float, nargs=2, metavar=("ROW", "COL"), default=None,
-                   help="centre of the reflection on the detector (default: detector centre)")
+    p.add_argument(
+        "--roi-center",
+        type=float,
+        nargs=2,
+        metavar=("ROW", "COL"),
+        default=None,
+        help="centre of the reflection on the detector (default: detector centre)",
+    )
     p.add_argument("--max-counts", type=float, default=7.0, help="counts at the Laue maximum")
     p.add_argument("--sample", default="simulated", help="sample name stored in the file")
     p.add_argument("--seed", type=int, default=0)
     _add_instrument(p)
     p.set_defaults(func=cmd_simulate_scan)
+
+
 # ------------------------------------------------------------------ replay
 def _predictor(model: str | None, device: str = "cpu"):
     from .inference import Predictor, load_pretrained
@@ -273,10 +334,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     data = result.data()
     flagged = int(np.count_nonzero(data["flag"])) if "flag" in data else 0
     where = "not written (--no-write)" if args.no_write else "written to the catalog"
-    print(f"replayed raw run {result.raw_uid}: {result.rows} frames in {result.seconds:.1f} s "
-          f"with model {predictor.model_id} (sha256 {predictor.sha256[:12]}), {flagged} flagged")
-    print(f"derived run {result.derived_uid} {where}; find it with "
-          f"runs.search(Key('parent_uid') == '{result.raw_uid}')")
+    print(
+        f"replayed raw run {result.raw_uid}: {result.rows} frames in {result.seconds:.1f} s "
+        f"with model {predictor.model_id} (sha256 {predictor.sha256[:12]}), {flagged} flagged"
+    )
+    print(
+        f"derived run {result.derived_uid} {where}; find it with "
+        f"runs.search(Key('parent_uid') == '{result.raw_uid}')"
+    )
     stop = result.stop or {}
     if stop.get("exit_status") not in (None, "success"):
         print(f"derived run ended {stop['exit_status']}: {stop.get('reason', '')}", file=sys.stderr)
@@ -291,12 +356,16 @@ def _add_replay(sub) -> None:
         description="Read a raw run from Tiled (frames from its arrays), feed it through the "
         "NanobeamCallback and write the derived strain/tilt run back, linked by parent_uid.",
     )
-    p.add_argument("catalog", help="tiled URI (http://127.0.0.1:8000 or .../api/v1/metadata/runs) "
-                   "or a tiled/databroker profile name")
+    p.add_argument(
+        "catalog",
+        help="tiled URI (http://127.0.0.1:8000 or .../api/v1/metadata/runs) "
+        "or a tiled/databroker profile name",
+    )
     p.add_argument("run", help="run uid, partial uid (>= 5 characters) or scan_id")
     p.add_argument("--model", default=None, help="model file (default: the shipped model)")
-    p.add_argument("--api-key", default=None,
-                   help="API key (default $TILED_API_KEY or $NANOBEAM_TILED_API_KEY)")
+    p.add_argument(
+        "--api-key", default=None, help="API key (default $TILED_API_KEY or $NANOBEAM_TILED_API_KEY)"
+    )
     p.add_argument("--stream", default="primary", help="raw stream with the frames")
     p.add_argument("--image-key", default=None, help="frame data key (default: found by shape)")
     p.add_argument("--page-size", type=int, default=512, help="frames read and predicted at a time")
@@ -311,25 +380,40 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .callbacks import listen
     from .inference import Predictor, load_pretrained
 
-    predictor = (Predictor.from_file(args.model, device=args.device) if args.model
-                 else load_pretrained(device=args.device))
+    predictor = (
+        Predictor.from_file(args.model, device=args.device)
+        if args.model
+        else load_pretrained(device=args.device)
+    )
     instrument = _instrument(args.instrument) if args.instrument else None
 
     def ready() -> None:
-        print(f"nanobeam listen: model {predictor.model_id} ({predictor.sha256[:12]}); raw documents from "
-              f"{args.from_address}, derived runs to {args.to_address} (prefix {args.out_prefix!r}); ready",
-              flush=True)
+        print(
+            f"nanobeam listen: model {predictor.model_id} ({predictor.sha256[:12]}); raw documents from "
+            f"{args.from_address}, derived runs to {args.to_address} (prefix {args.out_prefix!r}); ready",
+            flush=True,
+        )
 
     callback = listen(
-        predictor, args.from_address, args.to_address,
-        in_prefix=args.in_prefix.encode(), out_prefix=args.out_prefix.encode(),
-        maps_directory=args.maps, on_ready=ready, image_key=args.image_key,
-        stream_name=args.stream, batch_size=args.batch_size, instrument=instrument,
+        predictor,
+        args.from_address,
+        args.to_address,
+        in_prefix=args.in_prefix.encode(),
+        out_prefix=args.out_prefix.encode(),
+        maps_directory=args.maps,
+        on_ready=ready,
+        image_key=args.image_key,
+        stream_name=args.stream,
+        batch_size=args.batch_size,
+        instrument=instrument,
         allow_instrument_mismatch=args.allow_instrument_mismatch,
     )
     s = callback.stats
-    print(f"nanobeam listen: stopped after {s.rows_emitted} derived rows "
-          f"(mean latency {s.mean_latency_s * 1e3:.1f} ms)", flush=True)
+    print(
+        f"nanobeam listen: stopped after {s.rows_emitted} derived rows "
+        f"(mean latency {s.mean_latency_s * 1e3:.1f} ms)",
+        flush=True,
+    )
     return 0
 
 
@@ -340,10 +424,20 @@ def _add_listen(sub) -> None:
         description="Subscribe to a bluesky-0MQ-proxy, run NanobeamNN on every frame, publish the "
         "derived runs back to the proxy with their own prefix. Start it before the scans.",
     )
-    p.add_argument("--from", dest="from_address", required=True, metavar="ADDRESS",
-                   help="the proxy's out-address, raw documents (e.g. tcp://127.0.0.1:5578)")
-    p.add_argument("--to", dest="to_address", required=True, metavar="ADDRESS",
-                   help="the proxy's in-address, for the derived documents (e.g. tcp://127.0.0.1:5577)")
+    p.add_argument(
+        "--from",
+        dest="from_address",
+        required=True,
+        metavar="ADDRESS",
+        help="the proxy's out-address, raw documents (e.g. tcp://127.0.0.1:5578)",
+    )
+    p.add_argument(
+        "--to",
+        dest="to_address",
+        required=True,
+        metavar="ADDRESS",
+        help="the proxy's in-address, for the derived documents (e.g. tcp://127.0.0.1:5577)",
+    )
     p.add_argument("--model", default=None, help="model file (default: the shipped pretrained model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--image-key", default=None, help="data key of the frames (default: found by shape)")
@@ -352,8 +446,11 @@ def _add_listen(sub) -> None:
     p.add_argument("--in-prefix", default="", help="only analyse documents with this 0MQ prefix")
     p.add_argument("--out-prefix", default="nanobeam", help="0MQ prefix of the derived documents")
     p.add_argument("--maps", default=None, metavar="DIR", help="also save live map PNGs here")
-    p.add_argument("--allow-instrument-mismatch", action="store_true",
-                   help="use the model even if the scan's instrument differs")
+    p.add_argument(
+        "--allow-instrument-mismatch",
+        action="store_true",
+        help="use the model even if the scan's instrument differs",
+    )
     _add_instrument(p)
     p.set_defaults(func=cmd_listen)
 
@@ -394,8 +491,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     data_instrument: Instrument | None
     if args.phantom is not None:
         phantom = fig3_phantom(args.phantom, instrument=library.instrument)
-        frames = simulate_scan(phantom, library.instrument, args.max_counts, rng=args.seed,
-                               upsample=args.upsample, progress=not args.no_progress)
+        frames = simulate_scan(
+            phantom,
+            library.instrument,
+            args.max_counts,
+            rng=args.seed,
+            upsample=args.upsample,
+            progress=not args.no_progress,
+        )
         data_instrument = library.instrument
     else:
         frames = _load_scan(args.scan, args.dataset)
@@ -424,11 +527,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result.to_netcdf(out, engine="h5netcdf")
     n = int(np.prod(result.strain.shape))
-    print(f"fitted {n} frames ({args.method}) in {done - prepared:.1f} s "
-          f"(+{prepared - start:.1f} s library preparation); wrote {out}")
+    print(
+        f"fitted {n} frames ({args.method}) in {done - prepared:.1f} s "
+        f"(+{prepared - start:.1f} s library preparation); wrote {out}"
+    )
     if phantom is not None:
-        rmse = {p: float(np.sqrt(np.nanmean((result[p] - result[f"{p}_true"]).values ** 2)))
-                for p in PARAMETERS}
+        rmse = {
+            p: float(np.sqrt(np.nanmean((result[p] - result[f"{p}_true"]).values ** 2))) for p in PARAMETERS
+        }
         print("RMSE vs phantom: strain {strain:.3g}, omega {omega:.3g} deg, chi {chi:.3g} deg".format(**rmse))
     return 0
 
@@ -437,16 +543,28 @@ def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit frames against the grid library (published method or ours)")
     lib = p.add_mutually_exclusive_group()
     lib.add_argument("--library", help="library file from `nanobeam simulate-library`")
-    lib.add_argument("--grid", type=int, default=None,
-                     help="simulate the library in memory with this many points per axis (default 41)")
+    lib.add_argument(
+        "--grid",
+        type=int,
+        default=None,
+        help="simulate the library in memory with this many points per axis (default 41)",
+    )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--scan", help="frames (N, F, F) or a map (Y, X, F, F): .npy or HDF5")
-    data.add_argument("--phantom", type=int, metavar="SIZE",
-                      help="simulate the Fig. 3 phantom scan SIZE x SIZE and fit it (truth is saved too)")
+    data.add_argument(
+        "--phantom",
+        type=int,
+        metavar="SIZE",
+        help="simulate the Fig. 3 phantom scan SIZE x SIZE and fit it (truth is saved too)",
+    )
     p.add_argument("--dataset", default="frames", help="HDF5 dataset holding the frames")
     p.add_argument("--out", required=True, help="result file (netCDF/HDF5: .nc or .h5)")
-    p.add_argument("--method", choices=["faithful", "ours"], default="faithful",
-                   help="faithful: the published correlation fit; ours: likelihood + Laplace refinement")
+    p.add_argument(
+        "--method",
+        choices=["faithful", "ours"],
+        default="faithful",
+        help="faithful: the published correlation fit; ours: likelihood + Laplace refinement",
+    )
     p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: from free memory)")
     p.add_argument("--coarse-stride", type=int, default=2, help="ours: coarse search stride (1: full grid)")
     p.add_argument("--max-counts", type=float, default=7.0, help="phantom count level")
@@ -487,11 +605,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Strain and tilt maps from scanning X-ray nanodiffraction, live in Bluesky.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (by default one line says what to fix)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (by default one line says what to fix)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_simulate_library, _add_train, _add_fit, _add_preview, _add_serve,
-                _add_simulate_scan, _add_replay, _add_listen):
+    for add in (
+        _add_demo,
+        _add_simulate_library,
+        _add_train,
+        _add_fit,
+        _add_preview,
+        _add_serve,
+        _add_simulate_scan,
+        _add_replay,
+        _add_listen,
+    ):
         add(sub)
     return parser
 
@@ -518,8 +648,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"nanobeam {args.command}: unexpected error: {type(exc).__name__}: {exc} (run again with "
-              "--debug for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"nanobeam {args.command}: unexpected error: {type(exc).__name__}: {exc} (run again with "
+            "--debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -171,20 +171,24 @@ def run_demo(
     with server:
         runs = server.client("runs")
         phantom = fig3_phantom(size, instrument=instrument)
-        log(f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
+        log(
+            f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
             f"({phantom.pixel_size_um * 1e3:.0f} nm steps), model {predictor.model_id} "
             f"(K={predictor.n_members}{f'+{predictor.n_refiners} refining' if predictor.n_refiners else ''}, "
-            f"sha256 {predictor.sha256[:12]})")
+            f"sha256 {predictor.sha256[:12]})"
+        )
         in_main_thread = threading.current_thread() is threading.main_thread()
         RE = RunEngine({}, context_managers=[_StopOnSigint] if in_main_thread else [])
         with init_devices():
             stage = NanoprobeStage(name="stage")
-            detector = NanoprobeFlyDetector(FrameSimulator(phantom, instrument, seed=seed), stage,
-                                            directory=detector_dir, name=DETECTOR)
+            detector = NanoprobeFlyDetector(
+                FrameSimulator(phantom, instrument, seed=seed), stage, directory=detector_dir, name=DETECTOR
+            )
         period = exposure_s + dead_time_s
         # Raw and derived runs go through a local spool: a Tiled outage never stalls the scan.
-        store = SpooledTiledWriter(runs, out / "spool",
-                                   batch_size=writer_batch_size(size, frame_rate_hz=1 / period))
+        store = SpooledTiledWriter(
+            runs, out / "spool", batch_size=writer_batch_size(size, frame_rate_hz=1 / period)
+        )
         callback = NanobeamCallback(predictor)
         maps = LiveStrainMaps(out / "maps", redraw_period_s=2.0)
         rows: dict[str, list[np.ndarray]] = {}
@@ -196,45 +200,84 @@ def run_demo(
             RE.subscribe(subscriber)
         RE.subscribe(lambda name, doc: raw_starts.append(doc["uid"]), "start")
 
-        path = RasterPath.grid(phantom.x_um[0], phantom.x_um[-1], size,
-                               phantom.y_um[0], phantom.y_um[-1], size, snake=True)
-        log(f"[3/4] fly scan: {size * size} points, {exposure_s * 1e3:g} ms exposure + "
-            f"{dead_time_s * 1e3:g} ms dead time, analysed live (Ctrl-C stops it cleanly)")
+        path = RasterPath.grid(
+            phantom.x_um[0], phantom.x_um[-1], size, phantom.y_um[0], phantom.y_um[-1], size, snake=True
+        )
+        log(
+            f"[3/4] fly scan: {size * size} points, {exposure_s * 1e3:g} ms exposure + "
+            f"{dead_time_s * 1e3:g} ms dead time, analysed live (Ctrl-C stops it cleanly)"
+        )
         scan_start = time.perf_counter()
-        _run_scan(RE, fly_raster_scan(detector, stage, path, exposure_s=exposure_s, dead_time_s=dead_time_s,
-                                      flush_period_s=0.5),
-                  result, raw_starts, callback, store, bar, out / "spool", log, phantom.description)
+        _run_scan(
+            RE,
+            fly_raster_scan(
+                detector, stage, path, exposure_s=exposure_s, dead_time_s=dead_time_s, flush_period_s=0.5
+            ),
+            result,
+            raw_starts,
+            callback,
+            store,
+            bar,
+            out / "spool",
+            log,
+            phantom.description,
+        )
         result.scan_s = time.perf_counter() - scan_start
         result.live_maps = list(maps.saved)
         merged = {k: np.concatenate(v) for k, v in rows.items()}
         result.derived_rows = len(merged.get("strain", ()))
         flags = merged.get("flag", np.zeros(0, dtype=int)).astype(int)
-        result.flagged = {name: int(np.count_nonzero(flags & bit)) for name, bit in FLAG_BITS.items()
-                          if np.any(flags & bit)}
+        result.flagged = {
+            name: int(np.count_nonzero(flags & bit)) for name, bit in FLAG_BITS.items() if np.any(flags & bit)
+        }
         starts = list(runs.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
         result.derived_uid = starts[0] if starts else None
         if result.interrupted or not result.raw_uid:
-            log(f"interrupted: {result.derived_rows} frames recorded and analysed; the partial raw and "
-                "derived runs are closed and readable in Tiled")
+            log(
+                f"interrupted: {result.derived_rows} frames recorded and analysed; the partial raw and "
+                "derived runs are closed and readable in Tiled"
+            )
             result.wall_s = time.perf_counter() - t0
             return result
 
         log("[4/4] reading the frames back from Tiled; NanobeamNN and correlation fits on the same frames")
-        _compare_on_stored_frames(result, runs[result.raw_uid]["primary"], phantom, predictor, merged,
-                                  fit=fit, progress=progress, out=out)
+        _compare_on_stored_frames(
+            result,
+            runs[result.raw_uid]["primary"],
+            phantom,
+            predictor,
+            merged,
+            fit=fit,
+            progress=progress,
+            out=out,
+        )
     result.wall_s = time.perf_counter() - t0
     return result
 
 
-def _run_scan(RE: Any, plan: Any, result: DemoResult, raw_starts: list[str], callback: Any, store: Any,
-              bar: _ScanProgress, spool: Path, log: Any, phantom_description: str) -> None:
+def _run_scan(
+    RE: Any,
+    plan: Any,
+    result: DemoResult,
+    raw_starts: list[str],
+    callback: Any,
+    store: Any,
+    bar: _ScanProgress,
+    spool: Path,
+    log: Any,
+    phantom_description: str,
+) -> None:
     """The fly scan, analysed live; Ctrl-C aborts it cleanly. Every frame is analysed and stored
     (or left safe in the spool) before it returns."""
     from bluesky.utils import RunEngineInterrupted
 
     try:
-        RE(plan, sample="Fig. 3 phantom (simulated SrIrO3 on LSAT)", scan_type="fly_raster_scan",
-           phantom=phantom_description)
+        RE(
+            plan,
+            sample="Fig. 3 phantom (simulated SrIrO3 on LSAT)",
+            scan_type="fly_raster_scan",
+            phantom=phantom_description,
+        )
     except (RunEngineInterrupted, KeyboardInterrupt):
         result.interrupted = True
         # Aborting cancels the raster; bluesky logs that cancellation as an error: expected here.
@@ -248,14 +291,24 @@ def _run_scan(RE: Any, plan: Any, result: DemoResult, raw_starts: list[str], cal
         callback.flush(timeout=120)
         callback.close()
         if not store.close(timeout=120):
-            log(f"Tiled has not taken every document yet; they are safe in {spool} and are "
-                "written by the next writer on that spool")
+            log(
+                f"Tiled has not taken every document yet; they are safe in {spool} and are "
+                "written by the next writer on that spool"
+            )
         bar.close()
 
 
-def _compare_on_stored_frames(result: DemoResult, stream: Any, phantom: Phantom, predictor: Predictor,
-                              live_rows: dict[str, np.ndarray], *, fit: bool, progress: bool,
-                              out: Path) -> None:
+def _compare_on_stored_frames(
+    result: DemoResult,
+    stream: Any,
+    phantom: Phantom,
+    predictor: Predictor,
+    live_rows: dict[str, np.ndarray],
+    *,
+    fit: bool,
+    progress: bool,
+    out: Path,
+) -> None:
     """The frames read back from Tiled: the live maps, NanobeamNN's speed and the correlation fits
     on the same frames, their errors against the truth and the bound, and the picture."""
     instrument = predictor.instrument
@@ -277,15 +330,18 @@ def _compare_on_stored_frames(result: DemoResult, stream: Any, phantom: Phantom,
         from .fitting import CorrelationFitter, Library, LikelihoodFitter
 
         library = Library.from_instrument(instrument).load()
-        fitters = {"correlation fit (published)": CorrelationFitter(library, progress=progress),
-                   "correlation fit (ours)": LikelihoodFitter(library, progress=progress)}
+        fitters = {
+            "correlation fit (published)": CorrelationFitter(library, progress=progress),
+            "correlation fit (ours)": LikelihoodFitter(library, progress=progress),
+        }
         for name, fitter in fitters.items():
             start = time.perf_counter()
             results[name] = fitter.fit(scan, instrument=instrument)
             result.frames_per_s[name] = len(frames) / (time.perf_counter() - start)
     result.errors = {name: map_errors(ds, truth) for name, ds in results.items()}
-    pick = np.random.default_rng(0).choice(phantom.strain.size, size=min(200, phantom.strain.size),
-                                           replace=False)
+    pick = np.random.default_rng(0).choice(
+        phantom.strain.size, size=min(200, phantom.strain.size), replace=False
+    )
     strains, omegas, chis = (a.ravel()[pick] for a in phantom.parameters())
     bound = np.sqrt(np.mean(crlb(strains, omegas, chis, instrument) ** 2, axis=0))
     result.crlb_rms = dict(zip(PARAMETERS, bound.tolist(), strict=True))
@@ -293,9 +349,13 @@ def _compare_on_stored_frames(result: DemoResult, stream: Any, phantom: Phantom,
     from .plotting import save_map_comparison
 
     result.picture = save_map_comparison(
-        out / "demo-maps.png", truth, results, phantom.pixel_size_um,
+        out / "demo-maps.png",
+        truth,
+        results,
+        phantom.pixel_size_um,
         f"Simulated fly scan {phantom.shape[0]}×{phantom.shape[1]}, 7 counts: truth, NanobeamNN (live) "
-        "and correlation fits")
+        "and correlation fits",
+    )
 
 
 def _parent_query(uid: str):
@@ -310,15 +370,20 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
     if result.errors:
         lines.append(f"{'method':<30}{'RMSE ε':>10}{'RMSE ω (°)':>12}{'RMSE χ (°)':>12}{'frames/s':>11}")
         for name, err in result.errors.items():
-            lines.append(f"{name:<30}{err.rmse['strain']:>10.2e}{err.rmse['omega']:>12.2e}"
-                         f"{err.rmse['chi']:>12.2e}{result.frames_per_s.get(name, float('nan')):>11,.0f}")
+            lines.append(
+                f"{name:<30}{err.rmse['strain']:>10.2e}{err.rmse['omega']:>12.2e}"
+                f"{err.rmse['chi']:>12.2e}{result.frames_per_s.get(name, float('nan')):>11,.0f}"
+            )
         if result.crlb_rms:
             c = result.crlb_rms
-            lines.append(f"{'Cramér–Rao bound (rms)':<30}{c['strain']:>10.2e}{c['omega']:>12.2e}"
-                         f"{c['chi']:>12.2e}")
-    lines.append(f"{result.frames or result.derived_rows} frames, scan {result.scan_s:.0f} s, "
-                 f"wall time {result.wall_s:.0f} s; derived rows {result.derived_rows}, flagged: "
-                 + (", ".join(f"{name} {n}" for name, n in result.flagged.items()) or "none"))
+            lines.append(
+                f"{'Cramér–Rao bound (rms)':<30}{c['strain']:>10.2e}{c['omega']:>12.2e}{c['chi']:>12.2e}"
+            )
+    lines.append(
+        f"{result.frames or result.derived_rows} frames, scan {result.scan_s:.0f} s, "
+        f"wall time {result.wall_s:.0f} s; derived rows {result.derived_rows}, flagged: "
+        + (", ".join(f"{name} {n}" for name, n in result.flagged.items()) or "none")
+    )
     if result.picture:
         lines.append(f"picture: {result.picture}")
     for png in result.live_maps:
@@ -327,11 +392,10 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
     data_dir = shlex.quote(str(result.data_dir))
     detector_dir = shlex.quote(str(Path(out_dir).resolve() / "detector"))
     lines += [
-        "Serve this catalog again, then query and replay (the API key is in "
-        f"{result.data_dir / 'api_key'}):",
+        f"Serve this catalog again, then query and replay (the API key is in {result.data_dir / 'api_key'}):",
         f"  nanobeam serve --data-dir {data_dir} --readable {detector_dir} --port 8000 &",
         f"  export NANOBEAM_TILED_API_KEY=$(cat {data_dir}/api_key)",
-        "  python -c \"from tiled.client import from_uri; from tiled.queries import Key; "
+        '  python -c "from tiled.client import from_uri; from tiled.queries import Key; '
         "runs = from_uri('http://127.0.0.1:8000/api/v1/metadata/runs', "
         "api_key=__import__('os').environ['NANOBEAM_TILED_API_KEY']); "
         f"print(list(runs.search(Key('parent_uid') == '{result.raw_uid}')))\"",
@@ -342,8 +406,16 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
 
 def main(args: Any) -> int:
     """``nanobeam demo`` (see cli.py for the arguments)."""
-    result = run_demo(args.size, args.out, model=args.model, exposure_s=args.exposure_ms / 1e3,
-                      dead_time_s=args.dead_time_ms / 1e3, seed=args.seed, fit=not args.no_fit,
-                      port=args.port, progress=not args.no_progress)
+    result = run_demo(
+        args.size,
+        args.out,
+        model=args.model,
+        exposure_s=args.exposure_ms / 1e3,
+        dead_time_s=args.dead_time_ms / 1e3,
+        seed=args.seed,
+        fit=not args.no_fit,
+        port=args.port,
+        progress=not args.no_progress,
+    )
     print(report(result, args.out), file=sys.stdout)
     return 130 if result.interrupted else 0

@@ -62,9 +62,16 @@ def random_parameters(instrument: Instrument, n: int, rng: np.random.Generator) 
     return np.stack([rng.uniform(lo, hi, n) for lo, hi in instrument.parameter_ranges.values()], 1)
 
 
-def _ideal(n: int, rng: np.random.Generator, inst: Instrument, *, max_counts: float = 7.0,
-           background: float = 0.0, thickness: float | None = None,
-           energy: float | None = None) -> DepartureFrames:
+def _ideal(
+    n: int,
+    rng: np.random.Generator,
+    inst: Instrument,
+    *,
+    max_counts: float = 7.0,
+    background: float = 0.0,
+    thickness: float | None = None,
+    energy: float | None = None,
+) -> DepartureFrames:
     real = inst
     if thickness is not None:
         real = real.replace(film_thickness_angstrom=thickness)
@@ -98,8 +105,9 @@ def _gap(n: int, rng: np.random.Generator, inst: Instrument, *, declared: bool) 
     return out
 
 
-def _offset(n: int, rng: np.random.Generator, inst: Instrument, *, pixels: float,
-            declared: bool = False) -> DepartureFrames:
+def _offset(
+    n: int, rng: np.random.Generator, inst: Instrument, *, pixels: float, declared: bool = False
+) -> DepartureFrames:
     """The beam centre off the ROI centre by ``pixels`` binned pixels along rows and columns;
     ``declared``: the user's instrument says so (calibrated)."""
     raw_shift = round(pixels * inst.binning)
@@ -132,27 +140,40 @@ def _registry() -> list[Departure]:
     # partial, not lambdas with default arguments: the type checker sees each ``make`` signature
     rows = [Departure("ideal, 7 counts", "reference", _ideal)]
     for t in (90.0, 100.0, 113.0, 121.0, 135.0, 150.0):
-        rows.append(Departure(f"film {t:g} A (instrument: 117 A)", "thickness",
-                              partial(_ideal, thickness=t)))
+        rows.append(Departure(f"film {t:g} A (instrument: 117 A)", "thickness", partial(_ideal, thickness=t)))
     for b in (0.02, 0.05, 0.1):
-        rows.append(Departure(f"flat background {b:g} counts/pixel", "background",
-                              partial(_ideal, background=b)))
+        rows.append(
+            Departure(f"flat background {b:g} counts/pixel", "background", partial(_ideal, background=b))
+        )
     for k in (1, 5):
-        rows.append(Departure(f"{k} hot pixel{'s' if k > 1 else ''} (30-3000 counts)", "detector",
-                              partial(_hot, pixels=k)))
+        rows.append(
+            Departure(
+                f"{k} hot pixel{'s' if k > 1 else ''} (30-3000 counts)", "detector", partial(_hot, pixels=k)
+            )
+        )
     for declared, how in ((False, "undeclared"), (True, "declared in the mask")):
-        rows.append(Departure(f"dead row and column, {how}", "detector",
-                              partial(_gap, declared=declared)))
+        rows.append(Departure(f"dead row and column, {how}", "detector", partial(_gap, declared=declared)))
     for px in (0.5, 1.0):
         for declared, how in ((False, "undeclared"), (True, "calibrated in the instrument")):
-            rows.append(Departure(f"beam centre off by {px:g} binned pixel, {how}", "detector",
-                                  partial(_offset, pixels=px, declared=declared)))
+            rows.append(
+                Departure(
+                    f"beam centre off by {px:g} binned pixel, {how}",
+                    "detector",
+                    partial(_offset, pixels=px, declared=declared),
+                )
+            )
     for level in (1.0, 3.5, 14.0, 70.0, 700.0, 1000.0):
-        rows.append(Departure(f"{level:g} counts at the Laue maximum", "count level",
-                              partial(_ideal, max_counts=level)))
+        rows.append(
+            Departure(
+                f"{level:g} counts at the Laue maximum", "count level", partial(_ideal, max_counts=level)
+            )
+        )
     for e in (10.8, 11.8):
-        rows.append(Departure(f"the film at {e:g} keV (another material's frames)", "material",
-                              partial(_ideal, energy=e)))
+        rows.append(
+            Departure(
+                f"the film at {e:g} keV (another material's frames)", "material", partial(_ideal, energy=e)
+            )
+        )
     for kind in ("blank", "flat field", "noise"):
         rows.append(Departure(f"{kind} frames", "no ring", partial(_no_ring, kind=kind)))
     return rows

@@ -149,9 +149,15 @@ class Predictor:
     std come from the first ensemble, omega and chi and their std from the refiners.
     """
 
-    def __init__(self, members: list[torch.nn.Module], metadata: dict[str, Any], *,
-                 refiners: list[RegisteredMLP] | None = None,
-                 device: str = "cpu", batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        members: list[torch.nn.Module],
+        metadata: dict[str, Any],
+        *,
+        refiners: list[RegisteredMLP] | None = None,
+        device: str = "cpu",
+        batch_size: int | None = None,
+    ) -> None:
         #: The model file's metadata, typed and validated (:class:`~nanobeam_bluesky.models.ModelCard`).
         self.card = ModelCard.from_metadata(metadata)
         self.metadata = metadata
@@ -185,8 +191,9 @@ class Predictor:
             self._refiner_half = torch.tensor(card.refiner.half_range, dtype=torch.float64)
         # One simulation for both count references: the box centre, then 64 frames across it.
         rng = np.random.default_rng(0)
-        strain, omega, chi = (np.r_[0.0, rng.uniform(lo, hi, 64)]
-                              for lo, hi in self.instrument.parameter_ranges.values())
+        strain, omega, chi = (
+            np.r_[0.0, rng.uniform(lo, hi, 64)] for lo, hi in self.instrument.parameter_ranges.values()
+        )
         sums = simulate(strain, omega, chi, self.instrument, upsample=2).sum(axis=(1, 2))
         typical = card.typical_frame_sum or float(sums[0])
         low = min(1.0, card.count_augmentation[0])
@@ -202,8 +209,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_states(cls, states: list[dict[str, torch.Tensor]], metadata: dict[str, Any],
-                    **kwargs: Any) -> Predictor:
+    def from_states(
+        cls, states: list[dict[str, torch.Tensor]], metadata: dict[str, Any], **kwargs: Any
+    ) -> Predictor:
         def build(arch: Architecture, state: dict[str, torch.Tensor]) -> torch.nn.Module:
             model = build_model(arch.name, **arch.kwargs)
             model.load_state_dict(state)
@@ -220,7 +228,8 @@ class Predictor:
             if not isinstance(refiner, RegisteredMLP):  # the refining stage needs its features
                 raise ModelFileError(
                     f"the refining stage's architecture is {card.refiner.architecture.name!r}; "
-                    "only 'registered_mlp' can refine: re-train it with `nanobeam train --recipe registered`")
+                    "only 'registered_mlp' can refine: re-train it with `nanobeam train --recipe registered`"
+                )
             refiners.append(refiner)
         return cls(members, metadata, refiners=refiners, **kwargs)
 
@@ -265,12 +274,16 @@ class Predictor:
         detail = self.instrument.describe_differences(instrument, "model", "data", orientation=True)
         if detail:
             only_orientation = not self.instrument.differences(instrument)
-            fix = ("The network works in physics.md's frame whatever the mounting: use "
-                   "`predictor.for_detector(instrument)` for this detector." if only_orientation else
-                   "Train one for this instrument with `nanobeam train --instrument <config>`, or pass "
-                   "allow_instrument_mismatch=True if you know the difference does not matter.")
+            fix = (
+                "The network works in physics.md's frame whatever the mounting: use "
+                "`predictor.for_detector(instrument)` for this detector."
+                if only_orientation
+                else "Train one for this instrument with `nanobeam train --instrument <config>`, or pass "
+                "allow_instrument_mismatch=True if you know the difference does not matter."
+            )
             raise InstrumentMismatchError(
-                f"model {self.model_id} was made for another instrument ({detail}). {fix}")
+                f"model {self.model_id} was made for another instrument ({detail}). {fix}"
+            )
 
     def for_detector(self, instrument: Instrument) -> Predictor:
         """The same networks for a detector mounted or masked differently (same physics).
@@ -282,7 +295,8 @@ class Predictor:
         if detail:
             raise InstrumentMismatchError(
                 f"for_detector changes only how the detector is mounted and masked; the physics "
-                f"differs ({detail}). Train a model for it with `nanobeam train --instrument <config>`.")
+                f"differs ({detail}). Train a model for it with `nanobeam train --instrument <config>`."
+            )
         clone = object.__new__(Predictor)
         clone.__dict__.update(self.__dict__)
         clone.metadata = {**self.metadata, "instrument": instrument.to_dict()}
@@ -294,8 +308,13 @@ class Predictor:
     def prepare(self, frames: Any, *, instrument: Instrument | None = None, mask: Any = None):
         """Plausibility, orientation, binning and masks (:func:`~nanobeam_bluesky.quality.prepare_frames`)."""
         inst = instrument or self.instrument
-        return prepare_frames(frames, inst, mask=mask, min_total_counts=self.min_total_counts,
-                              min_frame_intensity=self.physics_check(inst).min_frame_intensity)
+        return prepare_frames(
+            frames,
+            inst,
+            mask=mask,
+            min_total_counts=self.min_total_counts,
+            min_frame_intensity=self.physics_check(inst).min_frame_intensity,
+        )
 
     def as_frames(self, frames: Any) -> np.ndarray:
         """Validate and bring frames to (N, F, F) float32 counts in physics.md's frame (raw ROIs
@@ -381,9 +400,16 @@ class Predictor:
         attributes hold the pooled tests' summary (e.g. the film thickness the frames say).
         """
         prediction = self.analyse(
-            frames, instrument=instrument, mask=mask, allow_instrument_mismatch=allow_instrument_mismatch,
-            check_instrument=check_instrument, refine=refine, check=check, likelihood=likelihood,
-            pooled=pooled)
+            frames,
+            instrument=instrument,
+            mask=mask,
+            allow_instrument_mismatch=allow_instrument_mismatch,
+            check_instrument=check_instrument,
+            refine=refine,
+            check=check,
+            likelihood=likelihood,
+            pooled=pooled,
+        )
         return self.to_dataset(prediction)
 
     def analyse(
@@ -438,7 +464,11 @@ class Predictor:
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
         return Prediction(
-            values=mean, std=std, err=err, flags=flags, checks=extra if check else {},
+            values=mean,
+            std=std,
+            err=err,
+            flags=flags,
+            checks=extra if check else {},
             estimator="likelihood step from the network" if check and likelihood else "network",
             refined=refined,
             pooled=pool.summary(data_instrument.film_thickness_angstrom) if check else {},
@@ -481,15 +511,24 @@ class Predictor:
         return xr.Dataset(
             data,
             coords={"frame": np.arange(len(p.values))},
-            attrs={"model_id": self.model_id, "model_sha256": self.sha256,
-                   "n_members": self.n_members, "n_refiners": self.n_refiners if p.refined else 0,
-                   "estimator": p.estimator, **p.pooled},
+            attrs={
+                "model_id": self.model_id,
+                "model_sha256": self.sha256,
+                "n_members": self.n_members,
+                "n_refiners": self.n_refiners if p.refined else 0,
+                "estimator": p.estimator,
+                **p.pooled,
+            },
         )
 
 
 #: The physics check's per-frame outputs in a result: {variable: Consistency attribute}.
-_CHECK_OUTPUTS = {"fit_quality": "fit_quality", "thickness_z": "thickness_z", "count_scale": "scale",
-                  "background": "background"}
+_CHECK_OUTPUTS = {
+    "fit_quality": "fit_quality",
+    "thickness_z": "thickness_z",
+    "count_scale": "scale",
+    "background": "background",
+}
 
 
 def inpaint(counts: np.ndarray, masked: np.ndarray) -> np.ndarray:

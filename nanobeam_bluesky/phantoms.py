@@ -105,8 +105,9 @@ class Phantom:
         fr, fc = row - r0, col - c0
 
         def bilinear(m: np.ndarray) -> np.ndarray:
-            return ((1 - fr) * ((1 - fc) * m[r0, c0] + fc * m[r0, c1])
-                    + fr * ((1 - fc) * m[r1, c0] + fc * m[r1, c1]))
+            return (1 - fr) * ((1 - fc) * m[r0, c0] + fc * m[r0, c1]) + fr * (
+                (1 - fc) * m[r1, c0] + fc * m[r1, c1]
+            )
 
         return bilinear(self.strain), bilinear(self.omega_deg), bilinear(self.chi_deg)
 
@@ -187,13 +188,19 @@ def fig3_phantom(
         r = u * math.cos(a) + v * math.sin(a)
         return (r - r.min()) / (np.ptp(r) or 1.0)
 
-    omega = centre["omega"] + half["omega"] * (2 * _staircase(along(omega_edge_angle_deg), omega_steps,
-                                                                step_width) - 1)
+    omega = centre["omega"] + half["omega"] * (
+        2 * _staircase(along(omega_edge_angle_deg), omega_steps, step_width) - 1
+    )
     chi = centre["chi"] - half["chi"] * (2 * _staircase(along(chi_edge_angle_deg), chi_steps, step_width) - 1)
     return Phantom(
-        strain, omega, chi, pixel_size_um=pixel_size_um,
-        description=(f"fig3 phantom {n_y}x{n_x}: strain 2D sinusoid ({domain_periods} periods), "
-                     f"{omega_steps} omega and {chi_steps} chi sigmoidal steps, fill {fill}"),
+        strain,
+        omega,
+        chi,
+        pixel_size_um=pixel_size_um,
+        description=(
+            f"fig3 phantom {n_y}x{n_x}: strain 2D sinusoid ({domain_periods} periods), "
+            f"{omega_steps} omega and {chi_steps} chi sigmoidal steps, fill {fill}"
+        ),
     )
 
 
@@ -223,8 +230,9 @@ def simulate_scan(
     out = np.empty((len(strain), n_pix, n_pix), dtype=np.float32)
     for start in tqdm(range(0, len(strain), chunk_size), desc="scan", disable=not progress):
         stop = start + chunk_size
-        frames = simulate(strain[start:stop], omega[start:stop], chi[start:stop], instrument,
-                          upsample=upsample)
+        frames = simulate(
+            strain[start:stop], omega[start:stop], chi[start:stop], instrument, upsample=upsample
+        )
         if noise:
             out[start:stop] = to_counts(frames, max_counts, scale=1.0, rng=rng)
         else:

@@ -51,8 +51,7 @@ def save_frame_gallery(
         for j in range(n_steps):
             for r, (img, kind) in enumerate(((frames[j], "noise-free"), (counts[j], "counts"))):
                 ax = axes[2 * p + r, j]
-                ax.imshow(img, cmap="magma", origin="upper", vmin=0,
-                          vmax=1 if r == 0 else max_counts)
+                ax.imshow(img, cmap="magma", origin="upper", vmin=0, vmax=1 if r == 0 else max_counts)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(f"{labels[name]} = {values[j]:+.4g}\n{kind}", fontsize=8)
@@ -88,8 +87,14 @@ def save_map_comparison(
         pad = 0.1 * (hi - lo) or 1e-6
         for c, (name, ds) in enumerate(columns.items()):
             ax = axes[r, c]
-            im = ax.imshow(np.asarray(ds[p].values) * scale, cmap="RdBu_r" if p == "strain" else "viridis",
-                           vmin=lo - pad, vmax=hi + pad, extent=extent, interpolation="nearest")
+            im = ax.imshow(
+                np.asarray(ds[p].values) * scale,
+                cmap="RdBu_r" if p == "strain" else "viridis",
+                vmin=lo - pad,
+                vmax=hi + pad,
+                extent=extent,
+                interpolation="nearest",
+            )
             if r == 0:
                 ax.set_title(name, fontsize=10)
             ax.set_xlabel("x (µm)", fontsize=8)

@@ -156,9 +156,7 @@ def inspect_scan_file(
                     "frames (scan_y, scan_x, det_row, det_col) or (point, det_row, det_col)"
                 )
             if frames.dtype.kind not in "uif":
-                raise ScanFileError(
-                    f"{path.name}:{layout.frames} has dtype {frames.dtype}; expected counts"
-                )
+                raise ScanFileError(f"{path.name}:{layout.frames} has dtype {frames.dtype}; expected counts")
             scan_shape = frames.shape[:-2]
             for name in ("x_um", "y_um"):
                 positions = _dataset(h5, getattr(layout, name), path, name)
@@ -172,9 +170,7 @@ def inspect_scan_file(
             if center is not None:
                 center = np.asarray(center, dtype=float).ravel()
                 if center.shape != (2,):
-                    raise ScanFileError(
-                        f"{path.name}: attribute {layout.roi_center_attr} must be (row, col)"
-                    )
+                    raise ScanFileError(f"{path.name}: attribute {layout.roi_center_attr} must be (row, col)")
                 roi_center = (float(center[0]), float(center[1]))
             instrument_json = None
             if layout.instrument in h5:

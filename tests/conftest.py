@@ -98,8 +98,15 @@ def phantom() -> Callable[..., Phantom]:
 
 #: Test modules that run real processes and services (a Tiled server, the RunEngine with devices,
 #: 0MQ, subprocesses): "integration". Everything else is "unit" (``pytest -m unit``: < 1 minute).
-INTEGRATION_MODULES = {"test_callbacks", "test_demo", "test_listen", "test_outage", "test_readme",
-                       "test_security", "test_tiled"}
+INTEGRATION_MODULES = {
+    "test_callbacks",
+    "test_demo",
+    "test_listen",
+    "test_outage",
+    "test_readme",
+    "test_security",
+    "test_tiled",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -106,8 +106,9 @@ def analyse(model: ModelUnderTest, RE: RunEngine, **kwargs: Any) -> tuple[Nanobe
     return callback, derived
 
 
-def assert_maps_match(model: ModelUnderTest, sample: Phantom, rows: dict[str, np.ndarray],
-                      x_key: str, y_key: str) -> None:
+def assert_maps_match(
+    model: ModelUnderTest, sample: Phantom, rows: dict[str, np.ndarray], x_key: str, y_key: str
+) -> None:
     """Derived values against the phantom at each row's own position.
 
     Shipped model: RMSE within twice the accuracy its metadata states (64 frames are a small
@@ -183,8 +184,11 @@ def test_fly_scan_maps_the_phantom(model: ModelUnderTest, beamline: Beamline) ->
     callback, derived = analyse(model, bl.RE)
     path = RasterPath.grid(0, (N - 1) * PIXEL_UM, N, 0, (N - 1) * PIXEL_UM, N, snake=True)
     # 10 ms at 700 counts/s: the 7-count level at which the model states its accuracy.
-    bl.RE(fly_raster_scan(bl.fly_detector, bl.stage, path, exposure_s=0.01, dead_time_s=0.001,
-                          flush_period_s=0.1))
+    bl.RE(
+        fly_raster_scan(
+            bl.fly_detector, bl.stage, path, exposure_s=0.01, dead_time_s=0.001, flush_period_s=0.1
+        )
+    )
     assert callback.flush(timeout=60)
 
     names = bl.raw.names()
@@ -212,8 +216,9 @@ class FlakyPredictor(Predictor):
         return super().analyse(frames, **kwargs)
 
 
-def test_model_error_mid_scan_is_flagged_and_the_scan_finishes(model: ModelUnderTest,
-                                                                beamline: Beamline) -> None:
+def test_model_error_mid_scan_is_flagged_and_the_scan_finishes(
+    model: ModelUnderTest, beamline: Beamline
+) -> None:
     bl = beamline
     flaky = copy.copy(model.predictor)
     flaky.__class__ = FlakyPredictor
@@ -247,8 +252,9 @@ class StalledPredictor(Predictor):
         return super().analyse(frames, **kwargs)
 
 
-def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(model: ModelUnderTest,
-                                                                 beamline: Beamline, caplog) -> None:
+def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(
+    model: ModelUnderTest, beamline: Beamline, caplog
+) -> None:
     bl = beamline
     stalled = copy.copy(model.predictor)
     stalled.__class__ = StalledPredictor
@@ -269,8 +275,9 @@ def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(model: ModelUnde
     callback.close()
 
 
-def test_wrong_image_key_is_a_clear_error_at_the_descriptor(model: ModelUnderTest,
-                                                            beamline: Beamline) -> None:
+def test_wrong_image_key_is_a_clear_error_at_the_descriptor(
+    model: ModelUnderTest, beamline: Beamline
+) -> None:
     bl = beamline
     callback, derived = analyse(model, bl.RE, image_key="det_frames")
     with pytest.raises(ImageKeyError, match=r"image_key 'det_frames' is not a data key.*det_image"):
@@ -282,8 +289,9 @@ def test_wrong_image_key_is_a_clear_error_at_the_descriptor(model: ModelUnderTes
 
 
 @pytest.mark.parametrize("image_key", [None, "det_image"])
-def test_wrong_frame_shape_is_a_clear_error_at_the_descriptor(model: ModelUnderTest, image_key: str | None,
-                                                              phantom) -> None:
+def test_wrong_frame_shape_is_a_clear_error_at_the_descriptor(
+    model: ModelUnderTest, image_key: str | None, phantom
+) -> None:
     RE = RunEngine({})
     sample = phantom(2)
     # A detector whose ROI gives 50 x 50 frames: not what the model takes.
@@ -299,8 +307,9 @@ def test_wrong_frame_shape_is_a_clear_error_at_the_descriptor(model: ModelUnderT
     assert derived.docs == []
 
 
-def test_instrument_mismatch_is_a_clear_error_at_the_descriptor(model: ModelUnderTest,
-                                                                beamline: Beamline) -> None:
+def test_instrument_mismatch_is_a_clear_error_at_the_descriptor(
+    model: ModelUnderTest, beamline: Beamline
+) -> None:
     bl = beamline
     callback, derived = analyse(model, bl.RE)
     other = Instrument(energy_kev=9.0).to_dict()
@@ -312,9 +321,11 @@ def test_instrument_mismatch_is_a_clear_error_at_the_descriptor(model: ModelUnde
 
 def test_frame_layout_detection() -> None:
     shapes = ((64, 64), (128, 128))
-    keys = {"roi": {"source": "s", "dtype": "array", "shape": [1, 128, 128], "external": "STREAM:"},
-            "full": {"source": "s", "dtype": "array", "shape": [512, 512]},
-            "x": {"source": "s", "dtype": "number", "shape": []}}
+    keys = {
+        "roi": {"source": "s", "dtype": "array", "shape": [1, 128, 128], "external": "STREAM:"},
+        "full": {"source": "s", "dtype": "array", "shape": [512, 512]},
+        "x": {"source": "s", "dtype": "number", "shape": []},
+    }
     layout = find_frame_layout({"name": "primary", "data_keys": keys}, shapes)
     assert layout == FrameLayout("roi", (128, 128), Storage.STREAM)
     keys["binned"] = {"source": "s", "dtype": "array", "shape": [64, 64]}
@@ -323,8 +334,9 @@ def test_frame_layout_detection() -> None:
     assert find_frame_layout({"data_keys": keys}, shapes, "binned").storage is Storage.INLINE
 
 
-def test_legacy_resource_datum_frames_match_direct_prediction(model: ModelUnderTest, workdir: Path,
-                                                              phantom) -> None:
+def test_legacy_resource_datum_frames_match_direct_prediction(
+    model: ModelUnderTest, workdir: Path, phantom
+) -> None:
     """AD_HDF5 Resource/Datum frames (as classic area detectors write them) are read and predicted."""
     sample = phantom(4)
     frames = FrameSimulator(sample, seed=3).frames_at(np.arange(4) * 0.05, np.zeros(4), 0.01)
@@ -332,11 +344,21 @@ def test_legacy_resource_datum_frames_match_direct_prediction(model: ModelUnderT
     with h5py.File(path, "w") as f:
         f["/entry/data/data"] = frames
     run = compose_run(metadata={"plan_name": "count"})
-    resource = run.compose_resource(spec="AD_HDF5", root="/", resource_path=str(path).lstrip("/"),
-                                    resource_kwargs={"frame_per_point": 1})
+    resource = run.compose_resource(
+        spec="AD_HDF5", root="/", resource_path=str(path).lstrip("/"), resource_kwargs={"frame_per_point": 1}
+    )
     descriptor = run.compose_descriptor(
-        name="primary", data_keys={"cam_image": {"source": "cam", "dtype": "array", "shape": [1, 64, 64],
-                                                 "dtype_numpy": "<u4", "external": "FILESTORE:"}})
+        name="primary",
+        data_keys={
+            "cam_image": {
+                "source": "cam",
+                "dtype": "array",
+                "shape": [1, 64, 64],
+                "dtype_numpy": "<u4",
+                "external": "FILESTORE:",
+            }
+        },
+    )
     callback = NanobeamCallback(model.predictor)
     derived = Recorder()
     callback.subscribe(derived)
@@ -347,9 +369,13 @@ def test_legacy_resource_datum_frames_match_direct_prediction(model: ModelUnderT
     for i in range(4):
         datum = resource.compose_datum(datum_kwargs={"point_number": i})
         callback("datum", datum)
-        events.append(descriptor.compose_event(data={"cam_image": datum["datum_id"]},
-                                               timestamps={"cam_image": time.time()},
-                                               filled={"cam_image": False}))
+        events.append(
+            descriptor.compose_event(
+                data={"cam_image": datum["datum_id"]},
+                timestamps={"cam_image": time.time()},
+                filled={"cam_image": False},
+            )
+        )
     sent = copy.deepcopy(events)
     for event in events:
         callback("event", event)
@@ -371,14 +397,23 @@ def _raw_run(callback, frames: np.ndarray, positions: list) -> None:
 
     bundle = compose_run()
     callback("start", bundle.start_doc)
-    keys = {"image": {"source": "sim", "dtype": "array", "shape": [64, 64], "dtype_numpy": "<u2"},
-            "x": {"source": "sim", "dtype": "number", "shape": []}}
+    keys = {
+        "image": {"source": "sim", "dtype": "array", "shape": [64, 64], "dtype_numpy": "<u2"},
+        "x": {"source": "sim", "dtype": "number", "shape": []},
+    }
     desc = bundle.compose_descriptor(name="primary", data_keys=keys)
     callback("descriptor", desc.descriptor_doc)
     n = len(frames)
-    callback("event_page", desc.compose_event_page(
-        data={"image": list(frames), "x": positions}, timestamps={"image": [0.0] * n, "x": [0.0] * n},
-        seq_num=list(range(1, n + 1)), time=[0.0] * n, validate=False))
+    callback(
+        "event_page",
+        desc.compose_event_page(
+            data={"image": list(frames), "x": positions},
+            timestamps={"image": [0.0] * n, "x": [0.0] * n},
+            seq_num=list(range(1, n + 1)),
+            time=[0.0] * n,
+            validate=False,
+        ),
+    )
     callback("stop", bundle.compose_stop())
 
 
@@ -421,7 +456,8 @@ class AbortingPredictor(Predictor):
 
 
 def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(
-        model: ModelUnderTest) -> None:
+    model: ModelUnderTest,
+) -> None:
     from nanobeam_bluesky.physics import simulate, to_counts
 
     aborting = copy.copy(model.predictor)

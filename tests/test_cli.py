@@ -22,8 +22,16 @@ def test_a_bad_input_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys)
     assert err.count("\n") == 0 and "energy_kev must be a positive number" in err, err
     with pytest.raises(InstrumentError):
         main(["--debug", *args])
-    missing = ["fit", "--scan", str(tmp_path / "nothing.npy"), "--out", str(tmp_path / "f.nc"),
-               "--grid", "3", "--no-progress"]
+    missing = [
+        "fit",
+        "--scan",
+        str(tmp_path / "nothing.npy"),
+        "--out",
+        str(tmp_path / "f.nc"),
+        "--grid",
+        "3",
+        "--no-progress",
+    ]
     assert main(missing) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
@@ -38,8 +46,10 @@ def test_every_package_error_is_a_nanobeam_error_and_keeps_its_builtin():
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, nanobeam_bluesky.cli as c; c.build_parser(); "
-            "print('torch' in sys.modules, 'xarray' in sys.modules)")
+    code = (
+        "import sys, nanobeam_bluesky.cli as c; c.build_parser(); "
+        "print('torch' in sys.modules, 'xarray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"], out
     start = time.perf_counter()

@@ -76,8 +76,18 @@ def test_demo_errors_are_within_stated_bounds(demo, model):
 
 def test_ctrl_c_stops_the_demo_cleanly_with_partial_runs_readable(model, tmp_path):
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "nanobeam_bluesky.cli", "demo", "--size", "40", "--out", str(out),
-           "--no-fit", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanobeam_bluesky.cli",
+        "demo",
+        "--size",
+        "40",
+        "--out",
+        str(out),
+        "--no-fit",
+        "--no-progress",
+    ]
     if model.path is not None:
         cmd += ["--model", str(model.path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

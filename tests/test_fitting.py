@@ -164,8 +164,13 @@ def test_chunked_and_unchunked_results_agree(library, method):
         chunked = cls(library, chunk_size=chunk, progress=False, **kwargs).fit(counts)
         assert chunked.flag.values.tolist() == whole.flag.values.tolist()
         for axis, name in enumerate(PARAMETERS):
-            np.testing.assert_allclose(chunked[name].values / STEP[axis], whole[name].values / STEP[axis],
-                                       rtol=0, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(
+                chunked[name].values / STEP[axis],
+                whole[name].values / STEP[axis],
+                rtol=0,
+                atol=1e-4,
+                err_msg=name,
+            )
 
 
 @pytest.mark.integration  # statistics over thousands of frames, or training: slow
@@ -333,8 +338,20 @@ def test_simulate_scan_counts_follow_the_library_wide_convention():
 def test_cli_fits_a_phantom_and_a_saved_scan(tmp_path, capsys):
     lib = write_library(tmp_path / "lib.h5", SMALL, grid_points=5, upsample=2, progress=False)
     out = tmp_path / "fit.nc"
-    args = ["fit", "--library", str(lib), "--phantom", "4", "--out", str(out), "--method", "ours",
-            "--upsample", "2", "--no-progress"]
+    args = [
+        "fit",
+        "--library",
+        str(lib),
+        "--phantom",
+        "4",
+        "--out",
+        str(out),
+        "--method",
+        "ours",
+        "--upsample",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     result = xr.load_dataset(out, engine="h5netcdf")
     assert result.strain.shape == (4, 4) and "strain_true" in result and result.attrs["method"] == "ours"
@@ -342,11 +359,39 @@ def test_cli_fits_a_phantom_and_a_saved_scan(tmp_path, capsys):
     frames = 7 * simulate([0.0, 2e-4], [0.0, 0.004], [0.0, -0.01], SMALL, upsample=2)
     np.save(tmp_path / "frames.npy", frames)
     out2 = tmp_path / "fit2.h5"
-    assert main(["fit", "--library", str(lib), "--scan", str(tmp_path / "frames.npy"), "--out", str(out2),
-                 "--chunk", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--library",
+                str(lib),
+                "--scan",
+                str(tmp_path / "frames.npy"),
+                "--out",
+                str(out2),
+                "--chunk",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert xr.load_dataset(out2, engine="h5netcdf").sizes["frame"] == 2
     # a scan that does not match the library: a clear error, exit code 2
     np.save(tmp_path / "small.npy", np.ones((2, 32, 32), dtype=np.float32))
-    assert main(["fit", "--library", str(lib), "--scan", str(tmp_path / "small.npy"), "--out",
-                 str(tmp_path / "x.nc"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--library",
+                str(lib),
+                "--scan",
+                str(tmp_path / "small.npy"),
+                "--out",
+                str(tmp_path / "x.nc"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "bin_roi" in capsys.readouterr().err

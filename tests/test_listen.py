@@ -97,10 +97,13 @@ class DerivedSubscriber:
     def run_of(self, parent_uid: str) -> list[tuple[str, dict[str, Any]]]:
         starts = {d["uid"] for n, d in self.docs if n == "start" and d.get("parent_uid") == parent_uid}
         descriptors = {d["uid"] for n, d in self.docs if n == "descriptor" and d["run_start"] in starts}
-        return [(n, d) for n, d in self.docs
-                if (n == "start" and d["uid"] in starts)
-                or (n in ("descriptor", "stop") and d["run_start"] in starts)
-                or (n == "event_page" and d["descriptor"] in descriptors)]
+        return [
+            (n, d)
+            for n, d in self.docs
+            if (n == "start" and d["uid"] in starts)
+            or (n in ("descriptor", "stop") and d["run_start"] in starts)
+            or (n == "event_page" and d["descriptor"] in descriptors)
+        ]
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -112,14 +115,33 @@ def proxy_and_listener(model, workdir: Path) -> Iterator[tuple[str, str, subproc
     """A bluesky-0MQ-proxy and a ``nanobeam listen`` attached to it (addresses: in, out)."""
     in_port, out_port = _free_ports(2)
     in_address, out_address = f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
-    proxy_exe = (shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent))
-                 or "bluesky-0MQ-proxy")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(nanobeam_bluesky.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proxy = subprocess.Popen([proxy_exe, "--in-address", in_address, "--out-address", out_address],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    command = [sys.executable, "-m", "nanobeam_bluesky.cli", "listen", "--from", out_address,
-               "--to", in_address, "--maps", str(workdir / "maps")]
+    proxy_exe = (
+        shutil.which("bluesky-0MQ-proxy", path=str(Path(sys.executable).parent)) or "bluesky-0MQ-proxy"
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(nanobeam_bluesky.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    proxy = subprocess.Popen(
+        [proxy_exe, "--in-address", in_address, "--out-address", out_address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "nanobeam_bluesky.cli",
+        "listen",
+        "--from",
+        out_address,
+        "--to",
+        in_address,
+        "--maps",
+        str(workdir / "maps"),
+    ]
     if model.path is not None:
         command += ["--model", str(model.path)]
     listener = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -131,8 +153,9 @@ def proxy_and_listener(model, workdir: Path) -> Iterator[tuple[str, str, subproc
         _stop(proxy, signal.SIGTERM)
 
 
-def test_listen_analyses_scans_through_the_0mq_proxy(model, phantom, proxy_and_listener,
-                                                     workdir: Path) -> None:
+def test_listen_analyses_scans_through_the_0mq_proxy(
+    model, phantom, proxy_and_listener, workdir: Path
+) -> None:
     in_address, out_address, listener = proxy_and_listener
     RE = RunEngine({})
     sample = phantom(N, PIXEL_UM)

@@ -35,44 +35,83 @@ pytestmark = pytest.mark.unit
 VERSIONS = [1.3, 1.4]
 
 
-def _pos(number: int, name: str, values: object, unit: str = "mm", desc: str = "",
-         readback_unit: str | None = None) -> MdaPositioner:
-    return MdaPositioner(number=number, name=f"{name}.VAL", description=desc or f"{name} stage", units=unit,
-                         readback_name=f"{name}.RBV", readback_description=f"{name} readback",
-                         readback_units=unit if readback_unit is None else readback_unit,
-                         values=np.asarray(values, dtype=np.float64))
+def _pos(
+    number: int, name: str, values: object, unit: str = "mm", desc: str = "", readback_unit: str | None = None
+) -> MdaPositioner:
+    return MdaPositioner(
+        number=number,
+        name=f"{name}.VAL",
+        description=desc or f"{name} stage",
+        units=unit,
+        readback_name=f"{name}.RBV",
+        readback_description=f"{name} readback",
+        readback_units=unit if readback_unit is None else readback_unit,
+        values=np.asarray(values, dtype=np.float64),
+    )
 
 
 def _det(number: int, name: str, values: object, unit: str = "cts") -> MdaDetector:
-    return MdaDetector(number=number, name=name, description=f"{name} counts", units=unit,
-                       values=np.asarray(values, dtype=np.float32))
+    return MdaDetector(
+        number=number,
+        name=name,
+        description=f"{name} counts",
+        units=unit,
+        values=np.asarray(values, dtype=np.float32),
+    )
 
 
 def _scan_1d(n: int = 11, cpt: int | None = None, unit: str = "mm") -> MdaFile:
     cpt = n if cpt is None else cpt
     x = np.linspace(-0.5, 0.5, n)[:cpt]
-    scan = MdaScan(rank=1, requested_points=n, current_point=cpt,
-                   positioners=[_pos(0, "26idcnpi:m17", x, unit), _pos(1, "26idcnpi:m18", 2 * x, unit)],
-                   detectors=[_det(0, "26idc:3820:scaler1.S3", 100 + np.arange(cpt)),
-                              _det(5, "26idcXMAP:mca8.R0", np.sqrt(np.arange(cpt)))],
-                   name="26idbSOFT:scan1", time_stamp="MAY 04, 2024 10:21:07.123",
-                   triggers=[MdaTrigger(0, "26idc:3820:scaler1.CNT", 1.0)])
-    return MdaFile(version=1.4, scan_number=1234, rank=1, dimensions=(n,), scan=scan,
-                   extra_pvs={"26idc:energy": 10.4, "26idc:sample": "LaAlO3 film",
-                              "26idc:counts": np.array([1, 2, 3], dtype=np.int32)},
-                   extra_pv_info={"26idc:energy": MdaExtraPvInfo("energy", "keV", DBR_CTRL_DOUBLE, 1)})
+    scan = MdaScan(
+        rank=1,
+        requested_points=n,
+        current_point=cpt,
+        positioners=[_pos(0, "26idcnpi:m17", x, unit), _pos(1, "26idcnpi:m18", 2 * x, unit)],
+        detectors=[
+            _det(0, "26idc:3820:scaler1.S3", 100 + np.arange(cpt)),
+            _det(5, "26idcXMAP:mca8.R0", np.sqrt(np.arange(cpt))),
+        ],
+        name="26idbSOFT:scan1",
+        time_stamp="MAY 04, 2024 10:21:07.123",
+        triggers=[MdaTrigger(0, "26idc:3820:scaler1.CNT", 1.0)],
+    )
+    return MdaFile(
+        version=1.4,
+        scan_number=1234,
+        rank=1,
+        dimensions=(n,),
+        scan=scan,
+        extra_pvs={
+            "26idc:energy": 10.4,
+            "26idc:sample": "LaAlO3 film",
+            "26idc:counts": np.array([1, 2, 3], dtype=np.int32),
+        },
+        extra_pv_info={"26idc:energy": MdaExtraPvInfo("energy", "keV", DBR_CTRL_DOUBLE, 1)},
+    )
 
 
 def _row(r: int, nx: int, cpt: int, x_unit: str) -> MdaScan:
     x = 10.0 + 0.25 * np.arange(nx)[:cpt]  # µm, or whatever x_unit says
-    return MdaScan(rank=1, requested_points=nx, current_point=cpt,
-                   positioners=[_pos(0, "26idcnpi:m17", x, x_unit)],
-                   detectors=[_det(0, "26idc:3820:scaler1.S3", 1000 * r + np.arange(cpt))],
-                   name="26idbSOFT:scan1", time_stamp=f"row {r}")
+    return MdaScan(
+        rank=1,
+        requested_points=nx,
+        current_point=cpt,
+        positioners=[_pos(0, "26idcnpi:m17", x, x_unit)],
+        detectors=[_det(0, "26idc:3820:scaler1.S3", 1000 * r + np.arange(cpt))],
+        name="26idbSOFT:scan1",
+        time_stamp=f"row {r}",
+    )
 
 
-def _scan_2d(ny: int = 4, nx: int = 5, rows_done: int | None = None, partial: int = 0,
-             x_unit: str = "um", y_unit: str = "um") -> MdaFile:
+def _scan_2d(
+    ny: int = 4,
+    nx: int = 5,
+    rows_done: int | None = None,
+    partial: int = 0,
+    x_unit: str = "um",
+    y_unit: str = "um",
+) -> MdaFile:
     """ny x nx requested; ``rows_done`` finished rows, then (when ``partial``) one row with that many points.
 
     As saveData records an aborted scan: the outer point (y readback) of a row is recorded only when
@@ -83,23 +122,41 @@ def _scan_2d(ny: int = 4, nx: int = 5, rows_done: int | None = None, partial: in
     inner = [_row(r, nx, nx, x_unit) for r in range(rows_done)]
     if partial:
         inner.append(_row(rows_done, nx, partial, x_unit))
-    outer = MdaScan(rank=2, requested_points=ny, current_point=rows_done,
-                    positioners=[_pos(0, "26idcnpi:m18", y, y_unit)],
-                    detectors=[_det(0, "26idc:ring_current", np.full(rows_done, 101.5), "mA")],
-                    inner=inner, name="26idbSOFT:scan2", time_stamp="MAY 04, 2024 11:00:00.000",
-                    triggers=[MdaTrigger(0, "26idbSOFT:scan1.EXSC", 1.0)])
-    return MdaFile(version=1.4, scan_number=77, rank=2, dimensions=(ny, nx), scan=outer,
-                   is_regular=partial == 0 and rows_done == ny,
-                   extra_pvs={"26idc:string": "beam on", "26idc:char": "a long file name.h5",
-                              "26idc:short": np.array([-2, 7], dtype=np.int32), "26idc:long": 123456,
-                              "26idc:float": np.array([0.5, 1.5], dtype=np.float32),
-                              "26idc:double": np.array([1e-9, 2.5, -3.0])},
-                   extra_pv_info={"26idc:string": MdaExtraPvInfo("a string", "", DBR_STRING, 1),
-                                  "26idc:char": MdaExtraPvInfo("a char array", "", DBR_CTRL_CHAR, 0),
-                                  "26idc:short": MdaExtraPvInfo("shorts", "counts", DBR_CTRL_SHORT, 2),
-                                  "26idc:long": MdaExtraPvInfo("a long", "steps", DBR_CTRL_LONG, 1),
-                                  "26idc:float": MdaExtraPvInfo("floats", "mm", DBR_CTRL_FLOAT, 2),
-                                  "26idc:double": MdaExtraPvInfo("doubles", "s", DBR_CTRL_DOUBLE, 3)})
+    outer = MdaScan(
+        rank=2,
+        requested_points=ny,
+        current_point=rows_done,
+        positioners=[_pos(0, "26idcnpi:m18", y, y_unit)],
+        detectors=[_det(0, "26idc:ring_current", np.full(rows_done, 101.5), "mA")],
+        inner=inner,
+        name="26idbSOFT:scan2",
+        time_stamp="MAY 04, 2024 11:00:00.000",
+        triggers=[MdaTrigger(0, "26idbSOFT:scan1.EXSC", 1.0)],
+    )
+    return MdaFile(
+        version=1.4,
+        scan_number=77,
+        rank=2,
+        dimensions=(ny, nx),
+        scan=outer,
+        is_regular=partial == 0 and rows_done == ny,
+        extra_pvs={
+            "26idc:string": "beam on",
+            "26idc:char": "a long file name.h5",
+            "26idc:short": np.array([-2, 7], dtype=np.int32),
+            "26idc:long": 123456,
+            "26idc:float": np.array([0.5, 1.5], dtype=np.float32),
+            "26idc:double": np.array([1e-9, 2.5, -3.0]),
+        },
+        extra_pv_info={
+            "26idc:string": MdaExtraPvInfo("a string", "", DBR_STRING, 1),
+            "26idc:char": MdaExtraPvInfo("a char array", "", DBR_CTRL_CHAR, 0),
+            "26idc:short": MdaExtraPvInfo("shorts", "counts", DBR_CTRL_SHORT, 2),
+            "26idc:long": MdaExtraPvInfo("a long", "steps", DBR_CTRL_LONG, 1),
+            "26idc:float": MdaExtraPvInfo("floats", "mm", DBR_CTRL_FLOAT, 2),
+            "26idc:double": MdaExtraPvInfo("doubles", "s", DBR_CTRL_DOUBLE, 3),
+        },
+    )
 
 
 def _one_line_error(path: Path, *needles: str) -> str:
@@ -127,25 +184,80 @@ def _s(text: str) -> bytes:
 
 def test_writer_bytes_follow_the_format_description(workdir: Path) -> None:
     """A 1-D scan of 3 requested points (2 acquired): header, scan, extra PVs, byte for byte."""
-    scan = MdaScan(rank=1, requested_points=3, current_point=2,
-                   positioners=[MdaPositioner(0, "m1.VAL", "x", "mm", "m1.RBV", "", "mm",
-                                              np.array([1.0, 2.0]), step_mode="LINEAR")],
-                   detectors=[MdaDetector(2, "det", "", "cts", np.array([5.0, 6.0], dtype=np.float32))],
-                   name="ioc:scan1", time_stamp="now", triggers=[MdaTrigger(0, "t", 1.0)])
-    mda = MdaFile(version=1.3, scan_number=9, rank=1, dimensions=(3,), scan=scan,
-                  extra_pvs={"pv:s": "ab", "pv:d": 2.5},
-                  extra_pv_info={"pv:d": MdaExtraPvInfo("", "eV", DBR_CTRL_DOUBLE, 1)})
-    body = (_i(1) + _i(3) + _i(2)
-            + _s("ioc:scan1") + _s("now") + _i(1) + _i(1) + _i(1)
-            + _i(0) + _s("m1.VAL") + _s("x") + _s("LINEAR") + _s("mm") + _s("m1.RBV") + _s("") + _s("mm")
-            + _i(2) + _s("det") + _s("") + _s("cts")
-            + _i(0) + _s("t") + struct.pack(">f", 1.0)
-            + struct.pack(">3d", 1.0, 2.0, 0.0) + struct.pack(">3f", 5.0, 6.0, 0.0))
+    scan = MdaScan(
+        rank=1,
+        requested_points=3,
+        current_point=2,
+        positioners=[
+            MdaPositioner(
+                0, "m1.VAL", "x", "mm", "m1.RBV", "", "mm", np.array([1.0, 2.0]), step_mode="LINEAR"
+            )
+        ],
+        detectors=[MdaDetector(2, "det", "", "cts", np.array([5.0, 6.0], dtype=np.float32))],
+        name="ioc:scan1",
+        time_stamp="now",
+        triggers=[MdaTrigger(0, "t", 1.0)],
+    )
+    mda = MdaFile(
+        version=1.3,
+        scan_number=9,
+        rank=1,
+        dimensions=(3,),
+        scan=scan,
+        extra_pvs={"pv:s": "ab", "pv:d": 2.5},
+        extra_pv_info={"pv:d": MdaExtraPvInfo("", "eV", DBR_CTRL_DOUBLE, 1)},
+    )
+    body = (
+        _i(1)
+        + _i(3)
+        + _i(2)
+        + _s("ioc:scan1")
+        + _s("now")
+        + _i(1)
+        + _i(1)
+        + _i(1)
+        + _i(0)
+        + _s("m1.VAL")
+        + _s("x")
+        + _s("LINEAR")
+        + _s("mm")
+        + _s("m1.RBV")
+        + _s("")
+        + _s("mm")
+        + _i(2)
+        + _s("det")
+        + _s("")
+        + _s("cts")
+        + _i(0)
+        + _s("t")
+        + struct.pack(">f", 1.0)
+        + struct.pack(">3d", 1.0, 2.0, 0.0)
+        + struct.pack(">3f", 5.0, 6.0, 0.0)
+    )
     header_size = 4 + 4 + 4 + 4 + 4 + 4
-    extras = (_i(2) + _s("pv:s") + _s("") + _i(DBR_STRING) + _s("ab")
-              + _s("pv:d") + _s("") + _i(DBR_CTRL_DOUBLE) + _i(1) + _s("eV") + struct.pack(">d", 2.5))
-    expected = (bytes.fromhex("3FA66666") + _i(9) + _i(1) + _i(3) + _i(1) + _i(header_size + len(body))
-                + body + extras)
+    extras = (
+        _i(2)
+        + _s("pv:s")
+        + _s("")
+        + _i(DBR_STRING)
+        + _s("ab")
+        + _s("pv:d")
+        + _s("")
+        + _i(DBR_CTRL_DOUBLE)
+        + _i(1)
+        + _s("eV")
+        + struct.pack(">d", 2.5)
+    )
+    expected = (
+        bytes.fromhex("3FA66666")
+        + _i(9)
+        + _i(1)
+        + _i(3)
+        + _i(1)
+        + _i(header_size + len(body))
+        + body
+        + extras
+    )
 
     path = write_mda(workdir / "tiny.mda", mda)
     assert path.read_bytes() == expected
@@ -176,7 +288,10 @@ def test_1d_round_trip(workdir: Path, version: float) -> None:
     p = scan.positioners[0]
     assert (p.number, p.name, p.description, p.units) == (0, "26idcnpi:m17.VAL", "26idcnpi:m17 stage", "mm")
     assert (p.readback_name, p.readback_description, p.readback_units) == (
-        "26idcnpi:m17.RBV", "26idcnpi:m17 readback", "mm")
+        "26idcnpi:m17.RBV",
+        "26idcnpi:m17 readback",
+        "mm",
+    )
     assert p.step_mode == "LINEAR"
     np.testing.assert_allclose(p.values, np.linspace(-0.5, 0.5, 11), rtol=0, atol=1e-15)
     assert [d.number for d in scan.detectors] == [0, 5]
@@ -223,9 +338,13 @@ def test_2d_round_trip(workdir: Path, version: float) -> None:
     np.testing.assert_allclose(mda.extra_pvs["26idc:float"], [0.5, 1.5])
     np.testing.assert_allclose(mda.extra_pvs["26idc:double"], [1e-9, 2.5, -3.0], rtol=1e-15)
     assert {k: (v.description, v.units, v.dbr_type) for k, v in mda.extra_pv_info.items()} == {
-        "26idc:string": ("a string", "", DBR_STRING), "26idc:char": ("a char array", "", DBR_CTRL_CHAR),
-        "26idc:short": ("shorts", "counts", DBR_CTRL_SHORT), "26idc:long": ("a long", "steps", DBR_CTRL_LONG),
-        "26idc:float": ("floats", "mm", DBR_CTRL_FLOAT), "26idc:double": ("doubles", "s", DBR_CTRL_DOUBLE)}
+        "26idc:string": ("a string", "", DBR_STRING),
+        "26idc:char": ("a char array", "", DBR_CTRL_CHAR),
+        "26idc:short": ("shorts", "counts", DBR_CTRL_SHORT),
+        "26idc:long": ("a long", "steps", DBR_CTRL_LONG),
+        "26idc:float": ("floats", "mm", DBR_CTRL_FLOAT),
+        "26idc:double": ("doubles", "s", DBR_CTRL_DOUBLE),
+    }
 
     pos = mda_positions(mda)
     assert pos.shape == (4, 5) and pos.n_points == 20 and pos.complete and pos.estimated_rows == ()
@@ -273,7 +392,8 @@ def test_aborted_2d_scan_keeps_the_partial_row(workdir: Path) -> None:
 
 
 def test_aborted_2d_scan_with_one_finished_row_drops_the_running_row(
-        workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mda = read_mda(write_mda(workdir / "short.mda", _scan_2d(ny=6, nx=5, rows_done=1, partial=3)))
     with caplog.at_level(logging.WARNING, logger="nanobeam_bluesky.formats._mda"):
         pos = mda_positions(mda)
@@ -301,9 +421,19 @@ def test_aborted_1d_scan(workdir: Path) -> None:
 # --- units and positioner choice -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("unit", "factor", "reported"), [
-    ("mm", 1000.0, "µm"), ("MM", 1000.0, "µm"), ("nm", 1e-3, "µm"), ("um", 1.0, "µm"), ("µm", 1.0, "µm"),
-    ("microns", 1.0, "µm"), ("deg", 1.0, "deg"), ("", 1.0, "")])
+@pytest.mark.parametrize(
+    ("unit", "factor", "reported"),
+    [
+        ("mm", 1000.0, "µm"),
+        ("MM", 1000.0, "µm"),
+        ("nm", 1e-3, "µm"),
+        ("um", 1.0, "µm"),
+        ("µm", 1.0, "µm"),
+        ("microns", 1.0, "µm"),
+        ("deg", 1.0, "deg"),
+        ("", 1.0, ""),
+    ],
+)
 def test_units_convert_to_micrometres(workdir: Path, unit: str, factor: float, reported: str) -> None:
     mda = read_mda(write_mda(workdir / "u.mda", _scan_2d(ny=2, nx=3, x_unit=unit, y_unit="nm")))
     pos = mda_positions(mda)
@@ -345,7 +475,7 @@ def test_truncated_files_are_one_line_input_errors(workdir: Path) -> None:
     # In the data of the 3rd row; the offsets table (after the 28-byte header and the outer scan's
     # rank, NPTS and CPT) says where it starts.
     third_row = struct.unpack(">4i", data[40:56])[2]
-    cut.write_bytes(data[:third_row + 200])
+    cut.write_bytes(data[: third_row + 200])
     message = _one_line_error(cut, f"truncated at byte {third_row + 200}", "inner scan of row 3 (of 4)")
     assert "copy it again" in message
 
@@ -389,10 +519,16 @@ def test_other_versions_are_refused(workdir: Path) -> None:
 def test_rank_3_is_refused(workdir: Path) -> None:
     """The writer makes any rank; the reader takes 1-D and 2-D only."""
     inner_2d = _scan_2d(ny=2, nx=3).scan
-    outer = MdaScan(rank=3, requested_points=2, current_point=2,
-                    positioners=[_pos(0, "26idcnpi:m19", [0.0, 1.0])], inner=[inner_2d, inner_2d])
-    path = write_mda(workdir / "cube.mda", MdaFile(version=1.4, scan_number=5, rank=3, dimensions=(2, 2, 3),
-                                                   scan=outer))
+    outer = MdaScan(
+        rank=3,
+        requested_points=2,
+        current_point=2,
+        positioners=[_pos(0, "26idcnpi:m19", [0.0, 1.0])],
+        inner=[inner_2d, inner_2d],
+    )
+    path = write_mda(
+        workdir / "cube.mda", MdaFile(version=1.4, scan_number=5, rank=3, dimensions=(2, 2, 3), scan=outer)
+    )
     assert struct.unpack(">i", path.read_bytes()[8:12]) == (3,)
     _one_line_error(path, "3-D scan", "only 1-D and 2-D")
 
@@ -401,20 +537,32 @@ def test_corrupt_counts_are_one_line_input_errors(workdir: Path) -> None:
     data = bytearray(write_mda(workdir / "ok.mda", _scan_1d(n=3)).read_bytes())
     # Header (24 bytes) + rank, npts, cpt; then the scan name and time stamp: the positioner count.
     at = 24 + 12 + len(_s("26idbSOFT:scan1")) + len(_s("MAY 04, 2024 10:21:07.123"))
-    assert struct.unpack(">i", data[at:at + 4]) == (2,)
-    data[at:at + 4] = _i(123456789)
+    assert struct.unpack(">i", data[at : at + 4]) == (2,)
+    data[at : at + 4] = _i(123456789)
     bad = workdir / "bad.mda"
     bad.write_bytes(bytes(data))
     _one_line_error(bad, "corrupt MDA file", f"a number of positioners of 123456789 at byte {at}", "the scan")
 
 
-def test_an_undescribed_extra_pv_type_stops_the_extra_pvs_only(workdir: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_an_undescribed_extra_pv_type_stops_the_extra_pvs_only(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mda = _scan_1d(n=3)
     mda.extra_pvs = {}
     data = bytearray(write_mda(workdir / "plain.mda", mda).read_bytes())
-    extras = (_i(2) + _s("pv:ok") + _s("") + _i(DBR_STRING) + _s("fine")
-              + _s("pv:enum") + _s("") + _i(31) + _i(1) + _s("") + _i(1))
+    extras = (
+        _i(2)
+        + _s("pv:ok")
+        + _s("")
+        + _i(DBR_STRING)
+        + _s("fine")
+        + _s("pv:enum")
+        + _s("")
+        + _i(31)
+        + _i(1)
+        + _s("")
+        + _i(1)
+    )
     data[20:24] = _i(len(data))
     odd = workdir / "odd.mda"
     odd.write_bytes(bytes(data) + extras)
@@ -435,5 +583,7 @@ def test_writer_refuses_inconsistent_scans(workdir: Path) -> None:
     with pytest.raises(InputError, match="inner scans"):
         write_mda(workdir / "y.mda", two)
     with pytest.raises(InputError, match="disagree"):
-        write_mda(workdir / "z.mda", MdaFile(version=1.4, scan_number=1, rank=2, dimensions=(3,),
-                                             scan=_scan_1d().scan))
+        write_mda(
+            workdir / "z.mda",
+            MdaFile(version=1.4, scan_number=1, rank=2, dimensions=(3,), scan=_scan_1d().scan),
+        )

@@ -135,8 +135,17 @@ def test_model_file_round_trip(tiny_model, tmp_path):
     path, sha, _ = tiny_model
     states, loaded = load_model_file(path)
     assert loaded["sha256"] == sha and len(states) == 2
-    for key in ("architecture", "instrument", "parameter_ranges", "output_normalisation",
-                "count_level", "recipe", "metrics", "package_version", "crlb_rms"):
+    for key in (
+        "architecture",
+        "instrument",
+        "parameter_ranges",
+        "output_normalisation",
+        "count_level",
+        "recipe",
+        "metrics",
+        "package_version",
+        "crlb_rms",
+    ):
         assert key in loaded, key
     assert loaded["instrument"] == Instrument().to_dict()
     assert loaded["count_level"]["augmentation"] == [0.5, 3.0]
@@ -156,8 +165,9 @@ def test_int8_rows_storage_is_compact_and_within_half_a_step(tmp_path):
     big = torch.randn(256, 4096) * torch.logspace(-4, 0, 256)[:, None]  # rows of very different scale
     big[3] = 0.0  # a dead unit
     state = {"layers.0.weight": big, "layers.0.bias": torch.randn(256), "step": torch.tensor(7)}
-    sha = save_model_file(tmp_path / "q.pt", [state], {"name": "q"}, weight_dtype=torch.float16,
-                          int8_rows=True)
+    sha = save_model_file(
+        tmp_path / "q.pt", [state], {"name": "q"}, weight_dtype=torch.float16, int8_rows=True
+    )
     save_model_file(tmp_path / "h.pt", [state], {"name": "h"}, weight_dtype=torch.float16)
     (loaded,), meta = load_model_file(tmp_path / "q.pt")
     assert meta["sha256"] == sha and meta["int8_rows"] is True
@@ -186,8 +196,9 @@ def test_save_model_file_records_sha256(tmp_path):
 def test_predict_returns_dataset_with_uncertainty(tiny_model):
     predictor = Predictor.from_file(tiny_model[0])
     rng = np.random.default_rng(0)
-    counts = to_counts(simulate([0.001, -0.002, 0.0], [0.01, -0.02, 0.0], [0.05, 0.0, -0.05]),
-                       7.0, scale=1.0, rng=rng)
+    counts = to_counts(
+        simulate([0.001, -0.002, 0.0], [0.01, -0.02, 0.0], [0.05, 0.0, -0.05]), 7.0, scale=1.0, rng=rng
+    )
     ds = predictor.predict(counts)
     assert ds.sizes["frame"] == 3
     for name, unit in (("strain", "1"), ("omega", "deg"), ("chi", "deg")):
@@ -278,10 +289,16 @@ def test_shipped_model_predicts_simulated_frames_within_its_stated_accuracy():
 
 def test_predictions_outside_the_training_box_are_flagged(tiny_model):
     predictor = Predictor.from_file(tiny_model[0])
-    mean = np.array([[0.0, 0.0, 0.0], [0.0049, 0.049, -0.099], [0.0, 0.2, 0.0], [-0.02, 0.0, 0.0],
-                     [0.0, 0.0, 0.3]])
-    assert predictor.range_flags(mean).tolist() == [0, 0, Flag.OUT_OF_RANGE, Flag.OUT_OF_RANGE,
-                                                    Flag.OUT_OF_RANGE]
+    mean = np.array(
+        [[0.0, 0.0, 0.0], [0.0049, 0.049, -0.099], [0.0, 0.2, 0.0], [-0.02, 0.0, 0.0], [0.0, 0.0, 0.3]]
+    )
+    assert predictor.range_flags(mean).tolist() == [
+        0,
+        0,
+        Flag.OUT_OF_RANGE,
+        Flag.OUT_OF_RANGE,
+        Flag.OUT_OF_RANGE,
+    ]
 
 
 # ------------------------------------------------------------------ the refining stage
@@ -321,8 +338,9 @@ def test_registration_centres_the_annulus():
         assert abs(row_centre - 32.0) < 0.8 and abs(col_centre - 32.0) < 0.8, (k, row_centre, col_centre)
 
 
-REFINE = TINY.replace(name="registered", architecture="registered_mlp", epochs=4,
-                      registration_jitter_deg=(2e-3, 5e-3))  # the tiny coarse model is ~5x coarser
+REFINE = TINY.replace(
+    name="registered", architecture="registered_mlp", epochs=4, registration_jitter_deg=(2e-3, 5e-3)
+)  # the tiny coarse model is ~5x coarser
 
 
 def test_registered_training_lowers_the_loss():
@@ -361,9 +379,12 @@ def test_predictor_path_and_refiner_architecture(tiny_model):
     states, meta = load_model_file(path)
     assert Predictor.from_states(states, meta).path is None  # made in memory: no file
     # A refining stage of an architecture that cannot refine is refused as a bad model file.
-    meta["refiner"] = {"n_members": 1, "architecture": meta["architecture"],
-                       "registration": {"pixels_per_deg_omega": 270.0, "pixels_per_deg_chi": 74.0},
-                       "output_normalisation": {"half_range": [0.004, 0.014]}}
+    meta["refiner"] = {
+        "n_members": 1,
+        "architecture": meta["architecture"],
+        "registration": {"pixels_per_deg_omega": 270.0, "pixels_per_deg_chi": 74.0},
+        "output_normalisation": {"half_range": [0.004, 0.014]},
+    }
     with pytest.raises(ModelFileError, match="registered_mlp"):
         Predictor.from_states([*states, states[0]], meta)
     # A file without a field the package reads is refused naming it.

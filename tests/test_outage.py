@@ -25,8 +25,10 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("outage")
     detector = root / "detector"
     detector.mkdir()
-    srv = TiledServer(ServerConfig(data_dir=root / "tiled", readable=(detector,), port=free_port()),
-                      env={"PYTHONPATH": str(WORKTREE)})
+    srv = TiledServer(
+        ServerConfig(data_dir=root / "tiled", readable=(detector,), port=free_port()),
+        env={"PYTHONPATH": str(WORKTREE)},
+    )
     srv.start()
     srv.detector_dir = detector
     try:
@@ -57,8 +59,9 @@ def _step_detector(x):
             return description
 
     def frame():
-        return to_counts(simulate(0.001 * x.position, 0.01 * x.position, 0.0), 7.0, scale=1.0,
-                         rng=rng)[0].astype(np.uint16)
+        return to_counts(simulate(0.001 * x.position, 0.01 * x.position, 0.0), 7.0, scale=1.0, rng=rng)[
+            0
+        ].astype(np.uint16)
 
     return FrameSignal(func=frame, name="image", labels={"detectors"})
 
@@ -77,8 +80,7 @@ def _outage_at(server: TiledServer, seq_num: int, down: list[float]):
 # TiledWriter's first write fails while Tiled is down; event-model's RunRouter says so (expected).
 @pytest.mark.filterwarnings("ignore:The callback .* raised:UserWarning")
 @pytest.mark.parametrize("outage", ["short", "until after the scan"])
-def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model, outage,
-                                                        quick_retries):
+def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model, outage, quick_retries):
     import bluesky.plans as bp
     import ophyd.sim
     from bluesky import RunEngine
@@ -145,8 +147,9 @@ def test_fly_scan_is_not_stalled_by_a_dead_tiled(server, tmp_path, phantom, quic
     RE = RunEngine({})
     with init_devices():
         stage = NanoprobeStage()
-        detector = NanoprobeFlyDetector(FrameSimulator(phantom(n, 0.1), seed=3), stage,
-                                        directory=server.detector_dir)
+        detector = NanoprobeFlyDetector(
+            FrameSimulator(phantom(n, 0.1), seed=3), stage, directory=server.detector_dir
+        )
     writer = SpooledTiledWriter(server.client("runs"), tmp_path / "spool", probe_interval_s=0.2)
     RE.subscribe(writer)
     down: list[float] = []
@@ -158,8 +161,9 @@ def test_fly_scan_is_not_stalled_by_a_dead_tiled(server, tmp_path, phantom, quic
 
     RE.subscribe(kill_at_first_datum)
     path = RasterPath.grid(0, 0.3, n, 0, 0.3, n, snake=True)
-    (uid,) = RE(fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001,
-                                flush_period_s=0.05))
+    (uid,) = RE(
+        fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001, flush_period_s=0.05)
+    )
     assert down  # Tiled was down for most of the scan, which completed
     server.start()
     assert writer.flush(timeout=120), writer.status()

@@ -101,8 +101,9 @@ def test_laue_band_column_follows_strain(strain, column):
     # parabolic interpolation of the maximum
     a, b, c = profile[j - 1 : j + 2]
     peak = j + 0.5 * (a - c) / (a - 2 * b + c)
-    theta = math.asin(DEFAULT.reflection_l * DEFAULT.wavelength_angstrom
-                      / (2 * DEFAULT.lattice_c_angstrom * (1 + strain)))
+    theta = math.asin(
+        DEFAULT.reflection_l * DEFAULT.wavelength_angstrom / (2 * DEFAULT.lattice_c_angstrom * (1 + strain))
+    )
     expected = 31.5 + (theta - DEFAULT.bragg_angle_rad) * 0.85 / 110e-6
     assert expected == pytest.approx(column, abs=0.05)
     assert peak == pytest.approx(expected, abs=0.1)
@@ -282,4 +283,3 @@ def test_simulate_tensor_is_simulate_on_a_device():
     frames = simulate_tensor(*params, device="cpu")
     assert frames.dtype == torch.float32 and frames.device.type == "cpu"
     np.testing.assert_array_equal(frames.numpy(), simulate(*params))  # same arithmetic, bit for bit
-

@@ -42,7 +42,8 @@ def test_readme_python_examples_run(model, tmp_path, monkeypatch):
         monkeypatch.setattr(nanobeam_bluesky, "load_pretrained", lambda **_: model.predictor)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "example-instrument.yaml").write_text(
-        (ROOT / "docs" / "example-instrument.yaml").read_text())
+        (ROOT / "docs" / "example-instrument.yaml").read_text()
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() stays in here
     namespace: dict = {"__name__": "readme"}

@@ -84,8 +84,12 @@ def workspace(tmp_path_factory):
         h5.create_virtual_dataset("/entry/data/data", layout)
         _positions(h5)
     with h5py.File(scans / "external_raw.h5", "w") as h5:
-        h5.create_dataset("/entry/data/data", shape=FRAMES, dtype="<u2",
-                          external=[(str(secret_raw), 0, secret_raw.stat().st_size)])
+        h5.create_dataset(
+            "/entry/data/data",
+            shape=FRAMES,
+            dtype="<u2",
+            external=[(str(secret_raw), 0, secret_raw.stat().st_size)],
+        )
         _positions(h5)
     with h5py.File(scans / "soft_link.h5", "w") as h5:  # a link inside the file: served
         h5["/entry/raw/frames"] = np.full(FRAMES, 7, dtype="u2")
@@ -108,8 +112,14 @@ def workspace(tmp_path_factory):
     Instrument(energy_kev=10.8).save(instruments / "beamline.yaml")
     (instruments / "broken.yaml").write_text(SECRET_YAML)  # not an instrument: its keys stay hidden
     (instruments / "escape.yaml").symlink_to(outside / "secret.yaml")
-    return {"root": root, "outside": outside, "scans": scans, "detector": detector,
-            "instruments": instruments, "secret_h5": secret_h5}
+    return {
+        "root": root,
+        "outside": outside,
+        "scans": scans,
+        "detector": detector,
+        "instruments": instruments,
+        "secret_h5": secret_h5,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +163,16 @@ def _register(files, key: str, data_uri: str, mimetype: str, like_adapter, param
     structure = like_adapter.structure()
     files.new(
         StructureFamily.container,
-        [DataSource(structure_family=StructureFamily.container, mimetype=mimetype,
-                    structure=structure, parameters=parameters or {}, management=Management.external,
-                    assets=[Asset(data_uri=data_uri, is_directory=False, parameter="data_uri")])],
+        [
+            DataSource(
+                structure_family=StructureFamily.container,
+                mimetype=mimetype,
+                structure=structure,
+                parameters=parameters or {},
+                management=Management.external,
+                assets=[Asset(data_uri=data_uri, is_directory=False, parameter="data_uri")],
+            )
+        ],
         key=key,
     )
 
@@ -257,8 +274,14 @@ def test_instrument_parameter_takes_names_never_paths(files, workspace, key, ins
     _assert_nothing_leaked(error, workspace)
     # Scan files take the same parameter.
     good = (workspace["scans"] / "good.h5").as_uri()
-    _register(files, key + "-scan", good, SCAN_MIMETYPE,
-              ExperimentalScanAdapter.from_path(workspace["scans"] / "good.h5"), {"instrument": instrument})
+    _register(
+        files,
+        key + "-scan",
+        good,
+        SCAN_MIMETYPE,
+        ExperimentalScanAdapter.from_path(workspace["scans"] / "good.h5"),
+        {"instrument": instrument},
+    )
     error = _client_error(lambda: files[key + "-scan"]["frames"])
     assert error.response.status_code == 422 and problem in str(error), str(error)
 
@@ -280,9 +303,11 @@ def test_instrument_names_resolve_in_the_configured_directory(files, workspace):
 
 def test_adapters_never_open_an_instrument_path(workspace, caplog):
     secret = str(workspace["outside"] / "secret.yaml")
-    for call in (lambda: LazyLibraryAdapter.from_instrument(secret),
-                 lambda: ScanDirectoryAdapter.from_directory(workspace["scans"], instrument=secret),
-                 lambda: named_instrument(Path(secret))):
+    for call in (
+        lambda: LazyLibraryAdapter.from_instrument(secret),
+        lambda: ScanDirectoryAdapter.from_directory(workspace["scans"], instrument=secret),
+        lambda: named_instrument(Path(secret)),
+    ):
         with pytest.raises(InstrumentError, match="never as a path"):
             call()
     assert named_instrument("beamline", workspace["instruments"]).energy_kev == 10.8
@@ -361,8 +386,10 @@ def test_old_model_files_load_with_a_note(tmp_path, caplog):
         assert "covers the weights only" in caplog.text
     members = [{k: v.clone() for k, v in m.items()} for m in blob["members"]]
     members[0]["layers.0.bias"][0] += 1
-    torch.save({**blob, "format_version": 3, "members": members, "metadata": json.dumps(metadata)},
-               tmp_path / "old-edited.pt")
+    torch.save(
+        {**blob, "format_version": 3, "members": members, "metadata": json.dumps(metadata)},
+        tmp_path / "old-edited.pt",
+    )
     with pytest.raises(ModelFileError, match="weights do not match"):
         load_model_file(tmp_path / "old-edited.pt")
 

@@ -51,8 +51,9 @@ def workspace(tmp_path_factory):
     write_library(root / "library.h5", Instrument(), grid_points=GRID, progress=False)
     scans = root / "scans"
     scans.mkdir()
-    simulate_scan_file(scans / "good.h5", fig3_phantom(SCAN_SHAPE), roi_center_px=ROI_CENTER, rng=1,
-                       sample="SIO-A")
+    simulate_scan_file(
+        scans / "good.h5", fig3_phantom(SCAN_SHAPE), roi_center_px=ROI_CENTER, rng=1, sample="SIO-A"
+    )
     (scans / "corrupt.h5").write_bytes(b"this is not an HDF5 file")
     data = (scans / "good.h5").read_bytes()
     (scans / "truncated.h5").write_bytes(data[: len(data) // 2])
@@ -63,8 +64,7 @@ def workspace(tmp_path_factory):
     (scans / "link_outside.h5").symlink_to(root / "outside.h5")
     detector = root / "detector"  # where the fly-scan detector writes its HDF5 files
     detector.mkdir()
-    return {"root": root, "library": root / "library.h5", "scans": scans,
-            "detector": detector}
+    return {"root": root, "library": root / "library.h5", "scans": scans, "detector": detector}
 
 
 @pytest.fixture(scope="module")
@@ -227,13 +227,21 @@ def test_scan_file_registered_in_a_catalog_by_mime_type(server, workspace):
     # A file registered from outside the catalog's declared storage is never read. (tiled
     # refuses it with a 500, which its client retries for ~25 s: ask once, with plain httpx.)
     asyncio.run(
-        register(files, workspace["root"] / "outside.h5", prefix="escaped",
-                 adapters_by_mimetype=dict(ADAPTERS_BY_MIMETYPE),
-                 mimetype_detection_hook="nanobeam_bluesky.tiled.adapters:detect_mimetype")
+        register(
+            files,
+            workspace["root"] / "outside.h5",
+            prefix="escaped",
+            adapters_by_mimetype=dict(ADAPTERS_BY_MIMETYPE),
+            mimetype_detection_hook="nanobeam_bluesky.tiled.adapters:detect_mimetype",
+        )
     )
+
     def fetch(path: str) -> httpx.Response:
-        return httpx.get(f"{server.url}/api/v1/array/full/files/{path}/frames", params={"slice": "0,0"},
-                         headers={"Authorization": f"Apikey {server.api_key}"})
+        return httpx.get(
+            f"{server.url}/api/v1/array/full/files/{path}/frames",
+            params={"slice": "0,0"},
+            headers={"Authorization": f"Apikey {server.api_key}"},
+        )
 
     assert fetch("registered/good").status_code == 200
     assert fetch("escaped/outside").status_code in (403, 500)
@@ -302,8 +310,14 @@ def raw_run(runs, ophyd_sim):
         sample="SIO-A",
         operator="test",
     )
-    return {"uid": uid, "frames": np.stack(frames), "seen": seen_during_scan, "start": start,
-            "shape": (ny, nx), "scan_id": runs[uid].start["scan_id"]}
+    return {
+        "uid": uid,
+        "frames": np.stack(frames),
+        "seen": seen_during_scan,
+        "start": start,
+        "shape": (ny, nx),
+        "scan_id": runs[uid].start["scan_id"],
+    }
 
 
 def test_runengine_scan_stored_with_tiledwriter_and_visible_during_the_scan(runs, raw_run):
@@ -342,17 +356,27 @@ def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, raw_run):
     writer = tiled_writer(runs, batch_size=10)
     bundle = compose_run(
         # The keys NanobeamCallback's derived runs carry.
-        metadata={"parent_uid": raw_run["uid"], "analysis_stage": "nanobeam_nn",
-                  "nanobeam": {"model_sha256": sha}, "sample": "SIO-A"}
+        metadata={
+            "parent_uid": raw_run["uid"],
+            "analysis_stage": "nanobeam_nn",
+            "nanobeam": {"model_sha256": sha},
+            "sample": "SIO-A",
+        }
     )
     writer("start", bundle.start_doc)
-    keys = {k: {"source": "nanobeam", "dtype": "number", "shape": [], "dtype_numpy": "<f8"}
-            for k in ("strain", "omega", "chi")}
+    keys = {
+        k: {"source": "nanobeam", "dtype": "number", "shape": [], "dtype_numpy": "<f8"}
+        for k in ("strain", "omega", "chi")
+    }
     desc = bundle.compose_descriptor(name="primary", data_keys=keys)
     writer("descriptor", desc.descriptor_doc)
     for i in range(3):
-        writer("event", desc.compose_event(data=dict.fromkeys(keys, 0.1 * i),
-                                           timestamps=dict.fromkeys(keys, time.time()), seq_num=i + 1))
+        writer(
+            "event",
+            desc.compose_event(
+                data=dict.fromkeys(keys, 0.1 * i), timestamps=dict.fromkeys(keys, time.time()), seq_num=i + 1
+            ),
+        )
     writer("stop", bundle.compose_stop())
     derived_uid = bundle.start_doc["uid"]
     found = derived_runs(runs, raw_run["uid"])
@@ -365,9 +389,7 @@ def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, raw_run):
 def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypatch):
     import tiled.profiles
 
-    (tmp_path / "beamline.yml").write_text(
-        f"nanobeam-test:\n  uri: {server.config.runs_url}\n"
-    )
+    (tmp_path / "beamline.yml").write_text(f"nanobeam-test:\n  uri: {server.config.runs_url}\n")
     monkeypatch.setattr(tiled.profiles, "paths", [*tiled.profiles.paths, tmp_path])
     if hasattr(tiled.profiles.load_profiles, "cache_clear"):
         tiled.profiles.load_profiles.cache_clear()
@@ -379,15 +401,15 @@ def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------- replay
-def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(server, runs, raw_run,
-                                                                              model):
+def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(server, runs, raw_run, model):
     from nanobeam_bluesky.cli import main
     from nanobeam_bluesky.tiled.replay import find_run, replay_run
 
     uid, n = raw_run["uid"], raw_run["frames"].shape[0]
     writer = tiled_writer(runs, batch_size=8)
-    first = replay_run(find_run(runs, uid[:8]), model.predictor, subscribers=[writer], page_size=5,
-                       source=server.url)
+    first = replay_run(
+        find_run(runs, uid[:8]), model.predictor, subscribers=[writer], page_size=5, source=server.url
+    )
     assert first.rows == n and first.stop["exit_status"] == "success"
     stored = runs[first.derived_uid]
     start = stored.metadata["start"]
@@ -402,8 +424,7 @@ def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(se
 
     # Again, from the command line, by scan_id: a second derived run with identical numbers.
     before = set(derived_runs(runs, uid))
-    args = ["replay", server.url, str(raw_run["scan_id"]), "--api-key", server.api_key,
-            "--page-size", "5"]
+    args = ["replay", server.url, str(raw_run["scan_id"]), "--api-key", server.api_key, "--page-size", "5"]
     assert main(args + (["--model", str(model.path)] if model.path else [])) == 0
     (second,) = set(derived_runs(runs, uid)) - before
     for key in ("strain", "omega", "chi", "strain_std", "omega_std", "chi_std", "fit_quality", "flag"):
@@ -411,8 +432,7 @@ def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(se
     assert np.isfinite(rows["fit_quality"]).all()
 
 
-def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, model, workspace,
-                                                                        phantom):
+def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, model, workspace, phantom):
     from bluesky import RunEngine
     from ophyd_async.core import init_devices
 
@@ -430,16 +450,19 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
     RE = RunEngine({})
     with init_devices():
         stage = NanoprobeStage()
-        detector = NanoprobeFlyDetector(FrameSimulator(phantom(n, 0.1), seed=3), stage,
-                                        directory=workspace["detector"])
+        detector = NanoprobeFlyDetector(
+            FrameSimulator(phantom(n, 0.1), seed=3), stage, directory=workspace["detector"]
+        )
     live = NanobeamCallback(model.predictor)
     live_docs: list[tuple[str, dict]] = []
     live.subscribe(lambda name, doc: live_docs.append((name, doc)))
     RE.subscribe(tiled_writer(runs, batch_size=8))
     RE.subscribe(live)
     path = RasterPath.grid(0, 0.3, n, 0, 0.3, n, snake=True)
-    (uid,) = RE(fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001,
-                                flush_period_s=0.1), sample="SIO-fly")
+    (uid,) = RE(
+        fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001, flush_period_s=0.1),
+        sample="SIO-fly",
+    )
     assert live.flush(timeout=60)
     live.close()
     # The stored documents reference the detector file; they carry no frames.
@@ -509,8 +532,9 @@ def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, ophyd_sim, mo
 
 
 @pytest.mark.parametrize("damage", ["shortened", "deleted"])
-def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(runs, model, workspace,
-                                                                          phantom, damage, monkeypatch):
+def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(
+    runs, model, workspace, phantom, damage, monkeypatch
+):
     import tiled.client.utils
     from bluesky import RunEngine
     from ophyd_async.core import init_devices
@@ -534,13 +558,19 @@ def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(runs,
         detector = NanoprobeFlyDetector(FrameSimulator(phantom(n, 0.1), seed=4), stage, directory=directory)
     RE.subscribe(tiled_writer(runs, batch_size=8))
     path = RasterPath.grid(0, 0.2, n, 0, 0.2, n, snake=True)
-    (uid,) = RE(fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001,
-                                flush_period_s=0.1))
+    (uid,) = RE(
+        fly_raster_scan(detector, stage, path, exposure_s=0.005, dead_time_s=0.001, flush_period_s=0.1)
+    )
     (h5_path,) = directory.glob("*.h5")
     if damage == "shortened":  # the last 4 of 9 frames lost, positions too
         with h5py.File(h5_path, "r+") as h5:
-            h5.visititems(lambda name, obj: obj.resize(5, axis=0)
-                          if isinstance(obj, h5py.Dataset) and obj.shape[:1] == (n * n,) else None)
+            h5.visititems(
+                lambda name, obj: (
+                    obj.resize(5, axis=0)
+                    if isinstance(obj, h5py.Dataset) and obj.shape[:1] == (n * n,)
+                    else None
+                )
+            )
     else:
         h5_path.unlink()
     writer = tiled_writer(runs, batch_size=8)

@@ -58,12 +58,17 @@ def test_old_dotted_paths_of_earlier_server_configs_resolve_to_the_new_objects(t
     (tmp_path / "scans").mkdir()
     library = tmp_path / "library.h5"
     library.touch()
-    config = server_config(ServerConfig(data_dir=tmp_path / "data", scans=tmp_path / "scans",
-                                        library=library))
+    config = server_config(
+        ServerConfig(data_dir=tmp_path / "data", scans=tmp_path / "scans", library=library)
+    )
     paths = _dotted_paths(config)
     assert {p.split(":")[1] for p in paths} >= {
-        "contained_catalog", "SimulatedLibraryAdapter", "ExperimentalScanAdapter", "LazyLibraryAdapter",
-        "SimulatedLibraryAdapter.from_path", "LazyLibraryAdapter.from_instrument",
+        "contained_catalog",
+        "SimulatedLibraryAdapter",
+        "ExperimentalScanAdapter",
+        "LazyLibraryAdapter",
+        "SimulatedLibraryAdapter.from_path",
+        "LazyLibraryAdapter.from_instrument",
         "ScanDirectoryAdapter.from_directory",
     }
     assert all(p.startswith(NEW_ADAPTERS) for p in paths), paths  # new configs name the new paths
@@ -72,10 +77,12 @@ def test_old_dotted_paths_of_earlier_server_configs_resolve_to_the_new_objects(t
         # == and not `is`: each access to a classmethod makes a new (equal) bound method
         assert import_object(old) == import_object(new), old
     # what earlier versions wrote by hand or in docs: the submodules, by their old paths
-    assert import_object("nanobeam_bluesky.tiled_adapters.scans:ExperimentalScanAdapter.from_uris") == \
-        import_object("nanobeam_bluesky.tiled.adapters:ExperimentalScanAdapter.from_uris")
-    assert import_object("nanobeam_bluesky.tiled_adapters.mimetypes:detect_mimetype") is \
-        import_object("nanobeam_bluesky.tiled.adapters:detect_mimetype")
+    assert import_object(
+        "nanobeam_bluesky.tiled_adapters.scans:ExperimentalScanAdapter.from_uris"
+    ) == import_object("nanobeam_bluesky.tiled.adapters:ExperimentalScanAdapter.from_uris")
+    assert import_object("nanobeam_bluesky.tiled_adapters.mimetypes:detect_mimetype") is import_object(
+        "nanobeam_bluesky.tiled.adapters:detect_mimetype"
+    )
 
 
 # `tiled catalog init` (alembic) warns about its own config
@@ -116,8 +123,10 @@ def test_the_package_reexports_every_name_it_lists():
 
 
 def test_the_run_catalog_is_imported_without_the_adapters():
-    code = ("import sys; from nanobeam_bluesky.tiled import derived_runs, SpooledTiledWriter; "
-            "print('nanobeam_bluesky.tiled.adapters' in sys.modules, 'torch' in sys.modules)")
+    code = (
+        "import sys; from nanobeam_bluesky.tiled import derived_runs, SpooledTiledWriter; "
+        "print('nanobeam_bluesky.tiled.adapters' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"], out
 

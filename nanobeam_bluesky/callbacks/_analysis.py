@@ -126,7 +126,8 @@ def _rows_of_frames(values: Any, n: int, shape: tuple[int, ...]) -> tuple[np.nda
     """(n, *shape) frames and the rows that were not ``shape`` numbers (zeros there)."""
     try:
         return np.stack([np.asarray(f) for f in values]).reshape(n, *shape).astype(
-            np.float32, copy=False), np.zeros(n, dtype=bool)
+            np.float32, copy=False
+        ), np.zeros(n, dtype=bool)
     except (TypeError, ValueError):
         frames = np.zeros((n, *shape), dtype=np.float32)
         bad = np.ones(n, dtype=bool)
@@ -198,15 +199,22 @@ class RunAnalysis(DocumentRouter):
         if self.derived is None:
             self.plan = plan
             self.join = StreamJoin(plan.position_keys)
-            self.derived = DerivedRun(self.start_doc, doc, self.context.predictor, plan.layout,
-                                      plan.position_keys, analysis_stage=self.context.analysis_stage,
-                                      validate_pages=self.context.validate_pages)
+            self.derived = DerivedRun(
+                self.start_doc,
+                doc,
+                self.context.predictor,
+                plan.layout,
+                plan.position_keys,
+                analysis_stage=self.context.analysis_stage,
+                validate_pages=self.context.validate_pages,
+            )
             self.context.predictor.physics_check(plan.instrument)  # built once per process, before frames
             self.context.emit("start", self.derived.start_doc)
             self.context.emit("descriptor", self.derived.descriptor_doc)
         elif self.plan is not None and plan.layout != self.plan.layout:
-            self._error(f"descriptor {doc['uid']} changed the frame key/shape; its frames were skipped",
-                        warn=False)
+            self._error(
+                f"descriptor {doc['uid']} changed the frame key/shape; its frames were skipped", warn=False
+            )
             return
         self.descriptors.add(doc["uid"])
         self.filler.descriptor(doc)
@@ -225,13 +233,14 @@ class RunAnalysis(DocumentRouter):
         bad = np.zeros(n, dtype=bool)  # rows whose own values are unreadable
         try:
             if layout.storage is Storage.DATUM:
-                doc = self.filler.fill_event_page(EventPage(**doc), include=[layout.image_key],
-                                                  inplace=False)
+                doc = self.filler.fill_event_page(EventPage(**doc), include=[layout.image_key], inplace=False)
             frames, bad = _rows_of_frames(doc["data"][layout.image_key], n, layout.frame_shape)
             if bad.any():
                 rows = np.asarray(doc["seq_num"])[bad].tolist()
-                self._error(f"frames of rows {seq_ranges(rows)} missing or not {layout.frame_shape} "
-                            "numbers; those rows are flagged INVALID")
+                self._error(
+                    f"frames of rows {seq_ranges(rows)} missing or not {layout.frame_shape} "
+                    "numbers; those rows are flagged INVALID"
+                )
         except Exception as exc:  # the page's frames cannot be read at all: rows flagged INVALID
             self.unreadable_frames += n
             self._error(f"frames {doc['seq_num'][0]}..{doc['seq_num'][-1]} unreadable: {exc!r}")
@@ -243,18 +252,30 @@ class RunAnalysis(DocumentRouter):
                 positions[key] = values
                 if bad_position.any():
                     rows = np.asarray(doc["seq_num"])[bad_position].tolist()
-                    self._error(f"position {key!r} of rows {seq_ranges(rows)} is not a number; those "
-                                "rows are flagged INVALID", warn=False)
+                    self._error(
+                        f"position {key!r} of rows {seq_ranges(rows)} is not a number; those "
+                        "rows are flagged INVALID",
+                        warn=False,
+                    )
                     bad |= bad_position
         self.unreadable_frames += int(bad.sum())
         flags = np.where(bad, FLAG_DTYPE(Flag.INVALID), FLAG_DTYPE(0)).astype(FLAG_DTYPE)
-        self.pending.append(RowBlock(np.asarray(doc["seq_num"], dtype=np.int64),
-                                     np.asarray(doc["time"], dtype=np.float64), frames, positions,
-                                     self.context.arrival_s, flags))
+        self.pending.append(
+            RowBlock(
+                np.asarray(doc["seq_num"], dtype=np.int64),
+                np.asarray(doc["time"], dtype=np.float64),
+                frames,
+                positions,
+                self.context.arrival_s,
+                flags,
+            )
+        )
 
     def stream_resource(self, doc: StreamResource) -> None:
-        if self.plan is not None and doc["data_key"] in (self.plan.layout.image_key,
-                                                         *self.plan.position_keys):
+        if self.plan is not None and doc["data_key"] in (
+            self.plan.layout.image_key,
+            *self.plan.position_keys,
+        ):
             self.stream_resources[doc["uid"]] = doc
 
     def stream_datum(self, doc: StreamDatum) -> None:
@@ -266,15 +287,15 @@ class RunAnalysis(DocumentRouter):
         seq_start = doc["seq_nums"]["start"]
         n = doc["seq_nums"]["stop"] - seq_start
         if n != stop - start:
-            self._error(f"StreamDatum {doc['uid']} has {n} seq_nums for {stop - start} indices",
-                        warn=False)
+            self._error(f"StreamDatum {doc['uid']} has {n} seq_nums for {stop - start} indices", warn=False)
             n = stop - start
         key = resource["data_key"]
         try:
             reader = self.readers.get(resource["uid"])
             if reader is None:
                 reader = self.readers[resource["uid"]] = StreamResourceReader(
-                    resource, timeout_s=self.context.read_timeout_s)
+                    resource, timeout_s=self.context.read_timeout_s
+                )
             values: np.ndarray | None = reader.read(start, stop)
         except (StreamReadError, OSError) as exc:
             values = None
@@ -301,9 +322,14 @@ class RunAnalysis(DocumentRouter):
             self.close()
             return
         self.analyse(force=True)
-        self.context.emit("stop", self.derived.stop(self._exit_status(doc), "; ".join(self._reasons(doc)),
-                                                    self.pooled.summary(
-                                                        self.instrument.film_thickness_angstrom)))
+        self.context.emit(
+            "stop",
+            self.derived.stop(
+                self._exit_status(doc),
+                "; ".join(self._reasons(doc)),
+                self.pooled.summary(self.instrument.film_thickness_angstrom),
+            ),
+        )
         self.close()
 
     def _reasons(self, doc: RunStop) -> list[str]:
@@ -313,23 +339,27 @@ class RunAnalysis(DocumentRouter):
         raw_rows = (doc.get("num_events") or {}).get(self.context.stream_name)
         reasons = [doc["reason"]] if doc.get("reason") else []
         if self.model_error_frames:
-            reasons.append(f"NanobeamNN model failed on {self.model_error_frames} of {rows} frames "
-                           "(flag MODEL_ERROR)")
+            reasons.append(
+                f"NanobeamNN model failed on {self.model_error_frames} of {rows} frames (flag MODEL_ERROR)"
+            )
         if self.unreadable_frames:
             reasons.append(f"{self.unreadable_frames} frames could not be read (flag INVALID)")
         if raw_rows is not None and raw_rows != rows:
             reasons.append(f"raw run reports {raw_rows} frames, {rows} were received")
         reasons.extend(self.errors)
         if self.flag_counts:
-            reasons.append(f"flagged rows of {rows}: " + ", ".join(
-                f"{name} {count}" for name, count in self.flag_counts.items()))
+            reasons.append(
+                f"flagged rows of {rows}: "
+                + ", ".join(f"{name} {count}" for name, count in self.flag_counts.items())
+            )
         if self.pooled.mismatch:
             film = self.instrument.film_thickness_angstrom
             thickness, sd = self.pooled.thickness_estimate(film)
             reasons.append(
                 f"POOLED_MISMATCH: taken together the frames disagree with the instrument's film; they "
                 f"say a thickness of {thickness:.1f} +- {sd:.1f} A (instrument {film:g} A): check "
-                "film_thickness_angstrom, energy_kev, lattice_c_angstrom")
+                "film_thickness_angstrom, energy_kev, lattice_c_angstrom"
+            )
         return reasons
 
     def _exit_status(self, doc: RunStop) -> Any:
@@ -396,19 +426,28 @@ class RunAnalysis(DocumentRouter):
     @staticmethod
     def _check_result(result: Any, n: int) -> None:
         if not isinstance(result, Prediction) or len(result.values) != n:
-            raise InputError(f"the model returned {type(result).__name__} for {n} frames, not a "
-                             "Prediction with one row per frame")
+            raise InputError(
+                f"the model returned {type(result).__name__} for {n} frames, not a "
+                "Prediction with one row per frame"
+            )
 
     def _predict(self) -> _Rows:
         """The model and the physics check on the pending rows (pooled over the run)."""
         blocks, self.pending = self.pending, []
         n = sum(len(b) for b in blocks)
-        rows = _Rows(blocks, np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.full((n, 3), np.nan),
-                     np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE), np.full(n, np.nan))
+        rows = _Rows(
+            blocks,
+            np.full((n, 3), np.nan),
+            np.full((n, 3), np.nan),
+            np.full((n, 3), np.nan),
+            np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE),
+            np.full(n, np.nan),
+        )
         readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
         if readable.any():
-            self._predict_readable(rows, readable,
-                                   np.concatenate([b.frames for b in blocks if b.frames is not None]))
+            self._predict_readable(
+                rows, readable, np.concatenate([b.frames for b in blocks if b.frames is not None])
+            )
         no_value = (rows.flags & FLAG_DTYPE(NO_VALUE)) != 0  # e.g. a row whose position is unreadable
         rows.mean[no_value] = rows.std[no_value] = rows.err[no_value] = np.nan
         rows.fit_quality[no_value] = np.nan
@@ -419,8 +458,9 @@ class RunAnalysis(DocumentRouter):
         t0 = time.perf_counter()
         try:
             instrument = None if self.plan is None else self.plan.instrument
-            result = self.context.predictor.analyse(frames, instrument=instrument, check_instrument=False,
-                                                    pooled=self.pooled)
+            result = self.context.predictor.analyse(
+                frames, instrument=instrument, check_instrument=False, pooled=self.pooled
+            )
             self._check_result(result, len(frames))
             rows.mean[readable] = result.values
             rows.std[readable] = result.std
@@ -438,8 +478,9 @@ class RunAnalysis(DocumentRouter):
         stats.batches += 1
 
 
-def run_factory(context: AnalysisContext, runs: dict[str, RunAnalysis]) -> Callable[
-        [str, RunStart], tuple[Sequence[RunAnalysis], Sequence[Any]]]:
+def run_factory(
+    context: AnalysisContext, runs: dict[str, RunAnalysis]
+) -> Callable[[str, RunStart], tuple[Sequence[RunAnalysis], Sequence[Any]]]:
     """The RunRouter factory: one RunAnalysis per raw run, registered in ``runs`` by start uid."""
 
     def factory(name: str, start: RunStart) -> tuple[list[RunAnalysis], list[Any]]:

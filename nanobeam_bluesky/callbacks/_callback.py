@@ -168,14 +168,23 @@ class NanobeamCallback(DocumentRouter):
         self._plans: dict[str, StreamPlan] = {}  # frame-stream descriptor uid -> what to do with it
         # Analysis-thread state: one RunAnalysis per raw run, made by the RunRouter's factory.
         self._context = AnalysisContext(
-            predictor=predictor, emit=self.emit, report_lag=self._warn_if_behind, stats=self.stats,
+            predictor=predictor,
+            emit=self.emit,
+            report_lag=self._warn_if_behind,
+            stats=self.stats,
             plans=self._plans,
-            handler_registry=handlers, read_timeout_s=read_timeout_s, analysis_stage=analysis_stage,
-            validate_pages=validate_pages, hold_s=hold_s, stream_name=stream_name)
+            handler_registry=handlers,
+            read_timeout_s=read_timeout_s,
+            analysis_stage=analysis_stage,
+            validate_pages=validate_pages,
+            hold_s=hold_s,
+            stream_name=stream_name,
+        )
         self._runs: dict[str, RunAnalysis] = {}
         # Each RunAnalysis fills its own frames (the frame key only, errors flagged per row).
-        self._router = RunRouter([run_factory(self._context, self._runs)],
-                                 filler_class=cast("type[Filler]", _Unfilled))
+        self._router = RunRouter(
+            [run_factory(self._context, self._runs)], filler_class=cast("type[Filler]", _Unfilled)
+        )
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
@@ -196,8 +205,9 @@ class NanobeamCallback(DocumentRouter):
             raise TypeError(f"subscribe needs a callable func(name, doc), got {func!r}")
         names = {"all", "start", "descriptor", "event_page", "stop"}
         if name not in names:
-            raise InputError(f"name must be one of {sorted(names)} (derived runs have no other documents), "
-                             f"got {name!r}")
+            raise InputError(
+                f"name must be one of {sorted(names)} (derived runs have no other documents), got {name!r}"
+            )
         token = next(self._tokens)
         self._subscribers[token] = (func, name)
         return token
@@ -263,8 +273,7 @@ class NanobeamCallback(DocumentRouter):
         if self._worker is None:
             with self._worker_lock:
                 if self._worker is None:
-                    self._worker = threading.Thread(target=self._work, name="nanobeam-analysis",
-                                                    daemon=True)
+                    self._worker = threading.Thread(target=self._work, name="nanobeam-analysis", daemon=True)
                     self._worker.start()
                     _LIVE.add(self)
 
@@ -414,10 +423,17 @@ class NanobeamCallback(DocumentRouter):
                 "subscribers took %.1f s, the model %.1f s. No frame is dropped and the scan is not "
                 "slowed, but memory grows: give slow subscribers (a TiledWriter while Tiled is slow or "
                 "down, plots) their own thread, e.g. nanobeam_bluesky.tiled.SpooledTiledWriter.",
-                lag_s, self._queue.qsize(), self.stats.emit_s, self.stats.predict_s)
+                lag_s,
+                self._queue.qsize(),
+                self.stats.emit_s,
+                self.stats.predict_s,
+            )
             return
         logger.warning(
             "analysis is %.1f s behind the scan (%d documents queued): no frame is dropped and the "
             "scan is not slowed, but memory grows. The model took %.1f s: use a GPU (device='cuda', "
-            "`nanobeam listen --device cuda` on an analysis node) or a larger batch_size.", lag_s,
-            self._queue.qsize(), self.stats.predict_s)
+            "`nanobeam listen --device cuda` on an analysis node) or a larger batch_size.",
+            lag_s,
+            self._queue.qsize(),
+            self.stats.predict_s,
+        )

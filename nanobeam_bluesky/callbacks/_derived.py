@@ -22,11 +22,30 @@ __all__ = ["ANALYSIS_STAGE", "DERIVED_FIELDS", "DerivedRun", "is_derived_start"]
 #: The ``analysis_stage`` label of every derived run start document.
 ANALYSIS_STAGE = "nanobeam_nn"
 #: Data keys of the derived stream besides the raw seq_num and the positions.
-DERIVED_FIELDS = (*PARAMETERS, *(f"{p}_std" for p in PARAMETERS), *(f"{p}_err" for p in PARAMETERS),
-                  "fit_quality", "flag")
+DERIVED_FIELDS = (
+    *PARAMETERS,
+    *(f"{p}_std" for p in PARAMETERS),
+    *(f"{p}_err" for p in PARAMETERS),
+    "fit_quality",
+    "flag",
+)
 #: Raw start keys copied into the derived start when present (maps, shape, sample...).
-COPIED_START_KEYS = ("scan_id", "sample", "shape", "extents", "snaking", "motors", "num_points",
-                     "hints", "proposal", "beamline_id", "data_session", "owner", "group", "project")
+COPIED_START_KEYS = (
+    "scan_id",
+    "sample",
+    "shape",
+    "extents",
+    "snaking",
+    "motors",
+    "num_points",
+    "hints",
+    "proposal",
+    "beamline_id",
+    "data_session",
+    "owner",
+    "group",
+    "project",
+)
 
 
 def is_derived_start(start: Mapping[str, Any]) -> bool:
@@ -79,27 +98,45 @@ class DerivedRun:
         self.start_doc = self.bundle.start_doc
         source = f"nanobeam:{predictor.model_id}:{predictor.sha256[:12]}"
         data_keys: dict[str, Any] = {name: derived_data_key(name, source) for name in DERIVED_FIELDS}
-        data_keys["raw_seq_num"] = {"source": f"raw:{self.raw_stream}", "dtype": "integer",
-                                    "dtype_numpy": "<i8", "shape": [], "units": None}
+        data_keys["raw_seq_num"] = {
+            "source": f"raw:{self.raw_stream}",
+            "dtype": "integer",
+            "dtype_numpy": "<i8",
+            "shape": [],
+            "units": None,
+        }
         raw_keys = raw_descriptor["data_keys"]
         for key in self.position_keys:
             raw = raw_keys[key]
-            data_keys[key] = {"source": raw.get("source", f"raw:{key}"), "dtype": "number",
-                              "dtype_numpy": "<f8", "shape": [], "units": raw.get("units")}
+            data_keys[key] = {
+                "source": raw.get("source", f"raw:{key}"),
+                "dtype": "number",
+                "dtype_numpy": "<f8",
+                "shape": [],
+                "units": raw.get("units"),
+            }
         self.data_keys = data_keys
         self.descriptor_bundle = self.bundle.compose_descriptor(
             name="primary",
             data_keys=data_keys,
-            object_keys={"nanobeam": [*DERIVED_FIELDS, "raw_seq_num"],
-                         **{k: [k] for k in self.position_keys}},
+            object_keys={
+                "nanobeam": [*DERIVED_FIELDS, "raw_seq_num"],
+                **{k: [k] for k in self.position_keys},
+            },
             hints={"nanobeam": {"fields": list(PARAMETERS)}},
         )
         self.descriptor_doc = self.descriptor_bundle.descriptor_doc
         self.rows = 0
 
-    def event_page(self, blocks: Sequence[RowBlock], mean: np.ndarray, std: np.ndarray,
-                   flags: np.ndarray, err: np.ndarray | None = None,
-                   fit_quality: np.ndarray | None = None) -> EventPage:
+    def event_page(
+        self,
+        blocks: Sequence[RowBlock],
+        mean: np.ndarray,
+        std: np.ndarray,
+        flags: np.ndarray,
+        err: np.ndarray | None = None,
+        fit_quality: np.ndarray | None = None,
+    ) -> EventPage:
         """One EventPage for consecutive blocks; mean/std/err (n, 3), flags and fit_quality (n,)
         cover all their rows."""
         err = np.full_like(mean, np.nan) if err is None else err
@@ -128,12 +165,17 @@ class DerivedRun:
             data=data, timestamps=timestamps, time=times.tolist(), validate=validate
         )
 
-    def stop(self, exit_status: Literal["success", "abort", "fail"], reason: str,
-             pooled: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def stop(
+        self,
+        exit_status: Literal["success", "abort", "fail"],
+        reason: str,
+        pooled: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The stop document; ``pooled``: the run's pooled physics check (kept under "nanobeam")."""
         # A plain dict: the schema allows our own "nanobeam" key, event-model's RunStop type does not.
-        stop: dict[str, Any] = {**self.bundle.compose_stop(exit_status=exit_status, reason=reason,
-                                                            validate=False)}
+        stop: dict[str, Any] = {
+            **self.bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        }
         if pooled:
             stop["nanobeam"] = dict(pooled)
         schema_validators[DocumentNames.stop].validate(stop)

@@ -35,8 +35,12 @@ class MapGrid:
         keys: (y_key, x_key), the position keys of the rows (needed with ``extents``).
     """
 
-    def __init__(self, shape: Sequence[int], extents: Sequence[Sequence[float]] | None = None,
-                 keys: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int],
+        extents: Sequence[Sequence[float]] | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
         if len(shape) != 2 or min(shape) < 1:
             raise InputError(f"a map needs a 2-D shape (ny, nx), got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
@@ -52,16 +56,18 @@ class MapGrid:
         shape = start.get("shape")
         if shape is None or len(shape) != 2:
             return None
-        dims = [d for d in (start.get("hints") or {}).get("dimensions") or []
-                if len(d) == 2 and d[1] == stream]
+        dims = [
+            d for d in (start.get("hints") or {}).get("dimensions") or [] if len(d) == 2 and d[1] == stream
+        ]
         keys = [d[0][0] if not isinstance(d[0], str) else d[0] for d in dims]
         extents = start.get("extents")
         if len(keys) == 2 and extents is not None and len(extents) == 2:
             return cls(shape, extents, keys)
         return cls(shape)
 
-    def cells(self, data: Mapping[str, Sequence[float]],
-              seq_nums: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def cells(
+        self, data: Mapping[str, Sequence[float]], seq_nums: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(row, col) indices of each row; -1 where it falls outside the map."""
         ny, nx = self.shape
         if self.extents is not None and self.keys is not None and all(k in data for k in self.keys):
@@ -101,10 +107,16 @@ class LiveStrainMaps(DocumentRouter):
             trusted).
     """
 
-    def __init__(self, directory: str | Path | None = "nanobeam-output", *,
-                 shape: Sequence[int] | None = None, fields: Sequence[str] = ("strain", "omega", "chi"),
-                 redraw_period_s: float = 0.5, figure: Figure | None = None,
-                 show_flagged: bool = False) -> None:
+    def __init__(
+        self,
+        directory: str | Path | None = "nanobeam-output",
+        *,
+        shape: Sequence[int] | None = None,
+        fields: Sequence[str] = ("strain", "omega", "chi"),
+        redraw_period_s: float = 0.5,
+        figure: Figure | None = None,
+        show_flagged: bool = False,
+    ) -> None:
         super().__init__()
         self.directory = None if directory is None else Path(directory)
         self.shape = shape
@@ -113,8 +125,11 @@ class LiveStrainMaps(DocumentRouter):
         self.show_flagged = show_flagged
         #: Rows of the current run that carried a flag.
         self.flagged = 0
-        self.figure = figure if figure is not None else Figure(figsize=(4.4 * len(self.fields), 4.0),
-                                                                  layout="constrained")
+        self.figure = (
+            figure
+            if figure is not None
+            else Figure(figsize=(4.4 * len(self.fields), 4.0), layout="constrained")
+        )
         if figure is None:
             FigureCanvasAgg(self.figure)
         self.maps: dict[str, np.ndarray] = {}
@@ -191,12 +206,15 @@ class LiveStrainMaps(DocumentRouter):
         self._images = {}
         for ax, f in zip(axes, self.fields, strict=True):
             base = f.removesuffix("_std").removesuffix("_err")
-            image = ax.imshow(self.maps[f], extent=extent, interpolation="nearest",
-                              cmap=colormaps["viridis"].with_extremes(bad="0.85"))
+            image = ax.imshow(
+                self.maps[f],
+                extent=extent,
+                interpolation="nearest",
+                cmap=colormaps["viridis"].with_extremes(bad="0.85"),
+            )
             unit = UNITS.get(base, "")
-            what = {"_std": " std", "_err": " expected error"}.get(f[len(base):], "")
-            ax.set_title(f"{_LABELS.get(base, base)}{what}"
-                         f"{f' ({unit})' if unit not in ('', '1') else ''}")
+            what = {"_std": " std", "_err": " expected error"}.get(f[len(base) :], "")
+            ax.set_title(f"{_LABELS.get(base, base)}{what}{f' ({unit})' if unit not in ('', '1') else ''}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             self.figure.colorbar(image, ax=ax, shrink=0.8)

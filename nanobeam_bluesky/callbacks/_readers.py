@@ -105,8 +105,13 @@ class AreaDetectorHDF5Handler:
 
     specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
 
-    def __init__(self, filename: str, frame_per_point: int = 1, dataset: str = "/entry/data/data",
-                 timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        filename: str,
+        frame_per_point: int = 1,
+        dataset: str = "/entry/data/data",
+        timeout_s: float = 10.0,
+    ) -> None:
         self._reader = StreamResourceReader(
             {"mimetype": HDF5_MIMETYPES[0], "uri": str(filename), "parameters": {"dataset": dataset}},
             timeout_s=timeout_s,

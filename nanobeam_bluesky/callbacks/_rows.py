@@ -61,8 +61,9 @@ class StreamJoin:
         self._images: deque[_ImageChunk] = deque()
         self._positions: dict[str, dict[int, float]] = {k: {} for k in self.position_keys}
 
-    def add_frames(self, seq_start: int, frames: np.ndarray | None, n: int, time: float,
-                   received: float) -> None:
+    def add_frames(
+        self, seq_start: int, frames: np.ndarray | None, n: int, time: float, received: float
+    ) -> None:
         self._images.append(_ImageChunk(seq_start, frames, n, time, received))
 
     def add_positions(self, key: str, seq_start: int, values: np.ndarray) -> None:
@@ -85,8 +86,16 @@ class StreamJoin:
                 key: np.array([store.pop(s, np.nan) for s in seqs.tolist()], dtype=np.float64)
                 for key, store in self._positions.items()
             }
-            blocks.append(RowBlock(seqs, np.full(chunk.n, chunk.time), chunk.frames, positions,
-                                   chunk.received, np.zeros(chunk.n, dtype=FLAG_DTYPE)))
+            blocks.append(
+                RowBlock(
+                    seqs,
+                    np.full(chunk.n, chunk.time),
+                    chunk.frames,
+                    positions,
+                    chunk.received,
+                    np.zeros(chunk.n, dtype=FLAG_DTYPE),
+                )
+            )
         return blocks
 
 

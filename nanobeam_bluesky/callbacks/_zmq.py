@@ -45,8 +45,12 @@ class GuardedCallback:
         try:
             self.callback(name, doc)
         except Exception as exc:
-            logger.error("nanobeam listen: skipping the frames of %s of run %s: %s", name,
-                         doc.get("run_start", doc.get("uid", "?")), exc)
+            logger.error(
+                "nanobeam listen: skipping the frames of %s of run %s: %s",
+                name,
+                doc.get("run_start", doc.get("uid", "?")),
+                exc,
+            )
 
 
 def listen(

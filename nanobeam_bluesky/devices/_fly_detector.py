@@ -68,10 +68,17 @@ class _FrameFile:
 
     def __init__(self, path: Path, frame_shape: tuple[int, int]) -> None:
         self.file = h5py.File(path, "w", libver="latest")
-        self.data = self.file.create_dataset(DATA_PATH, shape=(0, *frame_shape), dtype=np.uint32,
-                                             maxshape=(None, *frame_shape), chunks=(1, *frame_shape))
-        self.x, self.y = (self.file.create_dataset(path, shape=(0,), dtype=np.float64, maxshape=(None,),
-                                                   chunks=(1024,)) for path in (X_PATH, Y_PATH))
+        self.data = self.file.create_dataset(
+            DATA_PATH,
+            shape=(0, *frame_shape),
+            dtype=np.uint32,
+            maxshape=(None, *frame_shape),
+            chunks=(1, *frame_shape),
+        )
+        self.x, self.y = (
+            self.file.create_dataset(path, shape=(0,), dtype=np.float64, maxshape=(None,), chunks=(1024,))
+            for path in (X_PATH, Y_PATH)
+        )
         self.x.attrs["units"] = self.y.attrs["units"] = "um"
         self.file.swmr_mode = True
         self.frames = 0
@@ -239,12 +246,27 @@ class NanoprobeDataLogic(DetectorDataLogic):
         self.driver.open_file(path)
         shape = self.driver.simulator.frame_shape
         resources = [
-            StreamResourceInfo(data_key=datakey_name, shape=shape, chunk_shape=(1, *shape),
-                               dtype_numpy=np.dtype(np.uint32).str, parameters={"dataset": DATA_PATH}),
-            StreamResourceInfo(data_key=f"{datakey_name}-x", shape=(), chunk_shape=(1024,),
-                               dtype_numpy=np.dtype(np.float64).str, parameters={"dataset": X_PATH}),
-            StreamResourceInfo(data_key=f"{datakey_name}-y", shape=(), chunk_shape=(1024,),
-                               dtype_numpy=np.dtype(np.float64).str, parameters={"dataset": Y_PATH}),
+            StreamResourceInfo(
+                data_key=datakey_name,
+                shape=shape,
+                chunk_shape=(1, *shape),
+                dtype_numpy=np.dtype(np.uint32).str,
+                parameters={"dataset": DATA_PATH},
+            ),
+            StreamResourceInfo(
+                data_key=f"{datakey_name}-x",
+                shape=(),
+                chunk_shape=(1024,),
+                dtype_numpy=np.dtype(np.float64).str,
+                parameters={"dataset": X_PATH},
+            ),
+            StreamResourceInfo(
+                data_key=f"{datakey_name}-y",
+                shape=(),
+                chunk_shape=(1024,),
+                dtype_numpy=np.dtype(np.float64).str,
+                parameters={"dataset": Y_PATH},
+            ),
         ]
         return _PositionUnitsProvider(
             uri=f"{info.directory_uri}{info.filename}.h5",
@@ -276,9 +298,15 @@ class NanoprobeFlyDetector(StandardDetector):
         path_provider: where files go; or give ``directory`` for UUID-named files there.
     """
 
-    def __init__(self, simulator: FrameSimulator, stage: NanoprobeStage, *,
-                 path_provider: PathProvider | None = None, directory: str | Path | None = None,
-                 name: str = "") -> None:
+    def __init__(
+        self,
+        simulator: FrameSimulator,
+        stage: NanoprobeStage,
+        *,
+        path_provider: PathProvider | None = None,
+        directory: str | Path | None = None,
+        name: str = "",
+    ) -> None:
         if path_provider is None:
             if directory is None:
                 raise InputError("give the detector a path_provider or a directory for its HDF5 files")

@@ -41,8 +41,9 @@ def fly_raster_scan(
     if exposure_s <= 0:
         raise InputError(f"exposure_s must be positive, got {exposure_s!r}")
     if dead_time_s < MIN_DEAD_TIME_S:
-        raise InputError(f"dead_time_s must be at least the camera readout, {MIN_DEAD_TIME_S} s; "
-                         f"got {dead_time_s!r}")
+        raise InputError(
+            f"dead_time_s must be at least the camera readout, {MIN_DEAD_TIME_S} s; got {dead_time_s!r}"
+        )
     n = len(path)
     x_key, y_key = f"{detector.name}-x", f"{detector.name}-y"
     metadata: dict[str, Any] = {
@@ -60,8 +61,9 @@ def fly_raster_scan(
         "nanobeam_instrument": detector.driver.simulator.instrument.to_dict(),
     }
     metadata.update(md or {})
-    trigger_info = TriggerInfo(trigger=DetectorTrigger.EXTERNAL_EDGE, number_of_events=n,
-                               livetime=exposure_s, deadtime=dead_time_s)
+    trigger_info = TriggerInfo(
+        trigger=DetectorTrigger.EXTERNAL_EDGE, number_of_events=n, livetime=exposure_s, deadtime=dead_time_s
+    )
 
     @bpp.stage_decorator([stage, detector])
     @bpp.run_decorator(md=metadata)
@@ -71,7 +73,8 @@ def fly_raster_scan(
         yield from bps.declare_stream(detector, name=stream_name, collect=True)
         yield from bps.kickoff(detector, wait=True)
         yield from bps.kickoff(stage, wait=True)
-        yield from bps.collect_while_completing([stage, detector], [detector], flush_period=flush_period_s,
-                                                stream_name=stream_name)
+        yield from bps.collect_while_completing(
+            [stage, detector], [detector], flush_period=flush_period_s, stream_name=stream_name
+        )
 
     yield from inner()

@@ -35,8 +35,17 @@ class RasterPath:
     snake: bool = False
 
     @classmethod
-    def grid(cls, x_start: float, x_stop: float, nx: int, y_start: float, y_stop: float, ny: int,
-             *, snake: bool = False) -> RasterPath:
+    def grid(
+        cls,
+        x_start: float,
+        x_stop: float,
+        nx: int,
+        y_start: float,
+        y_stop: float,
+        ny: int,
+        *,
+        snake: bool = False,
+    ) -> RasterPath:
         """ny lines along x from (x_start, y_start) to (x_stop, y_stop), both ends included, µm."""
         if nx < 1 or ny < 1:
             raise InputError(f"nx and ny must be >= 1, got {nx}, {ny}")
@@ -46,8 +55,9 @@ class RasterPath:
         if snake:
             x[1::2] = x[1::2, ::-1]
         y = np.repeat(ys, nx)
-        return cls(x.ravel(), y, (ny, nx), ((float(y_start), float(y_stop)), (float(x_start), float(x_stop))),
-                   snake)
+        return cls(
+            x.ravel(), y, (ny, nx), ((float(y_start), float(y_stop)), (float(x_start), float(x_stop))), snake
+        )
 
     def __len__(self) -> int:
         return len(self.x_um)
@@ -140,8 +150,9 @@ class NanoprobeStage(StandardReadable, Preparable, Flyable):
     def position_um(self) -> tuple[float, float]:
         """Last (x, y) readback in µm, for synchronous (classic ophyd) readers; see :meth:`follow`."""
         if self._followers == 0:
-            raise RuntimeError(f"{self.name}: call follow() (e.g. in the detector's stage()) before "
-                               "position_um()")
+            raise RuntimeError(
+                f"{self.name}: call follow() (e.g. in the detector's stage()) before position_um()"
+            )
         return self._position[0], self._position[1]
 
     async def read_position_um(self) -> tuple[float, float]:
@@ -186,4 +197,3 @@ class NanoprobeStage(StandardReadable, Preparable, Flyable):
             self._raster.cancel()
             self._raster = None
         await super().unstage()
-

@@ -23,8 +23,9 @@ class _FrameSignal(Signal):
 
     def describe(self) -> dict[str, dict[str, Any]]:
         desc = super().describe()
-        desc[self.name].update(dtype="array", shape=list(self.frame_shape),
-                               dtype_numpy=np.dtype(np.uint32).str, units="counts")
+        desc[self.name].update(
+            dtype="array", shape=list(self.frame_shape), dtype_numpy=np.dtype(np.uint32).str, units="counts"
+        )
         return desc
 
 
@@ -44,8 +45,7 @@ class NanoprobeStepDetector(Device):
     exposure_time = Cpt(Signal, value=0.01, kind=Kind.config)
     dead_time = Cpt(Signal, value=0.002, kind=Kind.config)
 
-    def __init__(self, simulator: FrameSimulator, stage: NanoprobeStage, *, name: str,
-                 **kwargs: Any) -> None:
+    def __init__(self, simulator: FrameSimulator, stage: NanoprobeStage, *, name: str, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.simulator = simulator
         self.sample_stage = stage

@@ -203,9 +203,7 @@ class GridFitter(ABC):
         if len(shape) == 2:
             frames, shape = np.asarray(frames)[None], (1, *shape)
         if len(shape) not in (3, 4):
-            raise InputError(
-                f"frames must be (N, F, F) or a map (scan_y, scan_x, F, F); got shape {shape}"
-            )
+            raise InputError(f"frames must be (N, F, F) or a map (scan_y, scan_x, F, F); got shape {shape}")
         self.library.check_compatible(shape[-2:], None if allow_instrument_mismatch else instrument)
         data_instrument = instrument or self.library.instrument
         physics = PhysicsCheck.for_instrument(data_instrument) if check else None
@@ -221,8 +219,12 @@ class GridFitter(ABC):
             for block in self._iter_blocks(frames, chunk):
                 b = len(block)
                 prepared = prepare_frames(
-                    block, data_instrument, mask=mask, min_total_counts=1e-9,
-                    min_frame_intensity=physics.min_frame_intensity if physics else None)
+                    block,
+                    data_instrument,
+                    mask=mask,
+                    min_total_counts=1e-9,
+                    min_frame_intensity=physics.min_frame_intensity if physics else None,
+                )
                 block_flags = prepared.flags
                 usable = (block_flags & FLAG_DTYPE(NO_VALUE)) == 0
                 if usable.any():
@@ -251,8 +253,9 @@ class GridFitter(ABC):
         }
         return self._dataset(out, flags, shape[:-2])
 
-    def _dataset(self, out: dict[str, np.ndarray], flags: np.ndarray,
-                 map_shape: tuple[int, ...]) -> xr.Dataset:
+    def _dataset(
+        self, out: dict[str, np.ndarray], flags: np.ndarray, map_shape: tuple[int, ...]
+    ) -> xr.Dataset:
         dims = ("frame",) if len(map_shape) == 1 else ("scan_y", "scan_x")
         coords = {dim: np.arange(size) for dim, size in zip(dims, map_shape, strict=True)}
         data: dict[str, Any] = {}
@@ -270,8 +273,9 @@ class GridFitter(ABC):
                 "method": self.method,
                 "method_description": self.description,
                 "library_source": lib.source,
-                "library_grid": json.dumps({k: [float(v[0]), float(v[-1]), len(v)]
-                                            for k, v in lib.axes.items()}),
+                "library_grid": json.dumps(
+                    {k: [float(v[0]), float(v[-1]), len(v)] for k, v in lib.axes.items()}
+                ),
                 "instrument": lib.instrument.to_json(),
                 "chunk_size": int(self.last_stats.get("chunk_size", 0)),
                 "nanobeam_bluesky_version": __version__,

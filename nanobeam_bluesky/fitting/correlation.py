@@ -50,8 +50,9 @@ class CorrelationFitter(GridFitter):
         "marginals, minimum subtracted, centre of mass on the grid (physics.md)"
     )
 
-    def __init__(self, library: Library, *, strategy: Literal["summed", "full"] = "summed",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, library: Library, *, strategy: Literal["summed", "full"] = "summed", **kwargs: Any
+    ) -> None:
         if strategy not in ("summed", "full"):
             raise InputError(f"strategy must be 'summed' or 'full', got {strategy!r}")
         self.strategy = strategy
@@ -97,8 +98,11 @@ class CorrelationFitter(GridFitter):
         self._track(unit, correlation)
         c = correlation.reshape(len(unit), *self.library.shape)
         # float64 accumulation (numpy casts in small buffers, no full-size copy)
-        return [c.sum(axis=(2, 3), dtype=np.float64), c.sum(axis=(1, 3), dtype=np.float64),
-                c.sum(axis=(1, 2), dtype=np.float64)]
+        return [
+            c.sum(axis=(2, 3), dtype=np.float64),
+            c.sum(axis=(1, 3), dtype=np.float64),
+            c.sum(axis=(1, 2), dtype=np.float64),
+        ]
 
     def _fit_chunk(self, counts: np.ndarray, totals: np.ndarray) -> dict[str, np.ndarray]:
         out = {}

@@ -95,8 +95,7 @@ class Library:
             for i in range(frames.sizes["strain"]):
                 yield np.asarray(frames[i].values, dtype=np.float32)
 
-        return cls(library_instrument(ds), axes, int(ds.sizes["row"]), ds.attrs.get("path", "dataset"),
-                   slabs)
+        return cls(library_instrument(ds), axes, int(ds.sizes["row"]), ds.attrs.get("path", "dataset"), slabs)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Library:
@@ -104,8 +103,9 @@ class Library:
         return cls.from_dataset(open_library(path))
 
     @classmethod
-    def from_arrays(cls, frames: np.ndarray, axes: dict[str, np.ndarray], instrument: Instrument,
-                    source: str = "arrays") -> Library:
+    def from_arrays(
+        cls, frames: np.ndarray, axes: dict[str, np.ndarray], instrument: Instrument, source: str = "arrays"
+    ) -> Library:
         """Frames (n_strain, n_omega, n_chi, F, F) already in memory on the given axes."""
         frames = np.asarray(frames, dtype=np.float32)
         shape = tuple(len(axes[name]) for name in PARAMETERS)

@@ -75,8 +75,9 @@ class LikelihoodFitter(GridFitter):
         "log_likelihood": ("nat", "multinomial log-likelihood at the best grid point"),
     }
 
-    def __init__(self, library: Library, *, coarse_stride: int = 2, background_fraction: float = 1e-3,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, library: Library, *, coarse_stride: int = 2, background_fraction: float = 1e-3, **kwargs: Any
+    ) -> None:
         if not isinstance(coarse_stride, (int, np.integer)) or coarse_stride < 1:
             raise InputError(f"coarse_stride must be a positive integer, got {coarse_stride!r}")
         if not 0 < background_fraction < 1:
@@ -118,8 +119,9 @@ class LikelihoodFitter(GridFitter):
         """Log-likelihoods (B, 27) of the grid points around ``centres`` (B, 3), in float64."""
         # asarray (a no-op here): numpy's stubs pick the scalar overload for an index array of
         # unknown dtype
-        flat = np.asarray(np.ravel_multi_index((centres[:, None, :] + _OFFSETS).transpose(2, 0, 1),
-                                               self.library.shape))
+        flat = np.asarray(
+            np.ravel_multi_index((centres[:, None, :] + _OFFSETS).transpose(2, 0, 1), self.library.shape)
+        )
         values = np.empty(flat.shape)
         for start in range(0, len(flat), _GATHER_BATCH):
             stop = start + _GATHER_BATCH

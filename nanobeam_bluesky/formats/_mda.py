@@ -82,9 +82,14 @@ DBR_CTRL_FLOAT = 30
 DBR_CTRL_CHAR = 32
 DBR_CTRL_LONG = 33
 DBR_CTRL_DOUBLE = 34
-_DBR_NAMES = {DBR_STRING: "DBR_STRING", DBR_CTRL_SHORT: "DBR_CTRL_SHORT", DBR_CTRL_FLOAT: "DBR_CTRL_FLOAT",
-              DBR_CTRL_CHAR: "DBR_CTRL_CHAR", DBR_CTRL_LONG: "DBR_CTRL_LONG",
-              DBR_CTRL_DOUBLE: "DBR_CTRL_DOUBLE"}
+_DBR_NAMES = {
+    DBR_STRING: "DBR_STRING",
+    DBR_CTRL_SHORT: "DBR_CTRL_SHORT",
+    DBR_CTRL_FLOAT: "DBR_CTRL_FLOAT",
+    DBR_CTRL_CHAR: "DBR_CTRL_CHAR",
+    DBR_CTRL_LONG: "DBR_CTRL_LONG",
+    DBR_CTRL_DOUBLE: "DBR_CTRL_DOUBLE",
+}
 
 # Sanity limits, far above anything saveData writes (4 positioners, 70 detectors, 4 triggers), that
 # tell a corrupt count from a real one before it allocates memory.
@@ -94,8 +99,9 @@ _MAX_STRING = 1 << 20
 #: Factors to micrometres, by lower-cased unit string.
 _TO_UM = {
     **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1000.0),
-    **dict.fromkeys(("um", "µm", "μm", "micron", "microns", "micrometer", "micrometers", "micrometre",
-                     "micrometres"), 1.0),
+    **dict.fromkeys(
+        ("um", "µm", "μm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"), 1.0
+    ),
     **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 1e-3),
 }
 
@@ -234,7 +240,7 @@ class _Buffer:
         end = self.pos + n
         if n < 0 or end > len(self.data):
             raise _Truncated
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
@@ -289,16 +295,24 @@ def _where(path: str | os.PathLike[str]) -> str:
 
 def _not_mda(path: str | os.PathLike[str], head: bytes) -> InputError | None:
     """An error naming what the file is, when its first bytes say it is not an MDA file at all."""
-    kinds = ((b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"PK\x03\x04", "a zip archive"),
-             (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"II*\0", "a TIFF image"),
-             (b"MM\0*", "a TIFF image"), (b"CDF\x01", "a netCDF file"), (b"\x93NUMPY", "a NumPy file"))
+    kinds = (
+        (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"\x89PNG", "a PNG image"),
+        (b"\xff\xd8\xff", "a JPEG image"),
+        (b"II*\0", "a TIFF image"),
+        (b"MM\0*", "a TIFF image"),
+        (b"CDF\x01", "a netCDF file"),
+        (b"\x93NUMPY", "a NumPy file"),
+    )
     kind = next((name for magic, name in kinds if head.startswith(magic)), None)
     if kind is None and head and all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]):
         kind = "a text file"
     if kind is None:
         return None
-    return InputError(f"{_where(path)}: not an MDA file (it is {kind}); give an MDA file that EPICS "
-                      "saveData wrote (*.mda)")
+    return InputError(
+        f"{_where(path)}: not an MDA file (it is {kind}); give an MDA file that EPICS saveData wrote (*.mda)"
+    )
 
 
 def read_mda(path: str | os.PathLike[str]) -> MdaFile:
@@ -318,8 +332,10 @@ def read_mda(path: str | os.PathLike[str]) -> MdaFile:
         not_mda = _not_mda(path, data)
         if not_mda is not None:
             raise not_mda
-        raise InputError(f"{where}: not an MDA file ({len(data)} bytes, too short for the MDA header); give "
-                         "an MDA file that EPICS saveData wrote (*.mda), copied whole")
+        raise InputError(
+            f"{where}: not an MDA file ({len(data)} bytes, too short for the MDA header); give "
+            "an MDA file that EPICS saveData wrote (*.mda), copied whole"
+        )
     try:
         version = buf.f4()
         if not any(abs(version - v) < 0.005 for v in MDA_VERSIONS):
@@ -329,9 +345,11 @@ def read_mda(path: str | os.PathLike[str]) -> MdaFile:
         if not 1 <= rank <= 32:
             raise _Corrupt(f"a rank of {rank} at byte 8")
         if rank > 2:
-            raise InputError(f"{where}: a {rank}-D scan; only 1-D and 2-D MDA scans are supported: "
-                             "split it into 2-D scans (e.g. with the sscan module's mda.py), or use one "
-                             "of its 2-D sub-scans")
+            raise InputError(
+                f"{where}: a {rank}-D scan; only 1-D and 2-D MDA scans are supported: "
+                "split it into 2-D scans (e.g. with the sscan module's mda.py), or use one "
+                "of its 2-D sub-scans"
+            )
         dims = tuple(int(d) for d in buf.i4s(rank))
         is_regular = buf.i4() != 0
         extra_offset = buf.i4()
@@ -348,14 +366,27 @@ def read_mda(path: str | os.PathLike[str]) -> MdaFile:
             buf.pos = extra_offset
             _read_extra_pvs(buf, extras, info, where)
     except _Truncated as exc:
-        raise InputError(f"{where}: truncated at byte {len(data)} while reading {exc.context or context} "
-                         "(the MDA file is incomplete); copy it again, or wait until saveData has finished "
-                         "writing it") from None
+        raise InputError(
+            f"{where}: truncated at byte {len(data)} while reading {exc.context or context} "
+            "(the MDA file is incomplete); copy it again, or wait until saveData has finished "
+            "writing it"
+        ) from None
     except _Corrupt as exc:
-        raise InputError(f"{where}: corrupt MDA file: {exc} while reading {exc.context or context}; copy "
-                         "the file again from the beamline (this copy is damaged)") from None
-    return MdaFile(version=round(version, 2), scan_number=scan_number, rank=rank, dimensions=dims,
-                   scan=scan, extra_pvs=extras, extra_pv_info=info, is_regular=is_regular, source=where)
+        raise InputError(
+            f"{where}: corrupt MDA file: {exc} while reading {exc.context or context}; copy "
+            "the file again from the beamline (this copy is damaged)"
+        ) from None
+    return MdaFile(
+        version=round(version, 2),
+        scan_number=scan_number,
+        rank=rank,
+        dimensions=dims,
+        scan=scan,
+        extra_pvs=extras,
+        extra_pv_info=info,
+        is_regular=is_regular,
+        source=where,
+    )
 
 
 def _bad_version(path: str | os.PathLike[str], data: bytes, version: float) -> InputError:
@@ -363,11 +394,15 @@ def _bad_version(path: str | os.PathLike[str], data: bytes, version: float) -> I
     if kind is not None:
         return kind
     if math.isfinite(version) and 0.5 <= version < 10 and abs(version * 10 - round(version * 10)) < 0.05:
-        return InputError(f"{_where(path)}: MDA file version {version:.1f} is not supported (only "
-                          f"{' and '.join(map(str, MDA_VERSIONS))} are); convert it with a current "
-                          "saveData/mda tool, or export the scan positions to a text file")
-    return InputError(f"{_where(path)}: not an MDA file (its first 4 bytes are not an MDA version number); "
-                      "give an MDA file that EPICS saveData wrote (*.mda)")
+        return InputError(
+            f"{_where(path)}: MDA file version {version:.1f} is not supported (only "
+            f"{' and '.join(map(str, MDA_VERSIONS))} are); convert it with a current "
+            "saveData/mda tool, or export the scan positions to a text file"
+        )
+    return InputError(
+        f"{_where(path)}: not an MDA file (its first 4 bytes are not an MDA version number); "
+        "give an MDA file that EPICS saveData wrote (*.mda)"
+    )
 
 
 def _read_scan(buf: _Buffer, expected_rank: int) -> MdaScan:
@@ -403,17 +438,26 @@ def _read_scan(buf: _Buffer, expected_rank: int) -> MdaScan:
     positioners = []
     for number, (p_name, p_desc, p_mode, p_unit, r_name, r_desc, r_unit) in heads:
         values = buf.f8s(npts)[:cpt]
-        positioners.append(MdaPositioner(number, p_name, p_desc, p_unit, r_name, r_desc, r_unit, values,
-                                         step_mode=p_mode))
+        positioners.append(
+            MdaPositioner(number, p_name, p_desc, p_unit, r_name, r_desc, r_unit, values, step_mode=p_mode)
+        )
     detectors = []
     for number, (d_name, d_desc, d_unit) in det_heads:
         detectors.append(MdaDetector(number, d_name, d_desc, d_unit, buf.f4s(npts)[:cpt]))
-    scan = MdaScan(rank=rank, requested_points=npts, current_point=cpt, positioners=positioners,
-                   detectors=detectors, name=name, time_stamp=time_stamp, triggers=triggers)
+    scan = MdaScan(
+        rank=rank,
+        requested_points=npts,
+        current_point=cpt,
+        positioners=positioners,
+        detectors=detectors,
+        name=name,
+        time_stamp=time_stamp,
+        triggers=triggers,
+    )
     # Rows before CPT finished; row CPT (when the scan stopped early) may have been running, with an
     # inner scan holding the points it acquired. Offsets past that were never written: saveData
     # leaves them 0, older writers left whatever was there, so they are not followed.
-    for i, offset in enumerate(int(o) for o in offsets[:min(cpt + 1, npts)]):
+    for i, offset in enumerate(int(o) for o in offsets[: min(cpt + 1, npts)]):
         label = f"the inner scan of row {i + 1} (of {npts})"
         if i == cpt and not _plausible_scan(buf.data, offset, rank - 1):
             break
@@ -438,12 +482,13 @@ def _plausible_scan(data: bytes, offset: int, rank: int) -> bool:
     """Whether ``offset`` points at the start of a scan of ``rank`` (its rank, NPTS >= CPT >= 0)."""
     if not 0 < offset <= len(data) - 12:
         return False
-    head_rank, npts, cpt = struct.unpack(">iii", data[offset:offset + 12])
+    head_rank, npts, cpt = struct.unpack(">iii", data[offset : offset + 12])
     return bool(head_rank == rank and 0 <= cpt <= npts)
 
 
-def _read_extra_pvs(buf: _Buffer, extras: dict[str, Any], info: dict[str, MdaExtraPvInfo],
-                    where: str) -> None:
+def _read_extra_pvs(
+    buf: _Buffer, extras: dict[str, Any], info: dict[str, MdaExtraPvInfo], where: str
+) -> None:
     n = buf.count("a number of extra PVs")
     for i in range(n):
         name = buf.text()
@@ -457,9 +502,15 @@ def _read_extra_pvs(buf: _Buffer, extras: dict[str, Any], info: dict[str, MdaExt
         if dbr not in _DBR_NAMES:
             # Not in the format description: its length is unknown, so the PVs after it cannot be
             # found. The scan itself is whole; keep what was read.
-            logger.warning("%s: extra PV %s has DBR type %d (at byte %d), which the MDA format does not "
-                           "describe; it and the %d extra PVs after it are skipped", where, name, dbr, at,
-                           n - i - 1)
+            logger.warning(
+                "%s: extra PV %s has DBR type %d (at byte %d), which the MDA format does not "
+                "describe; it and the %d extra PVs after it are skipped",
+                where,
+                name,
+                dbr,
+                at,
+                n - i - 1,
+            )
             return
         count = buf.count(f"an element count for extra PV {name!r}", limit=100_000_000)
         unit = buf.text()
@@ -502,16 +553,18 @@ class _Writer:
             self.out += raw + b"\0" * (-len(raw) % 4)
 
     def patch(self, at: int, value: int) -> None:
-        self.out[at:at + 4] = struct.pack(">i", value)
+        self.out[at : at + 4] = struct.pack(">i", value)
 
 
 def _padded(values: Any, npts: int, dtype: str, what: str) -> bytes:
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     if array.size > npts:
-        raise InputError(f"{what} has {array.size} values, more than the scan's {npts} requested points; "
-                         "give at most requested_points values")
+        raise InputError(
+            f"{what} has {array.size} values, more than the scan's {npts} requested points; "
+            "give at most requested_points values"
+        )
     full = np.zeros(npts, dtype=dtype)
-    full[:array.size] = array
+    full[: array.size] = array
     return full.tobytes()
 
 
@@ -520,9 +573,11 @@ def _write_scan(w: _Writer, scan: MdaScan, label: str) -> None:
     if not 0 <= cpt <= npts:
         raise InputError(f"{label}: current_point {cpt} must be between 0 and requested_points {npts}")
     if scan.rank > 1 and not cpt <= len(scan.inner) <= min(cpt + 1, npts):
-        raise InputError(f"{label}: {len(scan.inner)} inner scans for {cpt} acquired of {npts} requested "
-                         "points; give one per acquired point, and at most one more (the row running when "
-                         "the scan stopped)")
+        raise InputError(
+            f"{label}: {len(scan.inner)} inner scans for {cpt} acquired of {npts} requested "
+            "points; give one per acquired point, and at most one more (the row running when "
+            "the scan stopped)"
+        )
     if scan.rank == 1 and scan.inner:
         raise InputError(f"{label}: a 1-D scan cannot hold inner scans; give it rank 2")
     w.i4(scan.rank)
@@ -538,8 +593,15 @@ def _write_scan(w: _Writer, scan: MdaScan, label: str) -> None:
     w.i4(len(scan.triggers))
     for p in scan.positioners:
         w.i4(p.number)
-        for text in (p.name, p.description, p.step_mode, p.units, p.readback_name, p.readback_description,
-                     p.readback_units):
+        for text in (
+            p.name,
+            p.description,
+            p.step_mode,
+            p.units,
+            p.readback_name,
+            p.readback_description,
+            p.readback_units,
+        ):
             w.text(text)
     for d in scan.detectors:
         w.i4(d.number)
@@ -577,8 +639,10 @@ def _write_extra_pvs(w: _Writer, mda: MdaFile, label: str) -> None:
         stored = mda.extra_pv_info.get(name)
         dbr = stored.dbr_type if stored is not None else _infer_dbr(value)
         if dbr not in _DBR_NAMES:
-            raise InputError(f"{label}: extra PV {name!r} has DBR type {dbr}; use one of "
-                             f"{', '.join(f'{v} ({k})' for v, k in _DBR_NAMES.items())}")
+            raise InputError(
+                f"{label}: extra PV {name!r} has DBR type {dbr}; use one of "
+                f"{', '.join(f'{v} ({k})' for v, k in _DBR_NAMES.items())}"
+            )
         w.text(name)
         w.text(stored.description if stored is not None else "")
         w.i4(dbr)
@@ -617,8 +681,10 @@ def write_mda(path: str | os.PathLike[str], mda: MdaFile, *, version: float | No
     if not any(abs(version - v) < 0.005 for v in MDA_VERSIONS):
         raise InputError(f"{label}: MDA version {version} cannot be written; use 1.3 or 1.4")
     if mda.rank != mda.scan.rank or len(mda.dimensions) != mda.rank:
-        raise InputError(f"{label}: rank {mda.rank}, scan rank {mda.scan.rank} and dimensions "
-                         f"{tuple(mda.dimensions)} disagree; give the scan's rank and one size per dimension")
+        raise InputError(
+            f"{label}: rank {mda.rank}, scan rank {mda.scan.rank} and dimensions "
+            f"{tuple(mda.dimensions)} disagree; give the scan's rank and one size per dimension"
+        )
     w = _Writer()
     w.f4(version)
     w.i4(mda.scan_number)
@@ -703,22 +769,28 @@ def _find(scans: list[tuple[str, MdaScan]], wanted: str) -> tuple[int, MdaPositi
     return None
 
 
-def _pick(mda: MdaFile, scans: list[tuple[str, MdaScan]], wanted: str | None, dim: int,
-          axis: str) -> tuple[int, MdaPositioner]:
+def _pick(
+    mda: MdaFile, scans: list[tuple[str, MdaScan]], wanted: str | None, dim: int, axis: str
+) -> tuple[int, MdaPositioner]:
     where = mda.source or "the MDA file"
     if wanted is None:
         label, scan = scans[dim]
         if not scan.positioners:
-            raise InputError(f"{where}: {label} (sscan {scan.name or '?'}) has no positioner, so it gives no "
-                             f"{axis} positions; name one with {axis}= or give a scan that moves a stage")
+            raise InputError(
+                f"{where}: {label} (sscan {scan.name or '?'}) has no positioner, so it gives no "
+                f"{axis} positions; name one with {axis}= or give a scan that moves a stage"
+            )
         return dim, scan.positioners[0]
     found = _find(scans, wanted)
     if found is None:
         available = "; ".join(
             f"{label}: {', '.join(p.name or p.description for p in scan.positioners) or 'none'}"
-            for label, scan in scans)
-        raise InputError(f"{where}: no positioner named {wanted!r} for {axis} (positioners: {available}); "
-                         f"name one of those with {axis}=")
+            for label, scan in scans
+        )
+        raise InputError(
+            f"{where}: no positioner named {wanted!r} for {axis} (positioners: {available}); "
+            f"name one of those with {axis}="
+        )
     return found
 
 
@@ -726,8 +798,10 @@ def _acquired(p: MdaPositioner, n: int, where: str, label: str) -> npt.NDArray[n
     """The first ``n`` values of ``p`` (float64); InputError when it holds fewer."""
     values = np.asarray(p.values, dtype=np.float64).reshape(-1)
     if values.size < n:
-        raise InputError(f"{where}: positioner {p.name!r} of {label} has {values.size} values for {n} "
-                         "acquired points; the file is inconsistent: name another positioner with x=/y=")
+        raise InputError(
+            f"{where}: positioner {p.name!r} of {label} has {values.size} values for {n} "
+            "acquired points; the file is inconsistent: name another positioner with x=/y="
+        )
     return values[:n]
 
 
@@ -785,13 +859,19 @@ def mda_positions(mda: MdaFile, *, x: str | None = None, y: str | None = None) -
         estimated = ()
         if 0 in (xd, yd) and n_rows > recorded:
             if recorded < 2:
-                logger.warning("%s: row %d (running when the scan stopped) is left out: its outer position "
-                               "was not recorded, and %d finished row(s) are too few to extrapolate it",
-                               where, recorded + 1, recorded)
+                logger.warning(
+                    "%s: row %d (running when the scan stopped) is left out: its outer position "
+                    "was not recorded, and %d finished row(s) are too few to extrapolate it",
+                    where,
+                    recorded + 1,
+                    recorded,
+                )
                 n_rows = recorded
                 if n_rows == 0:
-                    raise InputError(f"{where}: the 2-D scan finished no row, so no point has a recorded "
-                                     "outer position; give a scan that ran at least one row")
+                    raise InputError(
+                        f"{where}: the 2-D scan finished no row, so no point has a recorded "
+                        "outer position; give a scan that ran at least one row"
+                    )
             else:
                 estimated = tuple(range(recorded, n_rows))
         rows_used = outer.inner[:n_rows]
@@ -804,8 +884,9 @@ def mda_positions(mda: MdaFile, *, x: str | None = None, y: str | None = None) -
                 values = _outer_values(_acquired(p, recorded, where, "the outer scan"), n_rows)
                 per_axis.append(np.repeat(values, counts))
             else:
-                per_axis.append(np.concatenate([_inner_values(s, p, i, where)
-                                                for i, s in enumerate(rows_used)]))
+                per_axis.append(
+                    np.concatenate([_inner_values(s, p, i, where) for i, s in enumerate(rows_used)])
+                )
         x_raw, y_raw = per_axis
         shape = (n_rows, max(s.requested_points for s in rows_used))
     else:
@@ -816,7 +897,9 @@ def mda_positions(mda: MdaFile, *, x: str | None = None, y: str | None = None) -
     return ScanPositions(
         x_um=x_raw * x_factor if x_factor is not None else x_raw,
         y_um=y_raw * y_factor if y_factor is not None else y_raw,
-        shape=shape, row=rows, col=cols,
+        shape=shape,
+        row=rows,
+        col=cols,
         names=(xp.name, yp.name if yp is not None else None),
         units=("µm" if x_factor is not None else x_unit, "µm" if y_factor is not None else y_unit),
         file_units=(x_unit, y_unit),
@@ -830,6 +913,8 @@ def _inner_values(scan: MdaScan, p: MdaPositioner, row: int, where: str) -> npt.
     """Positioner ``p``'s acquired values in the inner scan of one row (matched by name and number)."""
     match = next((q for q in scan.positioners if q.name == p.name and q.number == p.number), None)
     if match is None:
-        raise InputError(f"{where}: the inner scan of row {row + 1} has no positioner {p.name!r} (the first "
-                         "row has); the file is inconsistent: name a positioner that every row has")
+        raise InputError(
+            f"{where}: the inner scan of row {row + 1} has no positioner {p.name!r} (the first "
+            "row has); the file is inconsistent: name a positioner that every row has"
+        )
     return _acquired(match, scan.current_point, where, f"the inner scan of row {row + 1}")

@@ -49,7 +49,10 @@ __all__ = [
 ]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "paper": PaperCNN, "mlp": NanobeamMLP, "registered_mlp": RegisteredMLP}
+    "paper": PaperCNN,
+    "mlp": NanobeamMLP,
+    "registered_mlp": RegisteredMLP,
+}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

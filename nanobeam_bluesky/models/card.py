@@ -25,8 +25,10 @@ def _get(data: dict[str, Any], path: str) -> Any:
     node: Any = data
     for key in path.split("."):
         if not isinstance(node, dict) or key not in node:
-            raise ModelCardError(f"the model file's metadata has no {path!r}; it is not a nanobeam model "
-                                 "file of this package's format (retrain it with `nanobeam train`)")
+            raise ModelCardError(
+                f"the model file's metadata has no {path!r}; it is not a nanobeam model "
+                "file of this package's format (retrain it with `nanobeam train`)"
+            )
         node = node[key]
     return node
 
@@ -109,8 +111,9 @@ class ModelCard:
         ranges_raw = _get(metadata, "parameter_ranges")
         ranges = {}
         for p in PARAMETERS:
-            low, high = _floats(_get(ranges_raw, p) if isinstance(ranges_raw, dict) else None,
-                                f"parameter_ranges.{p}", 2)
+            low, high = _floats(
+                _get(ranges_raw, p) if isinstance(ranges_raw, dict) else None, f"parameter_ranges.{p}", 2
+            )
             ranges[p] = (low, high)
         metrics = metadata.get("metrics") or {}
 
@@ -126,11 +129,13 @@ class ModelCard:
                 architecture=Architecture.from_dict(_get(ref, "architecture"), "refiner.architecture"),
                 n_members=int(_get(ref, "n_members")),
                 registration=dict(_get(ref, "registration")),
-                half_range=_floats(_get(ref, "output_normalisation.half_range"),
-                                   "refiner.output_normalisation.half_range", 2),
+                half_range=_floats(
+                    _get(ref, "output_normalisation.half_range"), "refiner.output_normalisation.half_range", 2
+                ),
             )
-        augmentation = _floats(_get(metadata, "count_level").get("augmentation", [1.0, 1.0]),
-                               "count_level.augmentation", 2)
+        augmentation = _floats(
+            _get(metadata, "count_level").get("augmentation", [1.0, 1.0]), "count_level.augmentation", 2
+        )
         typical = metadata.get("typical_frame_sum")
         try:
             instrument = Instrument.from_dict(_get(metadata, "instrument"))
@@ -142,10 +147,12 @@ class ModelCard:
             architecture=Architecture.from_dict(_get(metadata, "architecture"), "architecture"),
             instrument=instrument,
             parameter_ranges=ranges,
-            output_centre=_floats(_get(metadata, "output_normalisation.centre"),
-                                  "output_normalisation.centre"),
-            output_half_range=_floats(_get(metadata, "output_normalisation.half_range"),
-                                      "output_normalisation.half_range"),
+            output_centre=_floats(
+                _get(metadata, "output_normalisation.centre"), "output_normalisation.centre"
+            ),
+            output_half_range=_floats(
+                _get(metadata, "output_normalisation.half_range"), "output_normalisation.half_range"
+            ),
             frame_pixels=int(_get(metadata, "input.frame_pixels")),
             max_counts=float(_get(metadata, "count_level.max_counts")),
             count_augmentation=(augmentation[0], augmentation[1]),

@@ -86,8 +86,9 @@ def model_sha256(members: list[dict[str, torch.Tensor]], metadata: dict[str, Any
     return digest.hexdigest()
 
 
-def _encode(state: dict[str, torch.Tensor], weight_dtype: torch.dtype,
-            int8_rows: bool) -> dict[str, torch.Tensor]:
+def _encode(
+    state: dict[str, torch.Tensor], weight_dtype: torch.dtype, int8_rows: bool
+) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
         v = v.detach().cpu()
@@ -117,8 +118,12 @@ def _decode(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def as_stored(members: list[dict[str, torch.Tensor]], *, weight_dtype: torch.dtype = torch.float32,
-              int8_rows: bool = False) -> list[dict[str, torch.Tensor]]:
+def as_stored(
+    members: list[dict[str, torch.Tensor]],
+    *,
+    weight_dtype: torch.dtype = torch.float32,
+    int8_rows: bool = False,
+) -> list[dict[str, torch.Tensor]]:
     """The float32 weights a file saved with these options gives back (to score them as shipped)."""
     return [_decode(_encode(state, weight_dtype, int8_rows)) for state in members]
 
@@ -141,8 +146,11 @@ def save_model_file(
     path = Path(path)
     members = [_encode(state, weight_dtype, int8_rows) for state in members]
     metadata = {k: v for k, v in metadata.items() if k != "sha256"}
-    metadata |= {"n_members": len(members), "weight_dtype": str(weight_dtype).removeprefix("torch."),
-                 "int8_rows": int8_rows}
+    metadata |= {
+        "n_members": len(members),
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
+        "int8_rows": int8_rows,
+    }
     metadata = json.loads(json.dumps(metadata))  # hash what loading gives back (lists, str keys)
     sha = model_sha256(members, metadata)
     metadata["sha256"] = sha
@@ -190,7 +198,10 @@ def load_model_file(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], di
             raise ModelFileError(f"{path}: weights do not match their recorded sha256; the file is corrupt")
         logger.warning(
             "%s: model format version %s: its sha256 covers the weights only, not the metadata; "
-            "re-save it with save_model_file (format %s) to cover both", path, version, FORMAT_VERSION
+            "re-save it with save_model_file (format %s) to cover both",
+            path,
+            version,
+            FORMAT_VERSION,
         )
     elif model_sha256(members, metadata) != metadata.get("sha256"):
         raise ModelFileError(

@@ -65,8 +65,11 @@ class TiltRegistration:
         return cols.double() / self.pixels_per_deg_omega, rows.double() / self.pixels_per_deg_chi
 
     def to_dict(self) -> dict[str, float]:
-        return {"pixels_per_deg_omega": self.pixels_per_deg_omega,
-                "pixels_per_deg_chi": self.pixels_per_deg_chi, "max_shift": self.max_shift}
+        return {
+            "pixels_per_deg_omega": self.pixels_per_deg_omega,
+            "pixels_per_deg_chi": self.pixels_per_deg_chi,
+            "max_shift": self.max_shift,
+        }
 
 
 def register_frames(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad: int) -> torch.Tensor:
@@ -89,8 +92,9 @@ class RegisteredMLP(nn.Module):
 
     n_outputs = 2
 
-    def __init__(self, frame_pixels: int = 64, hidden: tuple[int, ...] = (256, 256),
-                 max_shift: int = 16) -> None:
+    def __init__(
+        self, frame_pixels: int = 64, hidden: tuple[int, ...] = (256, 256), max_shift: int = 16
+    ) -> None:
         super().__init__()
         sizes = (frame_pixels * frame_pixels + 2, *hidden)
         layers: list[nn.Module] = []

@@ -53,9 +53,7 @@ def orient(frames: np.ndarray, instrument: Instrument) -> np.ndarray:
     return frames
 
 
-def roi_origin(
-    center: tuple[float, float], roi: int, detector_shape: tuple[int, int]
-) -> tuple[int, int]:
+def roi_origin(center: tuple[float, float], roi: int, detector_shape: tuple[int, int]) -> tuple[int, int]:
     """First (row, col) of a ``roi`` x ``roi`` ROI around ``center``; ValueError if it does not fit.
 
     The ROI is rows ``round(row) - roi//2 ... round(row) + roi//2 - 1`` (likewise columns), so its

@@ -71,6 +71,15 @@ def crlb(
     Units: strain dimensionless, omega and chi in degrees. The keyword arguments are those of
     :func:`fisher_information`.
     """
-    info = fisher_information(strain, omega_deg, chi_deg, instrument, max_counts=max_counts, scale=scale,
-                              background=background, steps=steps, upsample=upsample)
+    info = fisher_information(
+        strain,
+        omega_deg,
+        chi_deg,
+        instrument,
+        max_counts=max_counts,
+        scale=scale,
+        background=background,
+        steps=steps,
+        upsample=upsample,
+    )
     return np.sqrt(np.diagonal(np.linalg.inv(info), axis1=1, axis2=2))

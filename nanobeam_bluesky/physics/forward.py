@@ -70,8 +70,7 @@ def as_parameters(strain, omega_deg, chi_deg) -> tuple[np.ndarray, np.ndarray, n
     lengths = {len(a) for a in arrays if len(a) != 1}
     if len(lengths) > 1:
         raise InputError(
-            f"strain, omega_deg and chi_deg must have one common length, got "
-            f"{[len(a) for a in arrays]}"
+            f"strain, omega_deg and chi_deg must have one common length, got {[len(a) for a in arrays]}"
         )
     n = lengths.pop() if lengths else 1
     strain, omega, chi = (np.broadcast_to(a, (n,)).copy() for a in arrays)
@@ -131,11 +130,7 @@ def simulate_exact(
     u = (sub * delta)[None, :]  # along columns
     v = (sub * delta)[:, None]  # along rows
     k_out0, e_col, e_row = (torch.as_tensor(a, dtype=dt) for a in (geo.k_out0, geo.e_col, geo.e_row))
-    w = (
-        instrument.detector_distance_m * k_out0[None, None, :]
-        + u[..., None] * e_col
-        + v[..., None] * e_row
-    )
+    w = instrument.detector_distance_m * k_out0[None, None, :] + u[..., None] * e_col + v[..., None] * e_row
     d = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # (S, S, 3)
 
     normals = torch.as_tensor(_normals(omega, chi, geo.theta_b), dtype=dt)
@@ -254,8 +249,9 @@ def _laue_fields(
     """
     geo = lab_geometry(instrument)
     n = torch.as_tensor(normals, dtype=torch.float64, device=device)
-    alpha, beta, gamma = (n @ torch.as_tensor(v, dtype=torch.float64, device=device)
-                          for v in (geo.k_out0, geo.e_col, geo.e_row))
+    alpha, beta, gamma = (
+        n @ torch.as_tensor(v, dtype=torch.float64, device=device) for v in (geo.k_out0, geo.e_col, geo.e_row)
+    )
     centres = torch.as_tensor(grid.centres, dtype=torch.float64, device=device)
     big_u = centres[None, None, :] * grid.delta  # metres along columns
     big_v = centres[None, :, None] * grid.delta
@@ -280,14 +276,16 @@ def _sinc2_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sinc * sinc, 2 * sinc * dsinc
 
 
-def _tilt_fields(normals: np.ndarray, instrument: Instrument, grid: _PixelGrid,
-                 device: torch.device = torch.device("cpu")) -> list[torch.Tensor]:
+def _tilt_fields(
+    normals: np.ndarray, instrument: Instrument, grid: _PixelGrid, device: torch.device = torch.device("cpu")
+) -> list[torch.Tensor]:
     """Everything a frame needs that depends on the tilts only: mask moments and q fields."""
     pieces = []
     for p0 in range(0, len(normals), _PAIR_CHUNK):
         sub = normals[p0 : p0 + _PAIR_CHUNK]
-        pieces.append(_mask_moments(sub, instrument, grid, device)
-                      + _laue_fields(sub, instrument, grid, device))
+        pieces.append(
+            _mask_moments(sub, instrument, grid, device) + _laue_fields(sub, instrument, grid, device)
+        )
     return [torch.cat(parts) for parts in zip(*pieces, strict=False)]
 
 

@@ -48,8 +48,11 @@ def annulus_centre_px(omega_deg, chi_deg, instrument: Instrument) -> tuple[np.nd
     detector: physics.md's 2 omega R / delta along columns and about 2 sin(theta_B) chi R / delta
     along rows, to all orders.
     """
-    normals = _normals(np.atleast_1d(np.asarray(omega_deg, dtype=np.float64)),
-                       np.atleast_1d(np.asarray(chi_deg, dtype=np.float64)), instrument.bragg_angle_rad)
+    normals = _normals(
+        np.atleast_1d(np.asarray(omega_deg, dtype=np.float64)),
+        np.atleast_1d(np.asarray(chi_deg, dtype=np.float64)),
+        instrument.bragg_angle_rad,
+    )
     geo = lab_geometry(instrument)
     nz = normals[:, 2]
     reflected = -2 * nz[:, None] * normals
@@ -133,7 +136,6 @@ class FrameModel:
         """One shared model per instrument's physics (the table is built once per process)."""
         return _shared_model(instrument.physics_only())
 
-
     def __init__(self, instrument: Instrument, *, phases: int = 16, upsample: int = 32) -> None:
         self.instrument = instrument
         self.phases = int(phases)
@@ -150,8 +152,9 @@ class FrameModel:
         _, v_c = annulus_centre_px([0.0, 0.0], [d, -d], instrument)
         per_deg = np.array([(u_w[0] - u_w[1]) / (2 * d), (v_c[0] - v_c[1]) / (2 * d)])
         ranges = instrument.parameter_ranges
-        reach = max(abs(np.array(ranges["omega"])).max() * per_deg[0],
-                    abs(np.array(ranges["chi"])).max() * per_deg[1])
+        reach = max(
+            abs(np.array(ranges["omega"])).max() * per_deg[0], abs(np.array(ranges["chi"])).max() * per_deg[1]
+        )
         #: Whole-pixel shifts are clipped to this (far outside the box: the fit is then poor).
         self.pad = math.ceil(reach + max(map(abs, instrument.beam_centre_offset_px))) + 4
 
@@ -164,9 +167,16 @@ class FrameModel:
             omega, chi = omega + (a - u) / per_deg[0], chi + (b - v) / per_deg[1]
         normals = _normals(omega, chi, geo.theta_b)
         grid = _PixelGrid(f, instrument.binned_pixel_m, int(upsample))
-        m0, mu, mv = (torch.cat(parts) for parts in zip(*(
-            _mask_moments(normals[i : i + 64], instrument, grid, torch.device("cpu"))
-            for i in range(0, len(normals), 64)), strict=True))
+        m0, mu, mv = (
+            torch.cat(parts)
+            for parts in zip(
+                *(
+                    _mask_moments(normals[i : i + 64], instrument, grid, torch.device("cpu"))
+                    for i in range(0, len(normals), 64)
+                ),
+                strict=True,
+            )
+        )
         support = (m0 > 0).any(0).reshape(-1).nonzero()[:, 0]
         self.support = support
         self._m0 = m0.reshape(len(m0), -1)[:, support].contiguous()
@@ -188,11 +198,18 @@ class FrameModel:
     @functools.cached_property
     def arrays(self) -> dict[str, np.ndarray | float]:
         """The tables (numpy arrays) and per-pixel constants (numbers), for fused kernels."""
-        return {"support_row": self._row_px.numpy(), "support_col": self._col_px.numpy(),
-                "u0": self._u0.double().numpy(),
-                "v0": self._v0.double().numpy(), "m0": self._m0.numpy(), "mu": self._mu.numpy(),
-                "mv": self._mv.numpy(), "two_k": self._two_k,
-                "k_px": self._two_k * self._pixel_over_r, "phases": self.phases}
+        return {
+            "support_row": self._row_px.numpy(),
+            "support_col": self._col_px.numpy(),
+            "u0": self._u0.double().numpy(),
+            "v0": self._v0.double().numpy(),
+            "m0": self._m0.numpy(),
+            "mu": self._mu.numpy(),
+            "mv": self._mv.numpy(),
+            "two_k": self._two_k,
+            "k_px": self._two_k * self._pixel_over_r,
+            "phases": self.phases,
+        }
 
     def pad_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, F, F) -> (B, (F + 2 pad)^2): zero-padded and flattened, to gather support pixels."""
@@ -208,8 +225,13 @@ class FrameModel:
         inst = self.instrument
         strain, om, ch = (np.asarray(a, dtype=np.float64) for a in (strain, omega_deg, chi_deg))
         n = len(strain)
-        thickness = np.broadcast_to(np.asarray(inst.film_thickness_angstrom if thickness_angstrom is None
-                                               else thickness_angstrom, dtype=np.float64), (n,))
+        thickness = np.broadcast_to(
+            np.asarray(
+                inst.film_thickness_angstrom if thickness_angstrom is None else thickness_angstrom,
+                dtype=np.float64,
+            ),
+            (n,),
+        )
         # Annulus position: whole-pixel shift, sub-pixel phase, and its motion per degree.
         d = 1e-4
         u, v = annulus_centre_px(om, ch, inst)
@@ -235,15 +257,24 @@ class FrameModel:
         n_c = np.stack([cos_c, -sin_c * cos_w, sin_c * sin_w], 1) @ axes * deg
         half_t = thickness / 2
         return FrameGeometry(
-            rows=rows.astype(np.int64), cols=cols.astype(np.int64),
-            corner=(ia * (p + 1) + ib).astype(np.int64), fa=pos_a - ia, fb=pos_b - ib,
-            du_dw=(u_w[:n] - u_w[n:]) / (2 * d), dv_dw=(v_w[:n] - v_w[n:]) / (2 * d),
-            du_dc=(u_c[:n] - u_c[n:]) / (2 * d), dv_dc=(v_c[:n] - v_c[n:]) / (2 * d),
-            shift_u=(cols - off_cols) * self._pixel_over_r, shift_v=(rows - off_rows) * self._pixel_over_r,
-            normal=normal, normal_d_omega=n_w, normal_d_chi=n_c,
+            rows=rows.astype(np.int64),
+            cols=cols.astype(np.int64),
+            corner=(ia * (p + 1) + ib).astype(np.int64),
+            fa=pos_a - ia,
+            fb=pos_b - ib,
+            du_dw=(u_w[:n] - u_w[n:]) / (2 * d),
+            dv_dw=(v_w[:n] - v_w[n:]) / (2 * d),
+            du_dc=(u_c[:n] - u_c[n:]) / (2 * d),
+            dv_dc=(v_c[:n] - v_c[n:]) / (2 * d),
+            shift_u=(cols - off_cols) * self._pixel_over_r,
+            shift_v=(rows - off_rows) * self._pixel_over_r,
+            normal=normal,
+            normal_d_omega=n_w,
+            normal_d_chi=n_c,
             # 2k alpha - G(strain), G = 2 pi l / (c (1 + strain)): in float64, a difference of ~3.1.
             offset=self._two_k * normal[:, 0] - self._g0 / (1 + strain),
-            half_t=half_t, dx_dstrain=half_t * self._g0 / (1 + strain) ** 2,
+            half_t=half_t,
+            dx_dstrain=half_t * self._g0 / (1 + strain) ** 2,
         )
 
     def evaluate(
@@ -264,8 +295,12 @@ class FrameModel:
         fully lit pixel at the Laue maximum), background (counts per binned pixel); thickness
         (Angstrom) per frame or one value (None: the instrument's).
         """
-        g = self.geometry(strain.numpy(), omega_deg.numpy(), chi_deg.numpy(),
-                          None if thickness_angstrom is None else torch.as_tensor(thickness_angstrom).numpy())
+        g = self.geometry(
+            strain.numpy(),
+            omega_deg.numpy(),
+            chi_deg.numpy(),
+            None if thickness_angstrom is None else torch.as_tensor(thickness_angstrom).numpy(),
+        )
         f32 = torch.float32
 
         def col(a: np.ndarray) -> torch.Tensor:
@@ -330,11 +365,14 @@ class FrameModel:
         inside = (r_abs >= 0) & (r_abs < f) & (c_abs >= 0) & (c_abs < f)
         return ExpectedFrames(mu_counts, intensity, d_strain, d_omega, d_chi, d_thickness, index, inside)
 
-    def render(self, strain, omega_deg, chi_deg, *, scale=1.0, background=0.0,
-               thickness_angstrom=None) -> np.ndarray:
+    def render(
+        self, strain, omega_deg, chi_deg, *, scale=1.0, background=0.0, thickness_angstrom=None
+    ) -> np.ndarray:
         """Full expected-count frames (N, F, F), float32: for tests and pictures, not speed."""
-        strain, omega, chi = (torch.as_tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)))
-                              for v in (strain, omega_deg, chi_deg))
+        strain, omega, chi = (
+            torch.as_tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)))
+            for v in (strain, omega_deg, chi_deg)
+        )
         n = max(len(strain), len(omega), len(chi))
         strain, omega, chi = (t.expand(n).contiguous() for t in (strain, omega, chi))
         s = torch.as_tensor(scale, dtype=torch.float64).expand(n)

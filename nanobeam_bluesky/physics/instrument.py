@@ -99,10 +99,11 @@ class Instrument:
             offset = tuple(float(v) for v in self.beam_centre_offset_px)
         except (TypeError, ValueError):
             offset = ()
-        if len(offset) != 2 or not all(math.isfinite(v) and abs(v) < self._frame_side() / 2
-                                       for v in offset):
-            raise InstrumentError(f"beam_centre_offset_px must be [rows, cols] in binned pixels, within the "
-                                  f"frame, got {self.beam_centre_offset_px!r}")
+        if len(offset) != 2 or not all(math.isfinite(v) and abs(v) < self._frame_side() / 2 for v in offset):
+            raise InstrumentError(
+                f"beam_centre_offset_px must be [rows, cols] in binned pixels, within the "
+                f"frame, got {self.beam_centre_offset_px!r}"
+            )
         object.__setattr__(self, "beam_centre_offset_px", offset)
         positive = (
             "energy_kev",
@@ -159,8 +160,12 @@ class Instrument:
         roi = self.roi_pixels if isinstance(self.roi_pixels, int) else 0
 
         def index(value: Any, name: str) -> int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-                    or not 0 <= value < roi:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value != int(value)
+                or not 0 <= value < roi
+            ):
                 raise InstrumentError(f"{name} must hold raw ROI indices 0..{roi - 1}, got {value!r}")
             return int(value)
 
@@ -175,14 +180,20 @@ class Instrument:
                 row, col = pair
             except (TypeError, ValueError):
                 raise InstrumentError(
-                    f"detector_mask_pixels must be a list of [row, col] pairs, got {pair!r}") from None
+                    f"detector_mask_pixels must be a list of [row, col] pairs, got {pair!r}"
+                ) from None
             pixels.append((index(row, "detector_mask_pixels"), index(col, "detector_mask_pixels")))
         object.__setattr__(self, "detector_mask_pixels", tuple(sorted(set(pixels))))
         limit = self.detector_saturation_counts
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                                  or not math.isfinite(limit) or limit <= 0):
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float))
+            or not math.isfinite(limit)
+            or limit <= 0
+        ):
             raise InstrumentError(
-                f"detector_saturation_counts must be a positive number or null, got {limit!r}")
+                f"detector_saturation_counts must be a positive number or null, got {limit!r}"
+            )
         for name in ("detector_transpose", "detector_flip_rows", "detector_flip_cols", "integer_counts"):
             if not isinstance(getattr(self, name), bool):
                 raise InstrumentError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -212,11 +223,7 @@ class Instrument:
             return self.focal_length_m
         # __post_init__ refuses an instrument with neither given
         assert self.outermost_zone_width_m is not None
-        return (
-            self.zone_plate_diameter_m
-            * self.outermost_zone_width_m
-            / (self.wavelength_angstrom * 1e-10)
-        )
+        return self.zone_plate_diameter_m * self.outermost_zone_width_m / (self.wavelength_angstrom * 1e-10)
 
     @property
     def convergence_half_angle_rad(self) -> float:
@@ -235,8 +242,7 @@ class Instrument:
     def tau_inv_angstrom(self) -> float:
         """Resolution parameter tau = 2 pi E delta / (R hc) per binned pixel, in 1/Angstrom."""
         return (
-            2 * math.pi * self.energy_kev * self.binned_pixel_m
-            / (self.detector_distance_m * HC_KEV_ANGSTROM)
+            2 * math.pi * self.energy_kev * self.binned_pixel_m / (self.detector_distance_m * HC_KEV_ANGSTROM)
         )
 
     @property
@@ -247,9 +253,16 @@ class Instrument:
     def physics_dict(self) -> dict[str, Any]:
         """The fields that change the frames (not ranges, orientation or labels)."""
         keys = (
-            "energy_kev", "lattice_c_angstrom", "reflection_l", "film_thickness_angstrom",
-            "zone_plate_diameter_m", "central_stop_diameter_m", "detector_distance_m",
-            "detector_pixel_m", "roi_pixels", "binning",
+            "energy_kev",
+            "lattice_c_angstrom",
+            "reflection_l",
+            "film_thickness_angstrom",
+            "zone_plate_diameter_m",
+            "central_stop_diameter_m",
+            "detector_distance_m",
+            "detector_pixel_m",
+            "roi_pixels",
+            "binning",
         )
         out = {key: getattr(self, key) for key in keys}
         out["effective_focal_length_m"] = self.effective_focal_length_m
@@ -260,16 +273,25 @@ class Instrument:
         mounting, masks, saturation, count type); the beam-centre offset stays. The key of
         per-instrument caches."""
         return dataclasses.replace(
-            self, name="default", detector_transpose=False, detector_flip_rows=False,
-            detector_flip_cols=False, detector_mask_rows=(), detector_mask_cols=(),
-            detector_mask_pixels=(), detector_saturation_counts=None, integer_counts=True)
+            self,
+            name="default",
+            detector_transpose=False,
+            detector_flip_rows=False,
+            detector_flip_cols=False,
+            detector_mask_rows=(),
+            detector_mask_cols=(),
+            detector_mask_pixels=(),
+            detector_saturation_counts=None,
+            integer_counts=True,
+        )
 
     def orientation_dict(self) -> dict[str, bool]:
         """How the physical detector is mounted relative to physics.md's frame."""
         return {key: getattr(self, key) for key in ORIENTATION_FIELDS}
 
-    def differences(self, other: Instrument, rtol: float = 1e-6, *,
-                    orientation: bool = False) -> dict[str, tuple[Any, Any]]:
+    def differences(
+        self, other: Instrument, rtol: float = 1e-6, *, orientation: bool = False
+    ) -> dict[str, tuple[Any, Any]]:
         """Physics fields (and with ``orientation``, the detector's mounting) that differ between
         two instruments: {name: (self, other)}."""
         mine, theirs = self.physics_dict(), other.physics_dict()
@@ -279,13 +301,17 @@ class Instrument:
             if not math.isclose(mine[key], theirs[key], rel_tol=rtol)
         }
         if orientation:
-            out |= {key: (value, getattr(other, key)) for key, value in self.orientation_dict().items()
-                    if value != getattr(other, key)}
+            out |= {
+                key: (value, getattr(other, key))
+                for key, value in self.orientation_dict().items()
+                if value != getattr(other, key)
+            }
         return out
 
-    def describe_differences(self, other: Instrument, mine: str, theirs: str, *,
-                             orientation: bool = False) -> str:
-        """"" if the physics matches, else e.g. "detector_distance_m: model 0.85 vs data 1.2"."""
+    def describe_differences(
+        self, other: Instrument, mine: str, theirs: str, *, orientation: bool = False
+    ) -> str:
+        """ "" if the physics matches, else e.g. "detector_distance_m: model 0.85 vs data 1.2"."""
         return ", ".join(
             f"{k}: {mine} {a!r} vs {theirs} {b!r}"
             for k, (a, b) in self.differences(other, orientation=orientation).items()
@@ -306,9 +332,7 @@ class Instrument:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InstrumentError(
-                f"unknown instrument key(s) {unknown}; valid keys are {sorted(known)}"
-            )
+            raise InstrumentError(f"unknown instrument key(s) {unknown}; valid keys are {sorted(known)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> Instrument:

@@ -30,8 +30,14 @@ from ..errors import NanobeamError
 from .forward import iter_grid
 from .instrument import PARAMETERS, Instrument
 
-__all__ = ["LibraryError", "check_library_attrs", "grid_axes", "library_instrument", "open_library",
-           "write_library"]
+__all__ = [
+    "LibraryError",
+    "check_library_attrs",
+    "grid_axes",
+    "library_instrument",
+    "open_library",
+    "write_library",
+]
 
 FORMAT = "nanobeam-library"
 FORMAT_VERSION = 1
@@ -44,9 +50,7 @@ class LibraryError(NanobeamError, ValueError):
 def grid_axes(instrument: Instrument, grid_points: int | None = None) -> dict[str, np.ndarray]:
     """Evenly spaced axes spanning the instrument's parameter ranges, ends included."""
     n = instrument.grid_points if grid_points is None else grid_points
-    return {
-        name: np.linspace(low, high, n) for name, (low, high) in instrument.parameter_ranges.items()
-    }
+    return {name: np.linspace(low, high, n) for name, (low, high) in instrument.parameter_ranges.items()}
 
 
 def write_library(
@@ -119,9 +123,7 @@ def open_library(path: str | Path) -> xr.Dataset:
     """
     path = Path(path)
     if not path.exists():
-        raise LibraryError(
-            f"no library at {path}; make one with `nanobeam simulate-library --out {path}`"
-        )
+        raise LibraryError(f"no library at {path}; make one with `nanobeam simulate-library --out {path}`")
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:

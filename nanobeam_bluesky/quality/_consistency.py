@@ -131,8 +131,11 @@ class PooledConsistency:
 
     def means(self) -> dict[str, float]:
         n = max(self.frames, 1)
-        return {"thickness_z": self.sum_thickness_z / n, "fit_quality": self.sum_fit_quality / n,
-                "thickness_z2_excess": self.sum_thickness_z2 / n - 1}
+        return {
+            "thickness_z": self.sum_thickness_z / n,
+            "fit_quality": self.sum_fit_quality / n,
+            "thickness_z2_excess": self.sum_thickness_z2 / n - 1,
+        }
 
     @property
     def mismatch(self) -> bool:
@@ -150,15 +153,22 @@ class PooledConsistency:
         scoring step from the instrument's thickness."""
         if self.sum_information <= 0:
             return float("nan"), float("nan")
-        return (nominal_angstrom + self.sum_score / self.sum_information,
-                float(1 / np.sqrt(self.sum_information)))
+        return (
+            nominal_angstrom + self.sum_score / self.sum_information,
+            float(1 / np.sqrt(self.sum_information)),
+        )
 
     def summary(self, nominal_angstrom: float) -> dict[str, float]:
         """What the pooled tests say, for a result's attributes or a run's stop document."""
         thickness, sd = self.thickness_estimate(nominal_angstrom)
         means = {f"pooled_{k}_mean": round(v, 4) for k, v in self.means().items()}
-        return {"pooled_frames": self.frames, **means, "pooled_thickness_angstrom": round(thickness, 3),
-                "pooled_thickness_sd_angstrom": round(sd, 3), "pooled_mismatch": int(self.mismatch)}
+        return {
+            "pooled_frames": self.frames,
+            **means,
+            "pooled_thickness_angstrom": round(thickness, 3),
+            "pooled_thickness_sd_angstrom": round(sd, 3),
+            "pooled_mismatch": int(self.mismatch),
+        }
 
 
 class PhysicsCheck:
@@ -178,9 +188,17 @@ class PhysicsCheck:
         chunk_size: frames evaluated together (cache-sized on a CPU).
     """
 
-    def __init__(self, instrument: Instrument, *, poor_fit_z: float = POOR_FIT_Z,
-                 thickness_z: float = THICKNESS_Z, min_ring_fraction: float = MIN_RING_FRACTION,
-                 max_steps: int = 6, converged_sigma: float = 1.0, chunk_size: int = 512) -> None:
+    def __init__(
+        self,
+        instrument: Instrument,
+        *,
+        poor_fit_z: float = POOR_FIT_Z,
+        thickness_z: float = THICKNESS_Z,
+        min_ring_fraction: float = MIN_RING_FRACTION,
+        max_steps: int = 6,
+        converged_sigma: float = 1.0,
+        chunk_size: int = 512,
+    ) -> None:
         self.instrument = instrument
         self.model = FrameModel.for_instrument(instrument)
         self.poor_fit_z = poor_fit_z
@@ -190,8 +208,9 @@ class PhysicsCheck:
         self.converged_sigma = converged_sigma
         self.chunk_size = chunk_size
         ranges = instrument.parameter_ranges
-        box = np.stack(np.meshgrid(*[np.linspace(lo, hi, 5) for lo, hi in ranges.values()],
-                                   indexing="ij"), -1).reshape(-1, 3)
+        box = np.stack(
+            np.meshgrid(*[np.linspace(lo, hi, 5) for lo, hi in ranges.values()], indexing="ij"), -1
+        ).reshape(-1, 3)
         #: Smallest total intensity of a frame in the box (Laue maximum 1), for the hot-pixel test.
         self.min_frame_intensity = float(self.model.render(*box.T).sum(axis=(1, 2)).min())
         rng = np.random.default_rng(0)
@@ -201,11 +220,13 @@ class PhysicsCheck:
         #: (strain, deg, deg): the forward model's accuracy, the least ``*_err`` can be.
         self.error_floor = np.sqrt((bound**2).mean(axis=0))
         # Largest step per parameter (a trust region): a tenth or a twentieth of the box.
-        self._max_step = np.array([
-            0.1 * (ranges["strain"][1] - ranges["strain"][0]),
-            0.05 * (ranges["omega"][1] - ranges["omega"][0]),
-            0.05 * (ranges["chi"][1] - ranges["chi"][0]),
-        ])
+        self._max_step = np.array(
+            [
+                0.1 * (ranges["strain"][1] - ranges["strain"][0]),
+                0.05 * (ranges["omega"][1] - ranges["omega"][0]),
+                0.05 * (ranges["chi"][1] - ranges["chi"][0]),
+            ]
+        )
         self._deviance = deviance_table()
 
     @classmethod
@@ -213,8 +234,9 @@ class PhysicsCheck:
         """The shared check, with the default thresholds, for ``instrument``'s physics."""
         return _shared_check(instrument.physics_only())
 
-    def __call__(self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *,
-                 refine: bool = True) -> Consistency:
+    def __call__(
+        self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *, refine: bool = True
+    ) -> Consistency:
         """Check (and with ``refine``, improve) estimates ``start`` (N, 3) of frames ``counts``.
 
         Args:
@@ -226,11 +248,18 @@ class PhysicsCheck:
         """
         n = len(counts)
         out = Consistency(
-            params=np.array(start, dtype=np.float64, copy=True), sigma=np.full((n, 3), np.nan),
-            scale=np.full(n, np.nan), background=np.full(n, np.nan), fit_quality=np.full(n, np.nan),
-            thickness_z=np.full(n, np.nan), ring_fraction=np.full(n, np.nan),
-            thickness_score=np.full(n, np.nan), thickness_information=np.full(n, np.nan),
-            steps=np.zeros(n, dtype=np.int64), flags=np.zeros(n, dtype=FLAG_DTYPE))
+            params=np.array(start, dtype=np.float64, copy=True),
+            sigma=np.full((n, 3), np.nan),
+            scale=np.full(n, np.nan),
+            background=np.full(n, np.nan),
+            fit_quality=np.full(n, np.nan),
+            thickness_z=np.full(n, np.nan),
+            ring_fraction=np.full(n, np.nan),
+            thickness_score=np.full(n, np.nan),
+            thickness_information=np.full(n, np.nan),
+            steps=np.zeros(n, dtype=np.int64),
+            flags=np.zeros(n, dtype=FLAG_DTYPE),
+        )
         for lo in range(0, n, self.chunk_size):
             hi = min(n, lo + self.chunk_size)
             self._chunk(counts[lo:hi], None if masked is None else masked[lo:hi], out, lo, refine)
@@ -242,8 +271,9 @@ class PhysicsCheck:
         return out
 
     # ------------------------------------------------------------------ one chunk
-    def _chunk(self, counts: np.ndarray, masked: np.ndarray | None, out: Consistency, lo: int,
-               refine: bool) -> None:
+    def _chunk(
+        self, counts: np.ndarray, masked: np.ndarray | None, out: Consistency, lo: int, refine: bool
+    ) -> None:
         b_frames = len(counts)
         flat = np.ascontiguousarray(counts, dtype=np.float32).reshape(b_frames, -1)
         if masked is None:
@@ -268,8 +298,16 @@ class PhysicsCheck:
         results: dict[str, np.ndarray] = {}
         for _ in range(self.max_steps if refine else 1):
             obs = observed if masked is None else observed[todo]
-            state = self._evaluate(theta[todo], scale[todo], flat[todo], obs, total_counts[todo],
-                                   total_pixels[todo], total_nlogn[todo], refine)
+            state = self._evaluate(
+                theta[todo],
+                scale[todo],
+                flat[todo],
+                obs,
+                total_counts[todo],
+                total_pixels[todo],
+                total_nlogn[todo],
+                refine,
+            )
             steps[todo] += 1
             # A step that raised the deviance overshot (far from the maximum, where the quadratic
             # model is poor): go back half way instead.
@@ -301,14 +339,30 @@ class PhysicsCheck:
             theta[todo] = accepted[todo]
         sl = slice(lo, lo + b_frames)
         out.params[sl] = theta
-        for key in ("sigma", "scale", "background", "fit_quality", "thickness_z", "ring_fraction",
-                    "thickness_score", "thickness_information"):
+        for key in (
+            "sigma",
+            "scale",
+            "background",
+            "fit_quality",
+            "thickness_z",
+            "ring_fraction",
+            "thickness_score",
+            "thickness_information",
+        ):
             getattr(out, key)[sl] = results[key]
         out.steps[sl] = steps if refine else 0
 
-    def _evaluate(self, theta: np.ndarray, scale: np.ndarray, flat: np.ndarray, observed: np.ndarray,
-                  total_counts: np.ndarray, total_pixels: np.ndarray, total_nlogn: np.ndarray,
-                  refine: bool) -> dict[str, np.ndarray]:
+    def _evaluate(
+        self,
+        theta: np.ndarray,
+        scale: np.ndarray,
+        flat: np.ndarray,
+        observed: np.ndarray,
+        total_counts: np.ndarray,
+        total_pixels: np.ndarray,
+        total_nlogn: np.ndarray,
+        refine: bool,
+    ) -> dict[str, np.ndarray]:
         """One evaluation of the forward model at ``theta`` (B, 3): the step and the check there.
 
         ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts.
@@ -318,15 +372,34 @@ class PhysicsCheck:
         geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2])
         sums = np.empty((len(theta), N_SUMS))
         with KERNEL_LOCK:
-            likelihood_sums(flat, observed, fm.frame_pixels, arrays["support_row"], arrays["support_col"],
-                            arrays["u0"], arrays["v0"], arrays["m0"], arrays["mu"], arrays["mv"],
-                            geometry.corner, pack_geometry(geometry), scale, total_counts, total_pixels,
-                            arrays["phases"], arrays["two_k"], arrays["k_px"], FLOOR_FRACTION,
-                            *self._deviance, sums)
+            likelihood_sums(
+                flat,
+                observed,
+                fm.frame_pixels,
+                arrays["support_row"],
+                arrays["support_col"],
+                arrays["u0"],
+                arrays["v0"],
+                arrays["m0"],
+                arrays["mu"],
+                arrays["mv"],
+                geometry.corner,
+                pack_geometry(geometry),
+                scale,
+                total_counts,
+                total_pixels,
+                arrays["phases"],
+                arrays["two_k"],
+                arrays["k_px"],
+                FLOOR_FRACTION,
+                *self._deviance,
+                sums,
+            )
         grad = sums[:, :5]
         fisher = sums[:, 5:30].reshape(-1, 5, 5)
-        (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support,
-         scale_used, background) = sums[:, 30:].T
+        (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support, scale_used, background) = sums[
+            :, 30:
+        ].T
         free = slice(0, 4) if refine else slice(3, 4)
         cov_free = _safe_inverse(fisher[:, free, free])
         g_free = grad[:, free]
@@ -340,8 +413,12 @@ class PhysicsCheck:
         p_off = np.clip(total_pixels - p_support, 0, None)
         floor = FLOOR_FRACTION * scale_used
         with np.errstate(divide="ignore", invalid="ignore"):
-            off = (total_nlogn - nlogn_support) - n_off * np.log(np.maximum(background, floor)) \
-                - n_off + p_off * background
+            off = (
+                (total_nlogn - nlogn_support)
+                - n_off * np.log(np.maximum(background, floor))
+                - n_off
+                + p_off * background
+            )
         deviance_here = 2 * (half_dev + off)
         deviance = deviance_here - (g_free * delta_free).sum(1)  # after the step
         mean_off, var_off = deviance_moments(np.maximum(background, 1e-6))
@@ -355,10 +432,18 @@ class PhysicsCheck:
         thickness_z = score / np.sqrt(np.maximum(residual_info, 1e-30))
         with np.errstate(divide="ignore", invalid="ignore"):
             ring = np.where(total_counts > 0, n_support / total_counts, 0.0)
-        return {"delta": delta, "sigma": sigma, "scale": np.maximum(scale_used + delta[:, 3], 1e-6),
-                "deviance_here": deviance_here,
-                "background": background, "fit_quality": fit_quality, "thickness_z": thickness_z,
-                "ring_fraction": ring, "thickness_score": score, "thickness_information": residual_info}
+        return {
+            "delta": delta,
+            "sigma": sigma,
+            "scale": np.maximum(scale_used + delta[:, 3], 1e-6),
+            "deviance_here": deviance_here,
+            "background": background,
+            "fit_quality": fit_quality,
+            "thickness_z": thickness_z,
+            "ring_fraction": ring,
+            "thickness_score": score,
+            "thickness_information": residual_info,
+        }
 
 
 def _safe_inverse(matrices: np.ndarray) -> np.ndarray:

@@ -59,5 +59,4 @@ def deviance_moments(mu) -> tuple[np.ndarray, np.ndarray]:
 def deviance_table() -> tuple[float, float, np.ndarray, np.ndarray]:
     """(log mu of the first entry, step in log mu, means, variances) for fused kernels."""
     mean, var = _table()
-    return (float(_LOG_MU[0]), float(_LOG_MU[1] - _LOG_MU[0]), mean.double().numpy(),
-            var.double().numpy())
+    return (float(_LOG_MU[0]), float(_LOG_MU[1] - _LOG_MU[0]), mean.double().numpy(), var.double().numpy())

@@ -14,13 +14,40 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["GEOMETRY_COLUMNS", "KERNEL_LOCK", "N_SUMS", "frame_statistics", "likelihood_sums",
-           "pack_geometry"]
+__all__ = [
+    "GEOMETRY_COLUMNS",
+    "KERNEL_LOCK",
+    "N_SUMS",
+    "frame_statistics",
+    "likelihood_sums",
+    "pack_geometry",
+]
 
 #: Per-frame inputs, in this order, of the packed geometry array (float64 (N, 22)).
-GEOMETRY_COLUMNS = ("rows", "fa", "fb", "du_dw", "dv_dw", "du_dc", "dv_dc", "shift_u",
-                    "shift_v", "alpha", "beta", "gamma", "alpha_w", "beta_w", "gamma_w", "alpha_c",
-                    "beta_c", "gamma_c", "offset", "half_t", "dx_dstrain", "cols")
+GEOMETRY_COLUMNS = (
+    "rows",
+    "fa",
+    "fb",
+    "du_dw",
+    "dv_dw",
+    "du_dc",
+    "dv_dc",
+    "shift_u",
+    "shift_v",
+    "alpha",
+    "beta",
+    "gamma",
+    "alpha_w",
+    "beta_w",
+    "gamma_w",
+    "alpha_c",
+    "beta_c",
+    "gamma_c",
+    "offset",
+    "half_t",
+    "dx_dstrain",
+    "cols",
+)
 #: Outputs per frame: gradient (5: strain, omega, chi, scale, thickness), Fisher information
 #: (5 x 5, 25), then on the support: half the deviance (sum of n log(n / mu) - n + mu), the sums
 #: of the unit deviance's mean and variance, the counts, the observed pixels and sum n log n;
@@ -38,9 +65,24 @@ KERNEL_LOCK = threading.Lock()
 def pack_geometry(geometry) -> np.ndarray:
     """The FrameGeometry of a chunk as the kernel's float64 (N, 22) array."""
     g = geometry
-    columns = [g.rows, g.fa, g.fb, g.du_dw, g.dv_dw, g.du_dc, g.dv_dc, g.shift_u, g.shift_v,
-               *g.normal.T, *g.normal_d_omega.T, *g.normal_d_chi.T, g.offset, g.half_t, g.dx_dstrain,
-               g.cols]
+    columns = [
+        g.rows,
+        g.fa,
+        g.fb,
+        g.du_dw,
+        g.dv_dw,
+        g.du_dc,
+        g.dv_dc,
+        g.shift_u,
+        g.shift_v,
+        *g.normal.T,
+        *g.normal_d_omega.T,
+        *g.normal_d_chi.T,
+        g.offset,
+        g.half_t,
+        g.dx_dstrain,
+        g.cols,
+    ]
     return np.ascontiguousarray(np.stack(columns, 1), dtype=np.float64)
 
 
@@ -79,9 +121,32 @@ def frame_statistics(flat, with_nlogn, with_fraction, out):  # pragma: no cover 
 
 
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
-def likelihood_sums(frames, observed, side, support_row, support_col, u0, v0, m0_table, mu_table,
-                    mv_table, corner, geo, scale, total_counts, total_pixels, phases, two_k, k_px,
-                    floor_fraction, log_mu0, log_step, dev_mean, dev_var, out):  # pragma: no cover
+def likelihood_sums(
+    frames,
+    observed,
+    side,
+    support_row,
+    support_col,
+    u0,
+    v0,
+    m0_table,
+    mu_table,
+    mv_table,
+    corner,
+    geo,
+    scale,
+    total_counts,
+    total_pixels,
+    phases,
+    two_k,
+    k_px,
+    floor_fraction,
+    log_mu0,
+    log_step,
+    dev_mean,
+    dev_var,
+    out,
+):  # pragma: no cover
     """Fill ``out`` (N, N_SUMS) for frames (N, side * side) at the geometry ``geo``.
 
     ``observed`` is (N, side * side), 1 where a pixel is an observation and 0 where masked, or

@@ -53,8 +53,9 @@ class PreparedFrames:
 def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
     """The instrument's raw-ROI mask in physics.md's orientation, binned (any raw pixel masks the
     binned one): bool (F, F), or None when the instrument masks nothing."""
-    if not (instrument.detector_mask_rows or instrument.detector_mask_cols
-            or instrument.detector_mask_pixels):
+    if not (
+        instrument.detector_mask_rows or instrument.detector_mask_cols or instrument.detector_mask_pixels
+    ):
         return None
     roi = instrument.roi_pixels
     raw = np.zeros((roi, roi), dtype=bool)
@@ -120,8 +121,10 @@ def prepare_frames(
         saturated = None
     user = None if mask is None else np.asarray(mask, dtype=bool)
     if user is not None and user.shape[-2:] not in ((f, f), (raw_side, raw_side)):
-        raise InputError(f"mask must be ({f}, {f}) or ({raw_side}, {raw_side}) (True = masked), "
-                         f"optionally per frame; got shape {user.shape}")
+        raise InputError(
+            f"mask must be ({f}, {f}) or ({raw_side}, {raw_side}) (True = masked), "
+            f"optionally per frame; got shape {user.shape}"
+        )
     if raw:
         arr = orient(arr, instrument)
         binning = instrument.binning
@@ -170,8 +173,9 @@ def prepare_frames(
     return PreparedFrames(counts, masked, flags)
 
 
-def _hot_pixels(flat: np.ndarray, totals: np.ndarray, peak: np.ndarray,
-                min_frame_intensity: float) -> np.ndarray | None:
+def _hot_pixels(
+    flat: np.ndarray, totals: np.ndarray, peak: np.ndarray, min_frame_intensity: float
+) -> np.ndarray | None:
     """Pixels (N, P) above what a fully lit pixel at the Laue maximum can hold at this count level.
 
     That pixel expects the count level s, and a frame's counts are s times its total intensity,

@@ -79,8 +79,11 @@ def find_run(catalog: Any, run: str | int) -> Any:
     try:
         return catalog[run]
     except (KeyError, ValueError) as exc:
-        what = f"no raw run with scan_id {run}, nor a run whose uid starts with {run!r}," if digits \
+        what = (
+            f"no raw run with scan_id {run}, nor a run whose uid starts with {run!r},"
+            if digits
             else f"no run with uid {run!r}"
+        )
         raise RunNotFoundError(f"{what} in the catalog ({exc})") from exc
 
 
@@ -92,8 +95,9 @@ def _rows_stored(node: Any) -> int:
         return 0
 
 
-def _column(stream: Any, key: str, n: int, dtype: Any, default: np.ndarray,
-            available: set[str]) -> np.ndarray:
+def _column(
+    stream: Any, key: str, n: int, dtype: Any, default: np.ndarray, available: set[str]
+) -> np.ndarray:
     """A stream column of ``n`` values; ``default`` where it is absent, short or unreadable."""
     out = default.astype(dtype, copy=True)
     if key not in available:
@@ -116,8 +120,14 @@ class _StoredFrames:
     still fails is given up (``failure`` says why): the rest of its rows are None.
     """
 
-    def __init__(self, run: Any, stream_name: str, image_key: str, frame_shape: tuple[int, ...],
-                 missing: dict[str, list[int]]) -> None:
+    def __init__(
+        self,
+        run: Any,
+        stream_name: str,
+        image_key: str,
+        frame_shape: tuple[int, ...],
+        missing: dict[str, list[int]],
+    ) -> None:
         self.run, self.stream_name, self.image_key = run, stream_name, image_key
         self.frame_shape = frame_shape
         self.missing = missing
@@ -152,8 +162,11 @@ class _StoredFrames:
             self.node = self.run[self.stream_name][self.image_key]
             self.stored = _rows_stored(self.node)
         if fixes:  # what the validator changed goes into the stop's reason
-            self.missing.setdefault("Tiled's validator: " + "; ".join(
-                str(w.message) for w in fixes if self.image_key in str(w.message)), [])
+            self.missing.setdefault(
+                "Tiled's validator: "
+                + "; ".join(str(w.message) for w in fixes if self.image_key in str(w.message)),
+                [],
+            )
 
 
 def replay_run(
@@ -201,7 +214,8 @@ def replay_run(
     stream = run[stream_name]
     available = set(stream)
     keys = [layout.image_key] + [
-        k for k, v in descriptor["data_keys"].items()
+        k
+        for k, v in descriptor["data_keys"].items()
         if k != layout.image_key and k in available and _scalar_number(v)
     ]
     # The frames (and positions) will be inline in the pages built below.
@@ -234,8 +248,9 @@ def replay_run(
         # Every raw frame gets a derived row: as many as the raw stop says were taken.
         n = int((raw_stop.get("num_events") or {}).get(stream_name, reader.stored))
         seq = _column(stream, "seq_num", n, np.int64, np.arange(1, n + 1), available)
-        times = _column(stream, "time", n, np.float64,
-                        np.full(n, float(descriptor.get("time", start["time"]))), available)
+        times = _column(
+            stream, "time", n, np.float64, np.full(n, float(descriptor.get("time", start["time"]))), available
+        )
         columns = {k: _column(stream, k, n, np.float64, np.full(n, np.nan), available) for k in keys[1:]}
         for i in range(0, n, page_size):
             j = min(i + page_size, n)
@@ -261,15 +276,22 @@ def replay_run(
         missing.setdefault(f"replay stopped: {type(exc).__name__}: {exc}", [])
         raise
     finally:
-        stop = raw_stop or {"uid": str(uuid.uuid4()), "time": time.time(), "exit_status": "abort",
-                            "reason": "the raw run has no stop document (interrupted); replayed the "
-                            "frames stored in Tiled"}
+        stop = raw_stop or {
+            "uid": str(uuid.uuid4()),
+            "time": time.time(),
+            "exit_status": "abort",
+            "reason": "the raw run has no stop document (interrupted); replayed the frames stored in Tiled",
+        }
         stop["run_start"] = start["uid"]
         if missing:  # the raw counts stay as they are; the reason says which rows are missing
-            told = "; ".join(f"rows {seq_ranges(rows)}: {why}" if rows else why
-                             for why, rows in missing.items())
-            stop["reason"] = "; ".join(r for r in (stop.get("reason"), "replay could not read frames "
-                                                   f"(rows flagged INVALID): {told}") if r)
+            told = "; ".join(
+                f"rows {seq_ranges(rows)}: {why}" if rows else why for why, rows in missing.items()
+            )
+            stop["reason"] = "; ".join(
+                r
+                for r in (stop.get("reason"), f"replay could not read frames (rows flagged INVALID): {told}")
+                if r
+            )
         if "num_events" not in stop:
             stop["num_events"] = {stream_name: callback.stats.frames_received}
         with contextlib.suppress(Exception):

@@ -462,8 +462,14 @@ class TiledServer:
     def start(self, timeout: float = 180.0) -> TiledServer:
         """Start the server and wait until it answers ``/healthz`` (or fail with its log)."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "nanobeam_bluesky.cli", "serve", *self.config.to_args(),
-               *self._extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nanobeam_bluesky.cli",
+            "serve",
+            *self.config.to_args(),
+            *self._extra_args,
+        ]
         with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env)
         deadline = time.monotonic() + timeout

@@ -81,9 +81,17 @@ class SpooledTiledWriter:
         api_key: for a catalog given as a URI.
     """
 
-    def __init__(self, catalog: Any, spool_dir: str | Path, *, writer_factory: Any = None,
-                 probe_interval_s: float = 2.0, keep: bool = False, api_key: str | None = None,
-                 **writer_kwargs: Any) -> None:
+    def __init__(
+        self,
+        catalog: Any,
+        spool_dir: str | Path,
+        *,
+        writer_factory: Any = None,
+        probe_interval_s: float = 2.0,
+        keep: bool = False,
+        api_key: str | None = None,
+        **writer_kwargs: Any,
+    ) -> None:
         from .catalog import tiled_writer
 
         # A URI is connected to lazily, from the writer thread: Tiled may be down right now.
@@ -168,9 +176,17 @@ class SpooledTiledWriter:
     def status(self) -> dict[str, dict[str, Any]]:
         """Per run: documents spooled and written, whether it waits for Tiled, and why."""
         with self._lock:
-            return {uid: {"spooled": r.spooled, "written": r.written, "waiting": r.broken,
-                          "rewrites": r.rewrites, "done": r.done, "error": r.last_error}
-                    for uid, r in self._runs.items()}
+            return {
+                uid: {
+                    "spooled": r.spooled,
+                    "written": r.written,
+                    "waiting": r.broken,
+                    "rewrites": r.rewrites,
+                    "done": r.done,
+                    "error": r.last_error,
+                }
+                for uid, r in self._runs.items()
+            }
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every document spooled so far is in Tiled; False if ``timeout`` passed."""
@@ -221,8 +237,12 @@ class SpooledTiledWriter:
             run.spooled, run.stopped, run.broken = count, stopped, True  # replace what is in Tiled
             found.append(uid)
         if found:
-            logger.warning("SpooledTiledWriter: %d run(s) from an earlier session are in the spool %s; "
-                           "writing them to Tiled", len(found), self.spool_dir)
+            logger.warning(
+                "SpooledTiledWriter: %d run(s) from an earlier session are in the spool %s; "
+                "writing them to Tiled",
+                len(found),
+                self.spool_dir,
+            )
             self._ensure_thread()
         return found
 
@@ -231,8 +251,9 @@ class SpooledTiledWriter:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._work, name="nanobeam-tiled-spool",
-                                                    daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._work, name="nanobeam-tiled-spool", daemon=True
+                    )
                     self._thread.start()
 
     def _work(self) -> None:
@@ -257,8 +278,13 @@ class SpooledTiledWriter:
                     with self._lock:
                         run.broken = True
                         run.last_error = f"{type(exc).__name__}: {exc}"
-                    logger.warning("SpooledTiledWriter: run %s waits for Tiled (%s); its %d documents "
-                                   "are safe in %s", run.uid, run.last_error, run.spooled, run.path)
+                    logger.warning(
+                        "SpooledTiledWriter: run %s waits for Tiled (%s); its %d documents are safe in %s",
+                        run.uid,
+                        run.last_error,
+                        run.spooled,
+                        run.path,
+                    )
                     break
 
     def _feed(self, run: RunSpool) -> None:
@@ -288,8 +314,9 @@ class SpooledTiledWriter:
         if run._in is not None:
             run._in.close()
         run._in = open(run.path, "rb")
-        run._reader = iter(msgpack.Unpacker(run._in, object_hook=msgpack_numpy.decode, raw=False,
-                                            max_buffer_size=0))
+        run._reader = iter(
+            msgpack.Unpacker(run._in, object_hook=msgpack_numpy.decode, raw=False, max_buffer_size=0)
+        )
         run._writer = self._factory()
         with self._lock:
             run.written = 0
@@ -307,8 +334,12 @@ class SpooledTiledWriter:
         if not self.keep:
             with contextlib.suppress(OSError):
                 run.path.unlink()
-        logger.info("SpooledTiledWriter: run %s is in Tiled (%d documents%s)", run.uid, run.written,
-                    f", written again {run.rewrites}x after outages" if run.rewrites else "")
+        logger.info(
+            "SpooledTiledWriter: run %s is in Tiled (%d documents%s)",
+            run.uid,
+            run.written,
+            f", written again {run.rewrites}x after outages" if run.rewrites else "",
+        )
 
     def _tiled_answers(self) -> bool:
         """Tiled's /healthz within 2 s (no retries: this is the probe)."""

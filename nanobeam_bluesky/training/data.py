@@ -78,9 +78,12 @@ def noisy_counts(
     # each with a generator seeded from the caller's, so results stay reproducible.
     seeds = torch.randint(0, 2**62, (_POISSON_THREADS,), generator=generator).tolist()
     parts = expected.chunk(_POISSON_THREADS)
-    out = list(_poisson_pool().map(
-        lambda args: torch.poisson(args[0], generator=torch.Generator().manual_seed(args[1])),
-        zip(parts, seeds, strict=True)))
+    out = list(
+        _poisson_pool().map(
+            lambda args: torch.poisson(args[0], generator=torch.Generator().manual_seed(args[1])),
+            zip(parts, seeds, strict=True),
+        )
+    )
     return torch.cat(out)
 
 
@@ -198,8 +201,14 @@ class OnTheFlyData(_Data):
     a GPU, the pool is simulated and kept there: the CPU no longer sets the pace.
     """
 
-    def __init__(self, instrument: Instrument, recipe: Recipe, seed: int, progress: Progress | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        instrument: Instrument,
+        recipe: Recipe,
+        seed: int,
+        progress: Progress | None = None,
+        device: str = "cpu",
+    ) -> None:
         self.instrument = instrument
         self.recipe = recipe
         self.seed = seed
@@ -208,8 +217,9 @@ class OnTheFlyData(_Data):
         self.block_size = recipe.pool_size // self.n_blocks
         n_pix = instrument.frame_pixels
         self.device = torch.device(device)
-        self.frames = torch.empty((self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16,
-                                  device=self.device)
+        self.frames = torch.empty(
+            (self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16, device=self.device
+        )
         self.labels = torch.empty((self.n_blocks * self.block_size, 3), dtype=torch.float32)
         self.train_index = torch.arange(len(self.frames))
         self.fixed_counts = False
@@ -220,8 +230,9 @@ class OnTheFlyData(_Data):
         rng = np.random.default_rng([self.seed, 1, block, epoch])
         params = random_parameters(self.instrument, self.block_size, rng)
         strain, omega, chi = params.T
-        frames = simulate_tensor(strain, omega, chi, self.instrument, upsample=self.recipe.upsample,
-                                 device=self.device)
+        frames = simulate_tensor(
+            strain, omega, chi, self.instrument, upsample=self.recipe.upsample, device=self.device
+        )
         sl = slice(block * self.block_size, (block + 1) * self.block_size)
         self.frames[sl] = frames.half()
         self.labels[sl] = torch.as_tensor(self.std.forward(params), dtype=torch.float32)
@@ -260,8 +271,15 @@ class OnTheFlyData(_Data):
         return self._held_out(3)
 
 
-def make_data(instrument: Instrument, recipe: Recipe, seed: int, *, library: str | None = None,
-              progress: Progress | None = None, device: str = "cpu") -> GridData | OnTheFlyData:
+def make_data(
+    instrument: Instrument,
+    recipe: Recipe,
+    seed: int,
+    *,
+    library: str | None = None,
+    progress: Progress | None = None,
+    device: str = "cpu",
+) -> GridData | OnTheFlyData:
     if recipe.data == "grid":
         return GridData(instrument, recipe, seed, library=library)
     if recipe.data == "on_the_fly":

@@ -32,8 +32,11 @@ def model_metadata(
 ) -> dict[str, Any]:
     """Everything a model file says about itself (the sha256 is added when saved)."""
     std = Standardiser.for_instrument(instrument)
-    input_norm = ("sqrt(counts / per-frame mean)" if recipe.architecture == "mlp"
-                  else "raw counts (library-wide scale to max_counts)")
+    input_norm = (
+        "sqrt(counts / per-frame mean)"
+        if recipe.architecture == "mlp"
+        else "raw counts (library-wide scale to max_counts)"
+    )
     return {
         "model_id": f"nanobeam-{recipe.name}-{recipe.architecture}",
         "architecture": {"name": recipe.architecture, "kwargs": recipe.architecture_kwargs},
@@ -52,8 +55,9 @@ def model_metadata(
         "upsample": recipe.upsample or instrument.upsample,
         "recipe": recipe.to_dict(),
         "metrics": metrics,
-        "crlb_rms": dict(zip(PARAMETERS, crlb_reference(instrument, recipe.max_counts).tolist(),
-                             strict=True)),
+        "crlb_rms": dict(
+            zip(PARAMETERS, crlb_reference(instrument, recipe.max_counts).tolist(), strict=True)
+        ),
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "training_command": command,
@@ -91,9 +95,11 @@ def train_ensemble(
         raise InputError(f"n_members must be >= 1, got {n_members}")
     refining = recipe.architecture == "registered_mlp"
     if refining and base is None:
-        raise InputError(f"recipe {recipe.name!r} refines a coarse ensemble: pass its model file as base "
-                         "(`nanobeam train --recipe registered --base COARSE.pt`, COARSE.pt from "
-                         "`nanobeam train --recipe default`)")
+        raise InputError(
+            f"recipe {recipe.name!r} refines a coarse ensemble: pass its model file as base "
+            "(`nanobeam train --recipe registered --base COARSE.pt`, COARSE.pt from "
+            "`nanobeam train --recipe default`)"
+        )
     if base is not None and not refining:
         raise InputError(f"base is only for the registered recipe, not {recipe.name!r}")
     if base is not None:
@@ -113,8 +119,15 @@ def train_ensemble(
             states.append(saved["state_dict"])
             member_metrics.append(json.loads(saved["metrics"]))
             continue
-        result = train_member(recipe, instrument, seed=seed + k, workdir=member_dir, device=device,
-                              library=library, progress=progress)
+        result = train_member(
+            recipe,
+            instrument,
+            seed=seed + k,
+            workdir=member_dir,
+            device=device,
+            library=library,
+            progress=progress,
+        )
         states.append(result.state_dict)
         member_metrics.append(result.metrics)
         if done is not None:
@@ -127,8 +140,11 @@ def train_ensemble(
         # The registered input is nearly the same frame every time, so the int8 rounding of the
         # input layer adds a near-constant shift: it biased chi by -0.2x the CRLB until corrected.
         mean_input = mean_registered_input(recipe, instrument, seed=seed)
-        stored = as_stored(quantisation_bias_correction(states, stored, mean_input),
-                           weight_dtype=weight_dtype, int8_rows=int8_rows)
+        stored = as_stored(
+            quantisation_bias_correction(states, stored, mean_input),
+            weight_dtype=weight_dtype,
+            int8_rows=int8_rows,
+        )
         states = as_stored(base_states, weight_dtype=weight_dtype, int8_rows=int8_rows) + stored
         metadata = _refined_metadata(base_meta, recipe, instrument, n_members, member_metrics, command)
     else:
@@ -151,8 +167,14 @@ def train_ensemble(
     return sha, {**metadata, "sha256": sha}
 
 
-def _refined_metadata(base: dict[str, Any], recipe: Recipe, instrument: Instrument, n_members: int,
-                      member_metrics: list[dict[str, Any]], command: str | None) -> dict[str, Any]:
+def _refined_metadata(
+    base: dict[str, Any],
+    recipe: Recipe,
+    instrument: Instrument,
+    n_members: int,
+    member_metrics: list[dict[str, Any]],
+    command: str | None,
+) -> dict[str, Any]:
     """The coarse model's metadata plus a ``refiner`` section describing the second stage."""
     objective = RegisteredObjective(recipe, instrument)
     registration = TiltRegistration.for_instrument(instrument)
@@ -160,8 +182,10 @@ def _refined_metadata(base: dict[str, Any], recipe: Recipe, instrument: Instrume
     metadata = {k: v for k, v in base.items() if k not in saved_keys}
     metadata["model_id"] = f"{base['model_id']}+{recipe.name}"
     metadata["refiner"] = {
-        "architecture": {"name": recipe.architecture,
-                         "kwargs": {**recipe.architecture_kwargs, **objective.model_kwargs}},
+        "architecture": {
+            "name": recipe.architecture,
+            "kwargs": {**recipe.architecture_kwargs, **objective.model_kwargs},
+        },
         "parameters": list(objective.names),
         "registration": registration.to_dict(),
         "output_normalisation": {"centre": [0.0, 0.0], "half_range": list(objective.half_range)},
@@ -176,8 +200,12 @@ def _refined_metadata(base: dict[str, Any], recipe: Recipe, instrument: Instrume
     return metadata
 
 
-def quantisation_bias_correction(float_states: list[dict[str, Any]], stored_states: list[dict[str, Any]],
-                                 mean_input: Any, layer: str = "layers.0") -> list[dict[str, Any]]:
+def quantisation_bias_correction(
+    float_states: list[dict[str, Any]],
+    stored_states: list[dict[str, Any]],
+    mean_input: Any,
+    layer: str = "layers.0",
+) -> list[dict[str, Any]]:
     """Stored states whose first-layer bias absorbs the rounding of its weights at the mean input.
 
     ``b' = b + (W - W_stored) @ mean_input``: the stored layer's outputs then have the float
@@ -197,8 +225,9 @@ def quantisation_bias_correction(float_states: list[dict[str, Any]], stored_stat
     return out
 
 
-def mean_registered_input(recipe: Recipe, instrument: Instrument, *, seed: int = 0,
-                          n: int = 4096) -> torch.Tensor:
+def mean_registered_input(
+    recipe: Recipe, instrument: Instrument, *, seed: int = 0, n: int = 4096
+) -> torch.Tensor:
     """Mean input features of the refining network over its training distribution (float64)."""
     import torch
 
@@ -217,6 +246,8 @@ def mean_registered_input(recipe: Recipe, instrument: Instrument, *, seed: int =
     rows, cols, _, _ = objective.shifts_and_targets(torch.as_tensor(params[:, 1:]), noise)
     model = build_model(recipe.architecture, **{**recipe.architecture_kwargs, **objective.model_kwargs})
     if not isinstance(model, RegisteredMLP):
-        raise InputError(f"recipe {recipe.name!r} is not a refining recipe (architecture "
-                         f"{recipe.architecture!r}, not 'registered_mlp')")
+        raise InputError(
+            f"recipe {recipe.name!r} is not a refining recipe (architecture "
+            f"{recipe.architecture!r}, not 'registered_mlp')"
+        )
     return model.features(counts, rows, cols).double().mean(0)

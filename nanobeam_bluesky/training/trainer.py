@@ -21,8 +21,16 @@ from ..physics import PARAMETERS, Instrument, crlb
 from .data import GridData, OnTheFlyData, Standardiser, make_data, random_parameters
 from .recipes import Recipe
 
-__all__ = ["MemberResult", "Objective", "TrainingError", "crlb_reference", "evaluate", "loss_weights",
-           "objective_for", "train_member"]
+__all__ = [
+    "MemberResult",
+    "Objective",
+    "TrainingError",
+    "crlb_reference",
+    "evaluate",
+    "loss_weights",
+    "objective_for",
+    "train_member",
+]
 
 
 class TrainingError(NanobeamError, RuntimeError):
@@ -79,14 +87,16 @@ class Objective:
         self.weights = loss_weights(recipe, instrument)
         self.model_kwargs: dict[str, Any] = {}
 
-    def outputs_and_targets(self, model: torch.nn.Module, counts: torch.Tensor, labels: torch.Tensor,
-                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs_and_targets(
+        self, model: torch.nn.Module, counts: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Network outputs and standardised targets for one batch (labels: the box-standardised truth)."""
         return model(counts[:, None]), labels
 
     @torch.inference_mode()
-    def predict(self, model: torch.nn.Module, counts: torch.Tensor, truth: np.ndarray, device: str,
-                batch: int = 2048) -> np.ndarray:
+    def predict(
+        self, model: torch.nn.Module, counts: torch.Tensor, truth: np.ndarray, device: str, batch: int = 2048
+    ) -> np.ndarray:
         """Physical predictions (N, len(names)); ``truth`` is for objectives that need a start."""
         model.eval()
         out = [model(counts[i : i + batch].to(device)[:, None]).cpu() for i in range(0, len(counts), batch)]
@@ -142,15 +152,24 @@ class RegisteredObjective(Objective):
         tilts = torch.as_tensor(truth[:, 1:], dtype=torch.float64)
         noise = torch.randn(tilts.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
         rows, cols, base, _ = self.shifts_and_targets(tilts, noise)
-        out = [model(counts[i : i + batch].to(device), rows[i : i + batch].to(device),
-                     cols[i : i + batch].to(device)).cpu() for i in range(0, len(counts), batch)]
+        out = [
+            model(
+                counts[i : i + batch].to(device),
+                rows[i : i + batch].to(device),
+                cols[i : i + batch].to(device),
+            ).cpu()
+            for i in range(0, len(counts), batch)
+        ]
         model.train()
         return (torch.cat(out).double() * torch.as_tensor(self.half_range) + base).numpy()
 
 
 def objective_for(recipe: Recipe, instrument: Instrument) -> Objective:
-    return RegisteredObjective(recipe, instrument) if recipe.architecture == "registered_mlp" \
+    return (
+        RegisteredObjective(recipe, instrument)
+        if recipe.architecture == "registered_mlp"
         else Objective(recipe, instrument)
+    )
 
 
 def _learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
@@ -184,16 +203,27 @@ class _Progress:
         else:
             self.since_best += 1
 
-    def save(self, path: Path, identity: str, model: torch.nn.Module,
-             optimiser: torch.optim.Optimizer) -> None:
-        torch.save({"identity": identity, "epoch": self.epoch, "model": model.state_dict(),
-                    "optimiser": optimiser.state_dict(), "best_val": self.best_val,
-                    "since_best": self.since_best, "best_model": self.best_state,
-                    "history": json.dumps(self.history)}, path)
+    def save(
+        self, path: Path, identity: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer
+    ) -> None:
+        torch.save(
+            {
+                "identity": identity,
+                "epoch": self.epoch,
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "best_val": self.best_val,
+                "since_best": self.since_best,
+                "best_model": self.best_state,
+                "history": json.dumps(self.history),
+            },
+            path,
+        )
 
     @classmethod
-    def resume(cls, path: Path, identity: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-               device: str) -> _Progress:
+    def resume(
+        cls, path: Path, identity: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer, device: str
+    ) -> _Progress:
         """The progress saved at ``path`` (model and optimiser restored) if it is this training's."""
         if not path.exists():
             return cls()
@@ -202,19 +232,35 @@ class _Progress:
             return cls()
         model.load_state_dict(ckpt["model"])
         optimiser.load_state_dict(ckpt["optimiser"])
-        return cls(ckpt["epoch"], ckpt["best_val"], ckpt["since_best"], ckpt["best_model"],
-                   json.loads(ckpt["history"]))
+        return cls(
+            ckpt["epoch"],
+            ckpt["best_val"],
+            ckpt["since_best"],
+            ckpt["best_model"],
+            json.loads(ckpt["history"]),
+        )
 
 
-def _train_epoch(recipe: Recipe, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                 objective: Objective, weights: torch.Tensor, data: GridData | OnTheFlyData, epoch: int,
-                 seed: int, device: str, pbar: Any) -> tuple[float, float]:
+def _train_epoch(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    objective: Objective,
+    weights: torch.Tensor,
+    data: GridData | OnTheFlyData,
+    epoch: int,
+    seed: int,
+    device: str,
+    pbar: Any,
+) -> tuple[float, float]:
     """One pass over the epoch's training frames; returns (mean training loss, last learning rate)."""
     steps_per_epoch = data.steps_per_epoch()
     data.prepare(epoch)
     # Index order on the CPU, noise on the training device; both fixed by (seed, epoch).
-    generators = (torch.Generator().manual_seed(seed * 1_000_003 + epoch),
-                  torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1))
+    generators = (
+        torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1),
+    )
     running, n_batches, lr = 0.0, 0, recipe.learning_rate
     for i, (x, y) in enumerate(data.batches(epoch, generators, device)):
         lr = _learning_rate(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
@@ -256,8 +302,11 @@ def train_member(
     optimiser = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     weights = objective.weights.to(device)
     val_counts, val_params = data.validation()
-    identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed,
-                           "instrument": instrument.to_dict()}, sort_keys=True, default=list)
+    identity = json.dumps(
+        {"recipe": recipe.to_dict(), "seed": seed, "instrument": instrument.to_dict()},
+        sort_keys=True,
+        default=list,
+    )
 
     workdir = Path(workdir) if workdir is not None else None
     if workdir:
@@ -267,16 +316,27 @@ def train_member(
         state = _Progress.resume(workdir / "checkpoint.pt", identity, model, optimiser, device)
 
     steps_per_epoch = data.steps_per_epoch()
-    pbar = tqdm(total=recipe.epochs * steps_per_epoch, initial=(state.epoch + 1) * steps_per_epoch,
-                desc=f"{recipe.name} seed {seed}", disable=not progress, unit="step")
+    pbar = tqdm(
+        total=recipe.epochs * steps_per_epoch,
+        initial=(state.epoch + 1) * steps_per_epoch,
+        desc=f"{recipe.name} seed {seed}",
+        disable=not progress,
+        unit="step",
+    )
     start_time = time.perf_counter()
     stopped_early = False
     for epoch in range(state.epoch + 1, recipe.epochs):
-        train_loss, lr = _train_epoch(recipe, model, optimiser, objective, weights, data, epoch, seed,
-                                      device, pbar)
+        train_loss, lr = _train_epoch(
+            recipe, model, optimiser, objective, weights, data, epoch, seed, device, pbar
+        )
         pred = objective.predict(model, val_counts, val_params, device)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": objective.loss(pred, val_params),
-               "lr": lr, "elapsed_s": time.perf_counter() - start_time}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": objective.loss(pred, val_params),
+            "lr": lr,
+            "elapsed_s": time.perf_counter() - start_time,
+        }
         scores = evaluate(pred, val_params[:, objective.index], objective.names)
         row |= {f"val_{k}": v for k, v in scores.items() if k.startswith("rmse")}
         state.record(epoch, row, model)
@@ -291,21 +351,38 @@ def train_member(
     return _best_member(recipe, seed, state, model, objective, data, device, stopped_early)
 
 
-def _best_member(recipe: Recipe, seed: int, state: _Progress, model: torch.nn.Module, objective: Objective,
-                 data: GridData | OnTheFlyData, device: str, stopped_early: bool) -> MemberResult:
+def _best_member(
+    recipe: Recipe,
+    seed: int,
+    state: _Progress,
+    model: torch.nn.Module,
+    objective: Objective,
+    data: GridData | OnTheFlyData,
+    device: str,
+    stopped_early: bool,
+) -> MemberResult:
     """The best-validation weights, scored on the test frames."""
     if state.best_state is None:  # no epoch to run, or every validation loss NaN (diverged)
-        why = (f"recipe has epochs={recipe.epochs}" if not state.history else
-               f"none of its {len(state.history)} epochs gave a finite validation loss (diverged: lower "
-               "the learning rate)")
+        why = (
+            f"recipe has epochs={recipe.epochs}"
+            if not state.history
+            else f"none of its {len(state.history)} epochs gave a finite validation loss (diverged: lower "
+            "the learning rate)"
+        )
         raise TrainingError(f"{recipe.name} seed {seed}: no network to keep: {why}")
     model.load_state_dict(state.best_state)
     test_counts, test_params = data.test()
     test_pred = objective.predict(model, test_counts, test_params, device)
-    metrics = {f"test_{k}": v for k, v in evaluate(test_pred, test_params[:, objective.index],
-                                                   objective.names).items()}
-    metrics |= {"best_val_loss": state.best_val, "epochs_trained": len(state.history),
-                "stopped_early": stopped_early, "test_frames": len(test_params)}
+    metrics = {
+        f"test_{k}": v
+        for k, v in evaluate(test_pred, test_params[:, objective.index], objective.names).items()
+    }
+    metrics |= {
+        "best_val_loss": state.best_val,
+        "epochs_trained": len(state.history),
+        "stopped_early": stopped_early,
+        "test_frames": len(test_params),
+    }
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
     return MemberResult(state_dict=weights, metrics=metrics, history=state.history)
 

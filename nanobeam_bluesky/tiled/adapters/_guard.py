@@ -209,8 +209,11 @@ class _Storage:
             try:  # a database or object store: only those the server declares
                 get_storage(uri)
             except Exception:
-                raise _refused(f"{label or 'asset'}: refused: the asset is not in a storage this server "
-                               "declares; register files from the declared directories", uri) from None
+                raise _refused(
+                    f"{label or 'asset'}: refused: the asset is not in a storage this server "
+                    "declares; register files from the declared directories",
+                    uri,
+                ) from None
             return
         path = Path(path_from_uri(uri))
         resolved = path.resolve()  # follows symlinks and removes '..'
@@ -239,8 +242,7 @@ def _contained(adapter: type, mimetype: str, storage: _Storage) -> type:
 
     def from_catalog(cls: type[Any], data_source: DataSource[Any], node: Node, /, **parameters: Any) -> Any:
         uris = [asset.data_uri for asset in data_source.assets or ()]
-        check([*uris, *(parameters.get("data_uris") or ())], str(getattr(node, "key", "") or ""),
-              parameters)
+        check([*uris, *(parameters.get("data_uris") or ())], str(getattr(node, "key", "") or ""), parameters)
         return super(contained, cls).from_catalog(data_source, node, **parameters)
 
     def from_uris(cls: type[Any], *uris: str, **parameters: Any) -> Any:

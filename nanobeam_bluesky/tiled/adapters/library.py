@@ -205,8 +205,12 @@ class LazyLibraryAdapter(ContainerAdapter):
     #: Where ``instrument`` names of catalog entries are looked up (set per catalog).
     instrument_dir: ClassVar[str | Path | None] = None
     #: Registration parameters a catalog entry may carry.
-    registration_parameters: ClassVar[tuple[str, ...]] = ("instrument", "grid_points", "upsample",
-                                                          "max_counts")
+    registration_parameters: ClassVar[tuple[str, ...]] = (
+        "instrument",
+        "grid_points",
+        "upsample",
+        "max_counts",
+    )
 
     @classmethod
     def from_instrument(
@@ -270,8 +274,12 @@ class LazyLibraryAdapter(ContainerAdapter):
             instrument = parameters.pop("instrument", None)
             if instrument is None and data_source.assets:
                 instrument = Instrument.load(path_from_uri(data_source.assets[0].data_uri))
-            return cls.from_instrument(instrument, instrument_dir=cls.instrument_dir,
-                                       metadata=dict(node.metadata_ or {}), **parameters)
+            return cls.from_instrument(
+                instrument,
+                instrument_dir=cls.instrument_dir,
+                metadata=dict(node.metadata_ or {}),
+                **parameters,
+            )
 
 
 def _inspect_library(path: Path) -> dict[str, Any]:

@@ -85,8 +85,9 @@ class ScanFramesAdapter(BlockwiseArrayAdapter):
             with open_hdf5(self._path) as h5:
                 return h5_read(h5[self._dataset], index)
         except (OSError, KeyError) as exc:
-            raise ScanFileError(f"{self._path.name}: cannot read frames ({exc}); the file is "
-                                "corrupt or truncated") from exc
+            raise ScanFileError(
+                f"{self._path.name}: cannot read frames ({exc}); the file is corrupt or truncated"
+            ) from exc
 
 
 class BinnedFramesAdapter(BlockwiseArrayAdapter):
@@ -121,8 +122,9 @@ class BinnedFramesAdapter(BlockwiseArrayAdapter):
             with open_hdf5(self._path) as h5:
                 raw = h5_read(h5[self._dataset], cut)
         except (OSError, KeyError) as exc:
-            raise ScanFileError(f"{self._path.name}: cannot read frames ({exc}); the file is "
-                                "corrupt or truncated") from exc
+            raise ScanFileError(
+                f"{self._path.name}: cannot read frames ({exc}); the file is corrupt or truncated"
+            ) from exc
         half = self._roi // 2
         binned = bin_roi(raw, (half, half), self._roi, self._binning, instrument=self._instrument)
         return binned[(Ellipsis, *index[-2:])]
@@ -149,8 +151,13 @@ class ExperimentalScanAdapter(ContainerAdapter):
     #: Where ``instrument`` names of catalog entries are looked up (set per catalog).
     instrument_dir: ClassVar[str | Path | None] = None
     #: Registration parameters a catalog entry may carry.
-    registration_parameters: ClassVar[tuple[str, ...]] = ("layout", "roi_center_px", "roi", "binning",
-                                                          "instrument")
+    registration_parameters: ClassVar[tuple[str, ...]] = (
+        "layout",
+        "roi_center_px",
+        "roi",
+        "binning",
+        "instrument",
+    )
 
     @classmethod
     def from_path(
@@ -231,10 +238,14 @@ class ExperimentalScanAdapter(ContainerAdapter):
             "binning": binning,
             "layout": layout.to_dict(),
             "instrument": instrument.to_dict(),
-            **({} if center is not None else {
-                "note": "no ROI centre known: give roi_center_px in the server config to serve "
-                "'binned' frames"
-            }),
+            **(
+                {}
+                if center is not None
+                else {
+                    "note": "no ROI centre known: give roi_center_px in the server config to serve "
+                    "'binned' frames"
+                }
+            ),
             **(metadata or {}),
         }
         return cls(children, metadata=md, specs=[SCAN_SPEC, Spec("xarray_dataset")])
@@ -250,12 +261,17 @@ class ExperimentalScanAdapter(ContainerAdapter):
         uri = data_source.assets[0].data_uri
         with served_errors(Path(path_from_uri(uri)).name):
             check_parameters(parameters, cls.registration_parameters)
-            return cls.from_path(path_from_uri(uri), metadata=dict(node.metadata_ or {}),
-                                 instrument_dir=cls.instrument_dir, **parameters)
+            return cls.from_path(
+                path_from_uri(uri),
+                metadata=dict(node.metadata_ or {}),
+                instrument_dir=cls.instrument_dir,
+                **parameters,
+            )
 
 
-def _instrument(value: Instrument | str | dict[str, Any] | None, instrument_dir: str | Path | None,
-                summary: ScanSummary) -> Instrument:
+def _instrument(
+    value: Instrument | str | dict[str, Any] | None, instrument_dir: str | Path | None, summary: ScanSummary
+) -> Instrument:
     if value is not None:
         return named_instrument(value, instrument_dir)
     if summary.instrument_json:
@@ -313,8 +329,9 @@ class _ScanFiles(Mapping[str, Any]):
         if path is None:
             raise KeyError(key)
         if path.is_dir():
-            return ScanDirectoryAdapter(_ScanFiles(path, self.root, self.options),
-                                        metadata={"directory": key})
+            return ScanDirectoryAdapter(
+                _ScanFiles(path, self.root, self.options), metadata={"directory": key}
+            )
         with served_errors(key):
             return ExperimentalScanAdapter.from_path(path, **self.options)
 
@@ -324,8 +341,7 @@ class _ScanFiles(Mapping[str, Any]):
             return self[key]
         except Exception as exc:
             detail = getattr(exc, "detail", None) or str(exc)
-            return ContainerAdapter({}, metadata={"file": key, "error": detail},
-                                    specs=[UNREADABLE_SPEC])
+            return ContainerAdapter({}, metadata={"file": key, "error": detail}, specs=[UNREADABLE_SPEC])
 
 
 class ScanDirectoryAdapter(MapAdapter):
