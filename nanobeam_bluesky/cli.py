@@ -599,6 +599,115 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# ------------------------------------------------------------------ predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .inference import Predictor, load_pretrained
+    from .scans import open_scan, predict_scan, read_positions, save_scan_maps, write_maps
+    from .tiled.source import is_tiled_uri, open_tiled_run
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".nc", ".h5", ".hdf5", ".nc4"):
+        raise InputError(f"--out {out}: name a NetCDF/HDF5 file (.nc or .h5)")
+    if is_tiled_uri(args.input):
+        import os
+
+        from .tiled.server import API_KEY_ENV
+
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("TILED_API_KEY")
+        source = open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset)
+    else:
+        source = open_scan(args.input, dataset=args.dataset)
+    try:
+        if args.positions:
+            source.with_positions(read_positions(args.positions))
+        predictor = Predictor.from_file(args.model) if args.model else load_pretrained()
+        instrument = _instrument(args.instrument) if args.instrument else None
+        maps = predict_scan(
+            source,
+            predictor,
+            instrument=instrument,
+            roi_center_px=tuple(args.roi_center) if args.roi_center else None,
+            allow_instrument_mismatch=args.allow_instrument_mismatch,
+            chunk_frames=args.chunk,
+            progress=not args.no_progress,
+        )
+    finally:
+        source.close()
+    ds = maps.dataset
+    ds.attrs["command"] = "nanobeam " + " ".join(args.argv)
+    write_maps(ds, out)
+    grid = " x ".join(str(n) for n in ds["strain"].shape)
+    print(
+        f"{maps.frames} frames of {source.name} -> {grid} maps in {maps.seconds:.1f} s "
+        f"({maps.frames_per_s:,.0f} frames/s); wrote {out}"
+    )
+    if maps.flagged:
+        print("flagged: " + ", ".join(f"{name} {count}" for name, count in maps.flagged.items()))
+    if "strain_true" in ds:
+        import numpy as np
+
+        unflagged = ds["flag"].values == 0
+        rmse = {
+            p: float(np.sqrt(np.nanmean((ds[p].values - ds[f"{p}_true"].values)[unflagged] ** 2)))
+            for p in ("strain", "omega", "chi")
+        }
+        print(
+            "RMSE vs the file's truth (unflagged): strain {strain:.3g}, omega {omega:.3g} deg, "
+            "chi {chi:.3g} deg".format(**rmse)
+        )
+    if args.png:
+        png = save_scan_maps(ds, out.with_suffix(".png"), f"{source.name}: NanobeamNN maps")
+        print(f"maps: {png}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="turn a scan on disk (or in Tiled) into strain/omega/chi maps",
+        description=(
+            "Predict (strain, omega, chi) with errors and flags for every frame of a scan, and write "
+            "the maps on the scan's grid (positions in um) to a NetCDF/HDF5 file. INPUT: one of our "
+            "scan files, an areaDetector/NeXus HDF5 file (/entry/data/data), a directory of TIFF "
+            "frames (one per point, in acquisition order) or a Tiled URI of a raw run "
+            "(http://HOST:PORT/api/v1/metadata/runs/UID)."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", help="scan file, TIFF directory or Tiled URI")
+    p.add_argument("--out", required=True, help="result file (.nc or .h5; read it with xarray.open_dataset)")
+    p.add_argument(
+        "--positions",
+        metavar="FILE",
+        help="the scan's positions and shape: a CSV with columns x_um,y_um (or _mm, _nm) or an APS "
+        "sscan MDA file",
+    )
+    p.add_argument(
+        "--roi-center",
+        nargs=2,
+        type=float,
+        metavar=("ROW", "COL"),
+        help="detector pixel of the central reflected ray, to cut the 128 x 128 ROI from whole detector "
+        "frames (default: the file's roi_center_px)",
+    )
+    p.add_argument("--model", help="model file (default: the shipped model)")
+    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
+    p.add_argument(
+        "--png", action="store_true", help="also draw the maps, with units and colour bars (OUT.png)"
+    )
+    p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: ~64 MB of frames)")
+    p.add_argument(
+        "--allow-instrument-mismatch",
+        action="store_true",
+        help="use a model trained for another instrument anyway (results are flagged by the physics check)",
+    )
+    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanobeam",
@@ -615,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
         _add_simulate_library,
         _add_train,
+        _add_predict,
         _add_fit,
         _add_preview,
         _add_serve,

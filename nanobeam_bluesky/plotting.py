@@ -6,6 +6,7 @@ Matplotlib's object API on an Agg canvas: works headless and never changes the u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 
 from .physics import PARAMETERS, Instrument, simulate, to_counts
 
-__all__ = ["save_frame_gallery", "save_map_comparison"]
+__all__ = ["save_frame_gallery", "save_map_comparison", "save_result_maps"]
 
 LABELS = {"strain": "ε (×10⁻³)", "omega": "ω (deg)", "chi": "χ (deg)"}
 
@@ -105,3 +106,68 @@ def save_map_comparison(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     return path
+
+
+def save_result_maps(path: str | Path, maps: xr.Dataset, title: str = "") -> Path:
+    """ε, ω, χ maps (top row) and their expected errors ``*_err`` (bottom row) of a result, with
+    units and colour bars; points with a value-less or warning flag are grey.
+
+    ``maps`` is on the scan grid (``scan_y``, ``scan_x``, coordinates ``x_um``/``y_um`` in µm),
+    or along one dimension (a line scan, or frames without positions: plotted against the index).
+    """
+    path = Path(path)
+    fig = _figure(12.5, 7.2)
+    axes = fig.subplots(2, 3, squeeze=False)
+    flags = np.asarray(maps["flag"].values).astype(np.int64) if "flag" in maps else None
+    on_grid = maps["strain"].ndim == 2
+    extent = None
+    if on_grid and "x_um" in maps.coords and "y_um" in maps.coords:
+        x, y = np.asarray(maps["x_um"].values), np.asarray(maps["y_um"].values)
+        dx = float(np.nanmedian(np.abs(np.diff(x)))) if len(x) > 1 else 1.0
+        dy = float(np.nanmedian(np.abs(np.diff(y)))) if len(y) > 1 else 1.0
+        extent = (
+            float(np.nanmin(x)) - dx / 2,
+            float(np.nanmax(x)) + dx / 2,
+            float(np.nanmax(y)) + dy / 2,
+            float(np.nanmin(y)) - dy / 2,
+        )
+    for c, p in enumerate(PARAMETERS):
+        scale = 1e3 if p == "strain" else 1.0
+        for r, name in enumerate((p, f"{p}_err")):
+            ax = axes[r, c]
+            if name not in maps:
+                ax.set_axis_off()
+                continue
+            values = np.asarray(maps[name].values, dtype=np.float64) * scale
+            flagged = np.zeros(values.shape, dtype=bool) if flags is None else flags != 0
+            label = LABELS[p] if r == 0 else f"error of {LABELS[p]}"
+            if on_grid:
+                shown = np.ma.masked_array(values, flagged | ~np.isfinite(values))
+                cmap = _colormap("RdBu_r" if p == "strain" and r == 0 else "viridis", bad="0.75")
+                image = ax.imshow(shown, cmap=cmap, extent=extent, interpolation="nearest")
+                ax.set_xlabel("x (µm)" if extent else "scan column", fontsize=8)
+                ax.set_ylabel("y (µm)" if extent else "scan row", fontsize=8)
+                fig.colorbar(image, ax=ax, shrink=0.85, label=label)
+            else:
+                index = np.arange(values.size)
+                ax.plot(index[~flagged], values[~flagged], ".", ms=2, label="unflagged")
+                if flagged.any():
+                    ax.plot(index[flagged], values[flagged], ".", ms=2, color="0.6", label="flagged")
+                    ax.legend(fontsize=7)
+                ax.set_xlabel("point", fontsize=8)
+                ax.set_ylabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+    n_flagged = 0 if flags is None else int(np.count_nonzero(flags))
+    fig.suptitle(
+        f"{title} ({n_flagged} of {flags.size if flags is not None else 0} points flagged: grey)", fontsize=11
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _colormap(name: str, bad: str) -> Any:
+    """A named colormap drawing masked points in ``bad`` (a new one: matplotlib's own is unchanged)."""
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad=bad)

@@ -1,2 +1,33 @@
 """Scans on disk turned into ε/ω/χ maps (``nanobeam predict``): readers of the files beamlines
-write, the chunked prediction that overlaps reading with the model, and the orientation check."""
+write, the chunked prediction that overlaps reading with the model, and the orientation check.
+
+- :func:`open_scan`: an HDF5 file (ours, areaDetector or NeXus) or a directory of TIFF frames as
+  a :class:`ScanSource`; :func:`read_positions`: positions from a CSV or an APS sscan MDA file.
+- :func:`predict_scan`: the maps, with errors and flags, on the scan grid; :func:`write_maps`
+  (NetCDF-4) and :func:`save_scan_maps` (PNG).
+"""
+
+from ._maps import ScanMaps, predict_scan, save_scan_maps, write_maps
+from ._sources import (
+    ScanPositionsTable,
+    ScanSource,
+    grid_of_positions,
+    open_hdf5_scan,
+    open_scan,
+    open_tiff_directory,
+    read_positions,
+)
+
+__all__ = [
+    "ScanMaps",
+    "ScanPositionsTable",
+    "ScanSource",
+    "grid_of_positions",
+    "open_hdf5_scan",
+    "open_scan",
+    "open_tiff_directory",
+    "predict_scan",
+    "read_positions",
+    "save_scan_maps",
+    "write_maps",
+]
