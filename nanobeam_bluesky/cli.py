@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import InputError, NanobeamError
@@ -70,9 +70,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def _add_preview(sub) -> None:
     p = sub.add_parser("preview", help="simulate frames across the parameter box; write a PNG")
-    p.add_argument("--out", default="nanobeam-output/frames.png")
-    p.add_argument("--max-counts", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="nanobeam-output/frames.png", help="PNG file to write")
+    p.add_argument("--max-counts", type=float, default=7.0, help="counts at the Laue maximum")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson noise")
     _add_instrument(p)
     p.set_defaults(func=cmd_preview)
 
@@ -138,12 +138,22 @@ def _add_train(sub) -> None:
     p.add_argument("--members", type=int, default=None, help="ensemble size (default 4; paper 1)")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
     p.add_argument("--workdir", default=None, help="checkpoints and metrics logs; resumes from it")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--frames-per-epoch", type=int, default=None)
-    p.add_argument("--pool-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
+    p.add_argument(
+        "--frames-per-epoch",
+        type=int,
+        default=None,
+        help="simulated frames per epoch (default: the recipe's)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="noise-free frames kept and re-noised (default: the recipe's)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="frames per step (default: the recipe's)")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden layer sizes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first member (each next one adds 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--library", default=None, help="library file for the paper recipe")
     _add_instrument(p)
@@ -241,7 +251,7 @@ def _add_serve(sub) -> None:
         help="event-table storage (default sqlite in DATA_DIR; duckdb:///..., postgresql://...)",
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None, help="API key (prefer $NANOBEAM_TILED_API_KEY)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     _add_instrument(p)
@@ -294,7 +304,7 @@ def _add_simulate_scan(sub) -> None:
     )
     p.add_argument("--max-counts", type=float, default=7.0, help="counts at the Laue maximum")
     p.add_argument("--sample", default="simulated", help="sample name stored in the file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson noise")
     _add_instrument(p)
     p.set_defaults(func=cmd_simulate_scan)
 
@@ -371,7 +381,11 @@ def _add_replay(sub) -> None:
     p.add_argument("--page-size", type=int, default=512, help="frames read and predicted at a time")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-write", action="store_true", help="analyse only; do not store the derived run")
-    p.add_argument("--allow-instrument-mismatch", action="store_true")
+    p.add_argument(
+        "--allow-instrument-mismatch",
+        action="store_true",
+        help="replay with a model trained for another instrument anyway (the physics check flags it)",
+    )
     p.set_defaults(func=cmd_replay)
 
 
@@ -456,8 +470,10 @@ def _add_listen(sub) -> None:
 
 
 # ------------------------------------------------------------------ fit
-def _load_scan(path: str, dataset: str):
-    """Frames (N, F, F) or a map (Y, X, F, F) from .npy (memory-mapped) or HDF5 (read lazily)."""
+def _load_scan(path: str, dataset: str | None, roi_center: list[float] | None = None):
+    """Frames (N, F, F) or a map (Y, X, F, F): from .npy (memory-mapped), an HDF5 dataset of
+    such frames (read lazily), or any scan ``nanobeam predict`` reads (the ROI cut from whole
+    detector frames; a complete raster as a map)."""
     from pathlib import Path
 
     import numpy as np
@@ -466,12 +482,29 @@ def _load_scan(path: str, dataset: str):
         return np.load(path, mmap_mode="r")
     import h5py
 
-    h5 = h5py.File(path, "r")  # open while the fit reads it lazily; closed at exit (see cmd_fit)
-    if dataset not in h5:
-        names = [k for k in h5 if isinstance(h5[k], h5py.Dataset)]
+    if h5py.is_hdf5(path):
+        h5 = h5py.File(path, "r")  # open while the fit reads it lazily; closed at exit (see cmd_fit)
+        name = dataset or "frames"
+        if name in h5 and isinstance(h5[name], h5py.Dataset) and h5[name].shape[-1] in (64, 128):
+            return h5[name]
         h5.close()
-        raise InputError(f"{path} has no dataset {dataset!r} (it has {names}); name it with --dataset")
-    return h5[dataset]
+    from .physics import Instrument
+    from .scans import open_scan
+
+    source = open_scan(path, dataset=dataset)
+    try:
+        center = (roi_center[0], roi_center[1]) if roi_center else None
+        read = source.roi_reader(Instrument().roi_pixels, center)
+        frames = read(0, source.n_frames)
+    finally:
+        source.close()
+    grid = source.positions
+    if grid is not None and grid.row is not None and grid.col is not None and len(grid.shape) == 2:
+        n_y, n_x = grid.shape
+        row_major = np.array_equal(grid.row * n_x + grid.col, np.arange(source.n_frames))
+        if row_major and source.n_frames == n_y * n_x:
+            return frames.reshape(n_y, n_x, *frames.shape[1:])
+    return frames
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -501,7 +534,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
         data_instrument = library.instrument
     else:
-        frames = _load_scan(args.scan, args.dataset)
+        frames = _load_scan(args.scan, args.dataset, args.roi_center)
         data_instrument = instrument if args.instrument else None
     options = {"chunk_size": args.chunk, "progress": not args.no_progress}
     if args.method == "ours":
@@ -557,7 +590,18 @@ def _add_fit(sub) -> None:
         metavar="SIZE",
         help="simulate the Fig. 3 phantom scan SIZE x SIZE and fit it (truth is saved too)",
     )
-    p.add_argument("--dataset", default="frames", help="HDF5 dataset holding the frames")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="HDF5 dataset holding the frames (default: 'frames', else found as nanobeam predict does)",
+    )
+    p.add_argument(
+        "--roi-center",
+        nargs=2,
+        type=float,
+        metavar=("ROW", "COL"),
+        help="detector pixel of the central reflected ray, for whole detector frames (default: the file's)",
+    )
     p.add_argument("--out", required=True, help="result file (netCDF/HDF5: .nc or .h5)")
     p.add_argument(
         "--method",
@@ -590,12 +634,14 @@ def _add_demo(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="scan points per side (165: the seed's map)")
     p.add_argument("--out", default="nanobeam-output", help="directory for Tiled, detector files, PNGs")
     p.add_argument("--model", default=None, help="model file (default: the shipped ensemble)")
-    p.add_argument("--exposure-ms", type=float, default=10.0)
-    p.add_argument("--dead-time-ms", type=float, default=2.0)
+    p.add_argument("--exposure-ms", type=float, default=10.0, help="detector exposure per point, ms")
+    p.add_argument(
+        "--dead-time-ms", type=float, default=2.0, help="dead time between points (camera readout), ms"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the detector's Poisson noise")
     p.add_argument("--no-fit", action="store_true", help="skip the correlation fits")
     p.add_argument("--port", type=int, default=None, help="Tiled port (default: a free one)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
 
@@ -604,21 +650,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .inference import Predictor, load_pretrained
-    from .scans import open_scan, predict_scan, read_positions, save_scan_maps, write_maps
-    from .tiled.source import is_tiled_uri, open_tiled_run
+    from .scans import predict_scan, read_positions, save_scan_maps, write_maps
 
     out = Path(args.out)
     if out.suffix.lower() not in (".nc", ".h5", ".hdf5", ".nc4"):
         raise InputError(f"--out {out}: name a NetCDF/HDF5 file (.nc or .h5)")
-    if is_tiled_uri(args.input):
-        import os
-
-        from .tiled.server import API_KEY_ENV
-
-        api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("TILED_API_KEY")
-        source = open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset)
-    else:
-        source = open_scan(args.input, dataset=args.dataset)
+    source = _open_input(args)
     try:
         if args.positions:
             source.with_positions(read_positions(args.positions))
@@ -708,6 +745,76 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+# ------------------------------------------------------------------ check-orientation
+def _open_input(args: argparse.Namespace) -> Any:
+    """The ScanSource of INPUT: a scan on disk, or a raw run's Tiled URI (with --api-key)."""
+    import os
+
+    from .scans import open_scan
+    from .tiled.source import is_tiled_uri, open_tiled_run
+
+    if is_tiled_uri(args.input):
+        from .tiled.server import API_KEY_ENV
+
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("TILED_API_KEY")
+        return open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset)
+    return open_scan(args.input, dataset=args.dataset)
+
+
+def cmd_check_orientation(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .inference import Predictor, load_pretrained
+    from .scans import check_orientation, save_orientation_figure
+
+    instrument = _instrument(args.instrument) if args.instrument else None
+    predictor = Predictor.from_file(args.model) if args.model else load_pretrained()
+    source = _open_input(args)
+    try:
+        roi = (instrument or source.instrument or predictor.instrument).roi_pixels
+        center = (args.roi_center[0], args.roi_center[1]) if args.roi_center else None
+        read = source.roi_reader(roi, center)
+        index = np.unique(np.linspace(0, source.n_frames - 1, min(source.n_frames, args.frames)).round())
+        frames = np.concatenate([read(int(i), int(i) + 1) for i in index])
+    finally:
+        source.close()
+    report = check_orientation(frames, predictor, instrument or source.instrument, max_frames=len(frames))
+    print(report.summary())
+    out = Path(args.out or Path(args.input.rstrip("/")).name + "-orientation.png")
+    print(f"picture: {save_orientation_figure(report, out)}")
+    return 0
+
+
+def _add_check_orientation(sub) -> None:
+    p = sub.add_parser(
+        "check-orientation",
+        help="which of the 8 detector orientations (transpose, flips) fits a scan's frames",
+        description=(
+            "Read frames of a scan with each of the 8 detector orientations, analyse them with the "
+            "physics check, and say which the physics fits (and which it cannot tell apart: see "
+            "docs/physics.md, 'Detector orientation guide'). Draws each orientation's summed real "
+            "frame beside the simulated one at the fitted parameters."
+        ),
+    )
+    p.add_argument("input", metavar="SCAN", help="scan file, TIFF directory or Tiled URI of a raw run")
+    p.add_argument("--out", help="PNG to write (default: SCAN-orientation.png here)")
+    p.add_argument("--frames", type=int, default=256, help="frames to use, spread over the scan")
+    p.add_argument(
+        "--roi-center",
+        nargs=2,
+        type=float,
+        metavar=("ROW", "COL"),
+        help="detector pixel of the central reflected ray (default: the file's)",
+    )
+    p.add_argument("--model", help="model file (default: the shipped model)")
+    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
+    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_check_orientation)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanobeam",
@@ -725,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_simulate_library,
         _add_train,
         _add_predict,
+        _add_check_orientation,
         _add_fit,
         _add_preview,
         _add_serve,

@@ -655,7 +655,7 @@ def test_find_run_takes_a_uid_prefix_made_of_digits(runs):
         find_run(runs, "99999999")
 
 
-def test_predict_reads_a_raw_run_from_its_tiled_uri(server, raw_run, tmp_path, capsys):
+def test_predict_reads_a_raw_run_from_its_tiled_uri(server, raw_run, tmp_path, capsys, monkeypatch):
     """`nanobeam predict URI`: the frames of a stored raw run, over HTTP with the API key, to
     maps on the scan's grid; the same values as predict() on the frames themselves."""
     import xarray as xr
@@ -675,7 +675,12 @@ def test_predict_reads_a_raw_run_from_its_tiled_uri(server, raw_run, tmp_path, c
     direct = load_pretrained().predict(raw_run["frames"])
     # Same frames, same model; the pooled check sees the same 12 frames: equal to rounding.
     np.testing.assert_allclose(ds["strain"].values.ravel(), direct["strain"].values, rtol=1e-5, atol=1e-9)
-    # A wrong key is one line that names the fix.
+    # A wrong key, or none, is one line that names the fix.
     assert main(["predict", uri, "--out", str(out), "--api-key", "x" * 32]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "NANOBEAM_TILED_API_KEY" in err
+    assert len(err.splitlines()) == 1 and "refused the API key" in err and "NANOBEAM_TILED_API_KEY" in err
+    for name in ("NANOBEAM_TILED_API_KEY", "TILED_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["predict", uri, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs an API key" in err and "--api-key" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,25 @@ ORIENTATION_FIELDS = ("detector_transpose", "detector_flip_rows", "detector_flip
 
 class InstrumentError(NanobeamError, ValueError):
     """An instrument description that cannot describe a real measurement."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: ``7e-5`` and ``1e3`` are floats
+    (YAML 1.1 wants ``7.0e-5`` and reads ``7e-5`` as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
@@ -115,11 +135,22 @@ class Instrument:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise InstrumentError(f"{name} must be a positive number, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                quoted = " (write it without quotes)" if isinstance(value, str) else ""
+                raise InstrumentError(f"{name} must be a positive number{quoted}, got {value!r}")
         for name in ("focal_length_m", "outermost_zone_width_m"):
             value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise InstrumentError(f"{name} must be a positive number or null, got {value!r}")
         if self.focal_length_m is None and self.outermost_zone_width_m is None:
             raise InstrumentError(
@@ -196,7 +227,9 @@ class Instrument:
             )
         for name in ("detector_transpose", "detector_flip_rows", "detector_flip_cols", "integer_counts"):
             if not isinstance(getattr(self, name), bool):
-                raise InstrumentError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InstrumentError(
+                    f"{name} must be true or false (without quotes), got {getattr(self, name)!r}"
+                )
 
     # ---------------------------------------------------------------- derived quantities
     @property
@@ -350,7 +383,15 @@ class Instrument:
 
     @classmethod
     def from_yaml(cls, text: str) -> Instrument:
-        return cls.from_dict(yaml.safe_load(text) or {})
+        """An instrument from YAML text; numbers as YAML 1.2 reads them (``7e-5`` is a number),
+        an empty document refused."""
+        data = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: no Python objects
+        if data is None:
+            raise InstrumentError(
+                "the instrument config is empty; write the keys that differ from the default "
+                "instrument (docs/physics.md lists them), or leave --instrument out"
+            )
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -5,9 +5,19 @@ write, the chunked prediction that overlaps reading with the model, and the orie
   a :class:`ScanSource`; :func:`read_positions`: positions from a CSV or an APS sscan MDA file.
 - :func:`predict_scan`: the maps, with errors and flags, on the scan grid; :func:`write_maps`
   (NetCDF-4) and :func:`save_scan_maps` (PNG).
+- :func:`check_orientation`: which of the 8 detector orientations the physics fits
+  (``nanobeam check-orientation``), and :func:`save_orientation_figure`.
 """
 
 from ._maps import ScanMaps, predict_scan, save_scan_maps, write_maps
+from ._orientation import (
+    ORIENTATIONS,
+    Orientation,
+    OrientationReport,
+    check_orientation,
+    orientation_named,
+    save_orientation_figure,
+)
 from ._sources import (
     ScanPositionsTable,
     ScanSource,
@@ -19,15 +29,21 @@ from ._sources import (
 )
 
 __all__ = [
+    "ORIENTATIONS",
+    "Orientation",
+    "OrientationReport",
     "ScanMaps",
     "ScanPositionsTable",
     "ScanSource",
+    "check_orientation",
     "grid_of_positions",
     "open_hdf5_scan",
     "open_scan",
     "open_tiff_directory",
+    "orientation_named",
     "predict_scan",
     "read_positions",
+    "save_orientation_figure",
     "save_scan_maps",
     "write_maps",
 ]

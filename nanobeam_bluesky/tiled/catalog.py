@@ -21,6 +21,9 @@ from typing import Any
 
 from ..errors import InputError
 
+#: Environment variable holding the API key; the server config refers to it instead of storing it.
+API_KEY_ENV = "NANOBEAM_TILED_API_KEY"
+
 __all__ = [
     "MODEL_SHA256_KEY",
     "PARENT_UID_KEY",
@@ -42,6 +45,31 @@ PARENT_UID_KEY = "parent_uid"
 MODEL_SHA256_KEY = "nanobeam.model_sha256"
 
 
+def connect(uri: str, *, api_key: str | None = None, **kwargs: Any) -> Any:
+    """``tiled.client.from_uri``, with what commonly goes wrong said in one line naming the fix:
+    no server there, no API key, a wrong one."""
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(uri, api_key=api_key, **kwargs)
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        text = str(exc)
+        key_fix = f"give it with --api-key or ${API_KEY_ENV} (nanobeam serve keeps it in DATA_DIR/api_key)"
+        if status == 401 or "Invalid API key" in text:
+            raise InputError(f"the Tiled server at {uri} refused the API key (401); {key_fix}") from None
+        if "requires API key" in text:
+            raise InputError(f"the Tiled server at {uri} needs an API key; {key_fix}") from None
+        if type(exc).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(exc, ConnectionError):
+            raise InputError(
+                f"no Tiled server answers at {uri} ({exc}); start it (nanobeam serve) or check the host "
+                "and port"
+            ) from None
+        if status == 404:
+            raise InputError(f"{uri}: no such node on the Tiled server (404); check the path") from None
+        raise
+
+
 def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> Any:
     """The run catalog from a tiled URI, a tiled/databroker profile name, or a client.
 
@@ -52,14 +80,14 @@ def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> 
     """
     import os
 
-    from tiled.client import from_profile, from_uri
+    from tiled.client import from_profile
 
     if not isinstance(catalog, str):
         client = catalog
     else:
         key = api_key or os.environ.get("TILED_API_KEY") or os.environ.get("NANOBEAM_TILED_API_KEY")
         if "://" in catalog:
-            client = from_uri(catalog, api_key=key, **kwargs)
+            client = connect(catalog, api_key=key, **kwargs)
         else:
             try:
                 client = from_profile(catalog, **({"api_key": key} if key else {}), **kwargs)

@@ -42,6 +42,7 @@ import yaml
 
 from ..errors import InputError
 from .adapters import ADAPTERS_BY_MIMETYPE
+from .catalog import API_KEY_ENV
 
 __all__ = [
     "API_KEY_ENV",
@@ -57,8 +58,6 @@ __all__ = [
     "write_server_config",
 ]
 
-#: Environment variable holding the API key; the config file refers to it instead of storing it.
-API_KEY_ENV = "NANOBEAM_TILED_API_KEY"
 #: Shortest API key the server accepts (characters); the generated key has 64 (256 bits).
 MIN_API_KEY_LENGTH = 16
 _LOOPBACK_NAMES = {"localhost"}
@@ -386,6 +385,7 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
     from tiled.config import parse_configs
     from tiled.server.app import build_app_from_config
 
+    _check_port_free(config.host, config.port)
     key = check_api_key(resolve_api_key(config.data_dir, api_key))
     _log_refusals()
     write_server_config(config)
@@ -400,21 +400,31 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
             "and holds the API key can read and write. Put it behind TLS for a facility.",
             file=sys.stderr,
         )
+    banner = _banner(config)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound and the app started: it answers now
+                print(banner, file=sys.stderr, flush=True)
+
+    _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level)).run()
+
+
+def _banner(config: ServerConfig) -> str:
+    """What ``nanobeam serve`` prints once it answers: where, what, and where the key is."""
     served = ["/runs (writable run catalog)", "/files (catalog for `tiled register`)"]
     served += ["/library"] if config.library else []
     served += ["/simulated (library simulated on demand)"] if config.lazy_library else []
     served += [f"/scans ({config.scans})"] if config.scans else []
-    print(
+    return (
         f"nanobeam Tiled server at {config.url}\n"
         f"  serving: {', '.join(served)}\n"
         f"  runs catalog: {config.runs_url}\n"
         f"  API key: in {config.data_dir / 'api_key'} or ${API_KEY_ENV} "
         f"(from tiled.client import from_uri; from_uri(URL, api_key=KEY))\n"
-        f"  config: {config.config_path}",
-        file=sys.stderr,
-        flush=True,
+        f"  config: {config.config_path}"
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level)
 
 
 def _log_refusals() -> None:
@@ -424,6 +434,20 @@ def _log_refusals() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         logger.addHandler(handler)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """InputError naming the fix when ``port`` on ``host`` is taken (before the banner, the
+    catalog and the server start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"port {port} on {host} is in use ({exc.strerror}): stop what serves there (another "
+                "nanobeam serve?) or choose another port with --port"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..physics import Instrument
 from ..scans import ScanPositionsTable, ScanSource, grid_of_positions
+from .catalog import connect
 
 __all__ = ["is_tiled_uri", "open_tiled_run"]
 
@@ -65,15 +66,7 @@ def open_tiled_run(
     """The frames of a raw Bluesky run stored in Tiled, e.g.
     ``http://host:8000/api/v1/metadata/runs/<uid>``; positions from the scan's ``hints``
     (y, then x, in µm) and the grid from its start document's ``shape``."""
-    from tiled.client import from_uri
-
-    try:
-        run = from_uri(uri, api_key=api_key)
-    except Exception as exc:
-        raise InputError(
-            f"cannot open {uri} ({type(exc).__name__}: {exc}); check the URI, that the server runs, and "
-            "the API key (--api-key or NANOBEAM_TILED_API_KEY)"
-        ) from exc
+    run = connect(uri, api_key=api_key)
     start = dict((run.metadata or {}).get("start") or {})
     if not start:
         raise InputError(f"{uri} is not a Bluesky run; point it at one, e.g. .../api/v1/metadata/runs/<uid>")
