@@ -391,15 +391,25 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
     lines.append(f"Tiled: {result.tiled_uri}  (raw run {result.raw_uid}, derived run {result.derived_uid})")
     data_dir = shlex.quote(str(result.data_dir))
     detector_dir = shlex.quote(str(Path(out_dir).resolve() / "detector"))
+    # Full paths into this environment: the commands run in a fresh shell, venv active or not.
+    python = shlex.quote(sys.executable)
+    nanobeam = shlex.quote(str(Path(sys.executable).with_name("nanobeam")))
+    from .tiled.server import free_port
+
+    port = free_port()  # free now; the demo's own server is gone
+    runs = f"http://127.0.0.1:{port}/api/v1/metadata/runs"
+    maps_file = shlex.quote(str(Path(out_dir).resolve() / "maps.nc"))
     lines += [
-        f"Serve this catalog again, then query and replay (the API key is in {result.data_dir / 'api_key'}):",
-        f"  nanobeam serve --data-dir {data_dir} --readable {detector_dir} --port 8000 &",
+        "Serve this catalog again, then query, replay and map it (the API key is in "
+        f"{result.data_dir / 'api_key'}):",
+        f"  {nanobeam} serve --data-dir {data_dir} --readable {detector_dir} --port {port} &",
         f"  export NANOBEAM_TILED_API_KEY=$(cat {data_dir}/api_key)",
-        '  python -c "from tiled.client import from_uri; from tiled.queries import Key; '
-        "runs = from_uri('http://127.0.0.1:8000/api/v1/metadata/runs', "
+        f'  {python} -c "from tiled.client import from_uri; from tiled.queries import Key; '
+        f"runs = from_uri('{runs}', "
         "api_key=__import__('os').environ['NANOBEAM_TILED_API_KEY']); "
         f"print(list(runs.search(Key('parent_uid') == '{result.raw_uid}')))\"",
-        f"  nanobeam replay http://127.0.0.1:8000/api/v1/metadata/runs {result.raw_uid}",
+        f"  {nanobeam} replay {runs} {result.raw_uid}",
+        f"  {nanobeam} predict {runs}/{result.raw_uid} --out {maps_file} --png",
     ]
     return "\n".join(lines)
 

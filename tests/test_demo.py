@@ -121,3 +121,34 @@ def _parent(uid: str):
     from tiled.queries import Key
 
     return Key("parent_uid") == uid
+
+
+def test_the_printed_follow_up_commands_run_in_a_fresh_shell(demo, model, tmp_path):
+    """What the demo prints runs as printed in a new shell with no environment activated:
+    serve (on the free port it names), query, replay and predict."""
+    if not model.shipped:
+        pytest.skip("the printed commands use the shipped model")
+    out, result = demo
+    commands = [line.strip() for line in report(result, out).splitlines() if line.startswith("  ")]
+    serve, export, query, replay, predict = commands
+    assert serve.endswith("&") and "/nanobeam serve" in serve
+    log = tmp_path / "serve.log"
+    script = "\n".join(
+        [
+            "set -e",
+            f"{serve.removesuffix('&')} > {log} 2>&1 &",
+            "trap 'kill %1' EXIT",
+            # serve prints its banner once it answers
+            f"for i in $(seq 120); do grep -q 'nanobeam Tiled server at' {log} && break; sleep 0.5; done",
+            export,
+            query,
+            replay,
+            predict,
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "NANOBEAM_TILED_API_KEY")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # no venv on the PATH: a fresh shell
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr + log.read_text()
+    assert result.derived_uid in done.stdout  # the query found the live analysis of the raw run
+    assert (out / "maps.nc").exists() and (out / "maps.png").exists()
