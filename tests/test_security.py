@@ -2,7 +2,8 @@
 
 One server (loopback, API key) serves a scan directory holding HDF5 files that reach outside it
 (an external link, a virtual dataset, external raw storage, and a soft link that stays inside),
-and two catalogs into which the tests register assets that leave the declared directories
+TIFF frames, positions files and directories that are symlinks out of it (and one that stays
+inside), and two catalogs into which the tests register assets that leave the declared directories
 (a symlink, ``..``) or name an instrument by path. Every escape must answer with a one-line HTTP
 error naming the problem, be logged by the server, and leave the server running. The API-key
 length and the model file's sha256 (weights and metadata) are unit-tested.
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanobeam_bluesky.formats import MdaFile, MdaPositioner, MdaScan, write_mda
 from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, InstrumentError, grid_axes, simulate
 from nanobeam_bluesky.scanfile import simulate_scan_file
@@ -57,6 +59,34 @@ HDF5_ESCAPES = {
 def _positions(h5: h5py.File) -> None:
     h5["/entry/data/x_um"] = np.arange(FRAMES[0], dtype=float)
     h5["/entry/data/y_um"] = np.zeros(FRAMES[0])
+
+
+#: TIFF directories in the scan directory with a file that is a symlink out: directory -> the file.
+TIFF_ESCAPES = {"tiff_escape": "scan_2.tif", "positions_escape": "positions.csv"}
+
+
+def _beamline_escapes(outside: Path, scans: Path) -> None:
+    """TIFF frames, a positions CSV, an MDA file and a directory of TIFFs outside the scan
+    directory, each reached through a symlink from inside it; and a symlink that stays inside."""
+    import tifffile
+
+    frame = np.full(FRAMES[1:], SECRET, dtype="u2")
+    tifffile.imwrite(outside / "secret.tif", frame)
+    (outside / "secret.csv").write_text(f"x_um,y_um\n{SECRET},{SECRET}\n{SECRET},{SECRET}\n")
+    x = MdaPositioner(1, "m1", "m1", "um", "m1.RBV", "m1", "um", np.full(3, float(SECRET)))
+    write_mda(outside / "secret.mda", MdaFile(1.4, SECRET, 1, (3,), MdaScan(1, 3, 3, [x], [])))
+    (outside / "tiffs").mkdir()
+    tifffile.imwrite(outside / "tiffs" / "scan_1.tif", frame)
+    for name in (*TIFF_ESCAPES, "tiff_inside"):
+        (scans / name).mkdir()
+        for i in (1, 2):
+            tifffile.imwrite(scans / name / f"scan_{i}.tif", np.full(FRAMES[1:], i, dtype="u2"))
+    (scans / "tiff_escape" / "scan_2.tif").unlink()
+    (scans / "tiff_escape" / "scan_2.tif").symlink_to(outside / "secret.tif")
+    (scans / "positions_escape" / "positions.csv").symlink_to(outside / "secret.csv")
+    (scans / "tiff_inside" / "scan_3.tif").symlink_to(scans / "tiff_escape" / "scan_1.tif")  # inside: served
+    (scans / "link_outside.mda").symlink_to(outside / "secret.mda")
+    (scans / "dir_outside").symlink_to(outside / "tiffs", target_is_directory=True)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +129,8 @@ def workspace(tmp_path_factory):
     for name in HDF5_ESCAPES:  # the escapes are real: plain h5py reads the secret through them
         with h5py.File(scans / name, "r") as h5:
             assert (h5["/entry/data/data"][()] == SECRET).all()
+
+    _beamline_escapes(outside, scans)
 
     detector = root / "detector"  # a declared readable directory
     detector.mkdir()
@@ -200,6 +232,30 @@ def test_hdf5_links_to_other_files_are_refused_and_logged(server, workspace):
     # A soft link inside the file is fine; the server carries on serving.
     np.testing.assert_array_equal(scans["soft_link.h5"]["frames"].read(), np.full(FRAMES, 7))
     assert scans["good.h5"]["frames"].shape == (2, 2, 256, 256)
+    assert server.alive()
+
+
+def test_tiff_and_mda_files_leading_out_of_the_scan_directory_are_refused(server, workspace):
+    scans = server.client("scans")
+    listing = dict(scans.items())
+    # An MDA file or a directory of TIFFs that is a symlink out is not listed, nor served.
+    for name in ("link_outside.mda", "dir_outside"):
+        assert name not in listing
+        with pytest.raises(KeyError):
+            scans[name]
+    # A TIFF frame or positions file of a scan that leads out: the scan is listed with its error,
+    # and refused (403), naming the file, never its target.
+    for name, file in TIFF_ESCAPES.items():
+        assert "resolves outside" in listing[name].metadata["error"]
+        error = _client_error(lambda name=name: scans[name])
+        assert error.response.status_code == 403
+        detail = error.response.json()["detail"]
+        assert f"{name}: refused: {file} resolves outside" in detail, detail
+        _assert_nothing_leaked(error, workspace)
+        assert f"{name}: refused: {file}" in server.log_tail(200)  # logged, with the target
+    # A symlink that stays inside the directory is served; the server carries on.
+    frames = scans["tiff_inside"]["frames"].read()
+    np.testing.assert_array_equal(frames, np.stack([np.full(FRAMES[1:], v) for v in (1, 2, 1)]))
     assert server.alive()
 
 

@@ -2,7 +2,9 @@
 
 One ``nanobeam serve`` process (loopback, API key) serves the whole module: a 5^3 library file,
 a 5^3 library simulated on demand, and a directory of scan files (one good, one corrupt, one
-truncated, one in another layout). Every test talks to it over HTTP with the real tiled client.
+truncated, one in another layout) and of what beamlines write (an areaDetector file, a directory
+of TIFF frames with a positions CSV, an MDA file). Every test talks to it over HTTP with the real
+tiled client.
 
 The catalogs are SQLite. With ``NANOBEAM_TEST_POSTGRES=user@host:port`` (and ``PGPASSWORD``) the
 same tests run on PostgreSQL, as docs/tiled.md deploys it: empty databases ``nanobeam_runs``,
@@ -24,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from nanobeam_bluesky.formats import MdaFile, MdaPositioner, MdaScan, write_mda
 from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, bin_roi, grid_axes, simulate, to_counts, write_library
 from nanobeam_bluesky.scanfile import ScanFileError, inspect_scan_file, simulate_scan_file
@@ -43,6 +46,45 @@ WORKTREE = Path(__file__).resolve().parents[1]
 GRID = 5
 SCAN_SHAPE = (3, 4)
 ROI_CENTER = (120.0, 136.0)
+#: areaDetector file: (N, 1, H, W) frames, stage positions as NDAttributes in mm on a 2 x 3 raster.
+AD_FRAMES = (6, 1, 160, 160)
+AD_CENTER = (76.0, 84.0)
+AD_ROWS, AD_COLS = np.divmod(np.arange(6), 3)
+#: TIFF frames scan_1.tif ... scan_12.tif (text order would put scan_10 third) on a 3 x 4 raster.
+TIFF_FRAMES = (12, 16, 20)
+TIFF_ROWS, TIFF_COLS = np.divmod(np.arange(12), 4)
+
+
+def _positioner(name: str, values: np.ndarray, unit: str) -> MdaPositioner:
+    return MdaPositioner(0, name, name, unit, name + ".RBV", name, unit, np.asarray(values, dtype=np.float64))
+
+
+def _beamline_files(scans: Path) -> dict[str, np.ndarray]:
+    """What beamlines write, next to our scan files; returns what was written."""
+    import tifffile
+
+    rng = np.random.default_rng(7)
+    ad = rng.integers(0, 40, AD_FRAMES, dtype=np.uint16)
+    with h5py.File(scans / "areadetector.h5", "w") as h5:
+        data = h5.create_dataset("/entry/data/data", data=ad, chunks=(1, *AD_FRAMES[1:]))
+        data.attrs["roi_center_px"] = AD_CENTER
+        attrs = h5.create_group("/entry/instrument/NDAttributes")
+        attrs.create_dataset("SampleX", data=1e-3 * (1.5 + 0.25 * AD_COLS)).attrs["units"] = "mm"
+        attrs.create_dataset("SampleY", data=1e-3 * (4.0 + 0.5 * AD_ROWS)).attrs["units"] = "mm"
+    tiffs = scans / "tiffs"
+    tiffs.mkdir()
+    frames = rng.integers(0, 1000, TIFF_FRAMES, dtype=np.uint16)
+    for i, frame in enumerate(frames):
+        tifffile.imwrite(tiffs / f"scan_{i + 1}.tif", frame)
+    (tiffs / "positions.csv").write_text(
+        "x_nm,y_nm\n" + "".join(f"{200 * c},{300 * r}\n" for r, c in zip(TIFF_ROWS, TIFF_COLS, strict=True))
+    )
+    inner = [
+        MdaScan(1, 4, 4, [_positioner("26idcnpi:m17", 0.001 * np.arange(4), "mm")], []) for _ in range(3)
+    ]
+    outer = MdaScan(2, 3, 3, [_positioner("26idcnpi:m18", 0.5 * np.arange(3), "um")], [], inner=inner)
+    write_mda(scans / "scan_0042.mda", MdaFile(1.4, 42, 2, (3, 4), outer))
+    return {"areadetector": ad, "tiffs": frames}
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +104,10 @@ def workspace(tmp_path_factory):
     (scans / "notes.txt").write_text("not a scan")
     (root / "outside.h5").write_bytes(data)
     (scans / "link_outside.h5").symlink_to(root / "outside.h5")
+    written = _beamline_files(scans)
     detector = root / "detector"  # where the fly-scan detector writes its HDF5 files
     detector.mkdir()
-    return {"root": root, "library": root / "library.h5", "scans": scans, "detector": detector}
+    return {"root": root, "library": root / "library.h5", "scans": scans, "detector": detector, **written}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +168,7 @@ def test_scan_directory_lists_only_scan_files_inside_it(root):
     assert "notes.txt" not in listed  # not a scan file
     assert "link_outside.h5" not in listed  # a link leading outside the declared directory
     assert {"good.h5", "corrupt.h5", "truncated.h5", "other_layout.h5"} <= set(listed)
+    assert {"areadetector.h5", "tiffs", "scan_0042.mda"} <= set(listed)  # what beamlines write
 
 
 # ---------------------------------------------------------------------------------- library
@@ -200,6 +244,72 @@ def test_corrupt_scan_files_give_clear_errors_and_the_server_keeps_running(serve
         scans["other_layout.h5"]
     assert server.alive()
     assert scans["good.h5"]["binned"][0, 0].shape == (64, 64)
+
+
+# ---------------------------------------------------------------------------------- beamline formats
+def test_areadetector_file_served_with_its_positions_and_binned_frames(root, workspace):
+    scan = root["scans"]["areadetector.h5"]
+    md = scan.metadata
+    assert md["kind"] == "areaDetector/NeXus" and md["dataset"] == "/entry/data/data"
+    assert md["frames_shape"] == list(AD_FRAMES) and md["scan_shape"] == [6] and md["grid_shape"] == [2, 3]
+    assert md["detector_shape"] == [160, 160] and md["roi_center_px"] == list(AD_CENTER)
+    assert md["units"] == {"frames": "counts", "x_um": "um", "y_um": "um"}
+    written = workspace["areadetector"][:, 0]  # (N, 1, H, W) served as (point, det_row, det_col)
+    frames = scan["frames"]
+    assert frames.dims == ("point", "det_row", "det_col") and frames.dtype == np.uint16
+    np.testing.assert_array_equal(frames.read(), written)
+    np.testing.assert_array_equal(frames[4, 10:20, ::-3], written[4, 10:20, ::-3])
+    # Positions in µm, as `nanobeam predict` reads them (NDAttributes in mm), with their grid.
+    np.testing.assert_allclose(scan["x_um"].read(), 1.5 + 0.25 * AD_COLS)
+    np.testing.assert_allclose(scan["y_um"].read(), 4.0 + 0.5 * AD_ROWS)
+    np.testing.assert_array_equal(scan["col"].read(), AD_COLS)
+    assert scan["x_um"].metadata["attrs"]["units"] == "um"
+    binned = scan["binned"]
+    assert binned.shape == (6, 64, 64) and binned.dims == ("point", "row", "col")
+    np.testing.assert_array_equal(binned.read(), bin_roi(written, AD_CENTER))
+
+
+def test_tiff_directory_served_in_acquisition_order_with_csv_positions(root, workspace):
+    scan = root["scans"]["tiffs"]
+    md = scan.metadata
+    assert md["kind"] == "TIFF frames" and md["positions"] == "positions.csv" and md["grid_shape"] == [3, 4]
+    assert md["scan_shape"] == [12] and md["detector_shape"] == list(TIFF_FRAMES[1:])
+    assert "binned" not in scan and "roi_center_px" in md["note"]  # the server was given no ROI centre
+    frames = scan["frames"]
+    assert (
+        frames.metadata["attrs"]["first"] == "scan_1.tif"
+        and frames.metadata["attrs"]["last"] == "scan_12.tif"
+    )
+    written = workspace["tiffs"]  # frame i is scan_{i + 1}.tif: scan_10 is the 10th, not the 3rd
+    np.testing.assert_array_equal(frames.read(), written)
+    np.testing.assert_array_equal(frames[9], written[9])
+    np.testing.assert_array_equal(frames[::-4, 3:5], written[::-4, 3:5])
+    np.testing.assert_allclose(scan["x_um"].read(), 0.2 * TIFF_COLS)  # the CSV is in nm
+    np.testing.assert_allclose(scan["y_um"].read(), 0.3 * TIFF_ROWS)
+    np.testing.assert_array_equal(scan["row"].read(), TIFF_ROWS)
+
+
+def test_tiff_directory_binned_when_the_server_knows_the_roi_centre(workspace):
+    """The same node, built in-process with the server option roi_center_px (no server needed)."""
+    from nanobeam_bluesky.tiled.adapters import ScanDirectoryAdapter
+
+    scans = ScanDirectoryAdapter.from_directory(workspace["scans"], roi_center_px=[8, 10], roi=16, binning=2)
+    binned = scans["tiffs"]["binned"]
+    assert binned.structure().shape == (12, 8, 8)
+    np.testing.assert_array_equal(binned.read(), bin_roi(workspace["tiffs"], (8, 10), 16, 2))
+
+
+def test_mda_file_served_as_its_positions_table(root):
+    node = root["scans"]["scan_0042.mda"]
+    md = node.metadata
+    assert md["kind"] == "APS sscan MDA" and md["scan_number"] == 42 and md["shape"] == [3, 4]
+    assert md["complete"] and md["requested_shape"] == [3, 4]
+    assert md["positioners"]["x"] == {"name": "26idcnpi:m17", "units": "um", "file_units": "mm"}
+    assert md["positioners"]["y"]["name"] == "26idcnpi:m18"
+    np.testing.assert_allclose(node["x_um"].read(), np.tile(np.arange(4.0), 3))  # mm -> µm
+    np.testing.assert_allclose(node["y_um"].read(), np.repeat(0.5 * np.arange(3), 4))
+    np.testing.assert_array_equal(node["row"].read(), np.repeat(np.arange(3), 4))
+    assert node["x_um"].metadata["attrs"]["units"] == "um"
 
 
 def test_scan_file_registered_in_a_catalog_by_mime_type(server, workspace):

@@ -2,7 +2,8 @@
 write, the chunked prediction that overlaps reading with the model, and the orientation check.
 
 - :func:`open_scan`: an HDF5 file (ours, areaDetector or NeXus) or a directory of TIFF frames as
-  a :class:`ScanSource`; :func:`read_positions`: positions from a CSV or an APS sscan MDA file.
+  a :class:`ScanSource` (:func:`tiff_frame_files`: a directory's TIFFs in acquisition order);
+  :func:`read_positions`: positions from a CSV or an APS sscan MDA file.
 - :func:`predict_scan`: the maps, with errors and flags, on the scan grid; :func:`write_maps`
   (NetCDF-4) and :func:`save_scan_maps` (PNG).
 - :func:`check_orientation`: which of the 8 detector orientations the physics fits
@@ -19,6 +20,7 @@ from ._orientation import (
     save_orientation_figure,
 )
 from ._sources import (
+    HDF5_FRAME_DATASETS,
     ScanPositionsTable,
     ScanSource,
     grid_of_positions,
@@ -26,9 +28,11 @@ from ._sources import (
     open_scan,
     open_tiff_directory,
     read_positions,
+    tiff_frame_files,
 )
 
 __all__ = [
+    "HDF5_FRAME_DATASETS",
     "ORIENTATIONS",
     "Orientation",
     "OrientationReport",
@@ -45,5 +49,6 @@ __all__ = [
     "read_positions",
     "save_orientation_figure",
     "save_scan_maps",
+    "tiff_frame_files",
     "write_maps",
 ]

@@ -29,6 +29,7 @@ from ..formats import mda_positions, read_mda
 from ..physics import Instrument, roi_origin
 
 __all__ = [
+    "HDF5_FRAME_DATASETS",
     "ScanPositionsTable",
     "ScanSource",
     "grid_of_positions",
@@ -36,8 +37,11 @@ __all__ = [
     "open_scan",
     "open_tiff_directory",
     "read_positions",
+    "tiff_frame_files",
 ]
 
+#: Where areaDetector / NeXus files keep their frames, looked for in this order.
+HDF5_FRAME_DATASETS = ("/entry/data/data", "/entry/instrument/detector/data", "/data")
 #: Unit names -> factor to micrometres.
 _TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "mm": 1e3, "nm": 1e-3, "m": 1e6}
 #: areaDetector / NeXus dataset names taken as the sample x and y positions (lower case).
@@ -185,6 +189,15 @@ class ScanSource:
     truth: dict[str, np.ndarray] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    #: HDF5 files: the dataset the frames are read from, and its shape as stored ((N, H, W),
+    #: (N, 1, H, W) or (Y, X, H, W)).
+    dataset: str | None = None
+    frames_shape: tuple[int, ...] | None = None
+
+    @property
+    def scan_shape(self) -> tuple[int, ...]:
+        """The scan as the frames are stored: (Y, X) for a (Y, X, H, W) stack, else (n_frames,)."""
+        return _scan_shape(self.frames_shape[:-2] if self.frames_shape else (), self.n_frames)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.read_block(start, stop))
@@ -219,8 +232,13 @@ class ScanSource:
         return self
 
 
+def _scan_shape(lead: tuple[int, ...], n: int) -> tuple[int, ...]:
+    # (Y, X, H, W) is a grid; (N, 1, H, W) is areaDetector's N frames of one image each
+    return tuple(int(s) for s in lead) if len(lead) == 2 and lead[1] != 1 else (n,)
+
+
 def _frames_dataset(h5: h5py.File, path: Path, dataset: str | None) -> h5py.Dataset:
-    names = [dataset] if dataset else ["/entry/data/data", "/entry/instrument/detector/data", "/data"]
+    names = [dataset] if dataset else list(HDF5_FRAME_DATASETS)
     for name in names:
         obj = h5.get(name)
         if isinstance(obj, h5py.Dataset) and obj.ndim >= 3:
@@ -259,23 +277,30 @@ def _hdf5_positions(h5: h5py.File, n: int, scan_shape: tuple[int, ...]) -> ScanP
     return grid_of_positions(found["x"], found["y"], source="the file")
 
 
-def open_hdf5_scan(path: str | Path, dataset: str | None = None) -> ScanSource:
+def open_hdf5_scan(
+    path: str | Path, dataset: str | None = None, *, check: Callable[[h5py.File], None] | None = None
+) -> ScanSource:
     """An HDF5 scan: our scan files, or areaDetector / NeXus files (frames (N, H, W),
-    (N, 1, H, W) or (Y, X, H, W))."""
+    (N, 1, H, W) or (Y, X, H, W)).
+
+    ``check`` is called with the open file before anything is read from it (the Tiled server
+    refuses files that link to other files).
+    """
     path = Path(path)
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
         raise InputError(f"{path.name} is not a readable HDF5 file ({exc}); check the path") from exc
     try:
+        if check is not None:
+            check(h5)
         frames = _frames_dataset(h5, path, dataset)
         if frames.dtype.kind not in "uif":
             raise InputError(f"{path.name}:{frames.name} holds {frames.dtype}, not counts")
         height, width = frames.shape[-2:]
         lead = frames.shape[:-2]
         n = int(np.prod(lead))
-        # (Y, X, H, W) is a grid; (N, 1, H, W) is areaDetector's N frames of one image each
-        scan_shape = tuple(int(s) for s in lead) if len(lead) == 2 and lead[1] != 1 else (n,)
+        scan_shape = _scan_shape(lead, n)
         positions = _hdf5_positions(h5, n, scan_shape)
         center = frames.attrs.get("roi_center_px")
         roi_center = None if center is None else tuple(float(c) for c in np.ravel(center)[:2])
@@ -313,26 +338,50 @@ def open_hdf5_scan(path: str | Path, dataset: str | None = None) -> ScanSource:
         truth=truth,
         close=h5.close,
         dtype=frames.dtype,
+        dataset=frames.name,
+        frames_shape=tuple(int(s) for s in frames.shape),
     )
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """One TIFF file's image; the name is a name (``tifffile.imread`` would take * or ? in it as
+    a pattern)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tif.asarray()
 
 
 def _natural_key(path: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-def open_tiff_directory(directory: str | Path) -> ScanSource:
-    """A directory of TIFF frames, one per scan point; acquisition order = the numbers in the names."""
-    import tifffile
-
-    directory = Path(directory)
-    files = sorted(
-        (p for p in directory.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.is_file()),
+def tiff_frame_files(directory: str | Path) -> list[Path]:
+    """The TIFF files of a directory (``*.tif``, ``*.tiff``; hidden files left out) in acquisition
+    order: sorted by the numbers in their names (``scan_2`` before ``scan_10``)."""
+    return sorted(
+        (
+            p
+            for p in Path(directory).iterdir()
+            if p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith(".") and p.is_file()
+        ),
         key=_natural_key,
     )
+
+
+def open_tiff_directory(directory: str | Path, files: list[Path] | None = None) -> ScanSource:
+    """A directory of TIFF frames, one per scan point; acquisition order = the numbers in the names.
+
+    ``files``: the frames in order, when the caller has listed them (default
+    :func:`tiff_frame_files`).
+    """
+
+    directory = Path(directory)
+    files = tiff_frame_files(directory) if files is None else list(files)
     if not files:
         raise InputError(f"{directory} holds no .tif/.tiff files; give a directory of TIFF frames")
     try:
-        first = tifffile.imread(files[0])
+        first = _read_tiff(files[0])
     except Exception as exc:
         raise InputError(f"{files[0].name} is not a readable TIFF ({exc}); check the file") from exc
     if first.ndim != 2:
@@ -342,7 +391,7 @@ def open_tiff_directory(directory: str | Path) -> ScanSource:
         out = np.empty((stop - start, *first.shape), dtype=first.dtype)
         for i, path in enumerate(files[start:stop]):
             try:
-                frame = tifffile.imread(path)
+                frame = _read_tiff(path)
             except Exception as exc:
                 raise InputError(f"{path.name} is not a readable TIFF ({exc}); replace or remove it") from exc
             if frame.shape != first.shape:

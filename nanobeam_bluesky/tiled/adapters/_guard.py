@@ -6,6 +6,8 @@ Three checks, each logged (logger ``nanobeam_bluesky.serve``) and answered with 
 - :func:`open_hdf5`: every HDF5 file an adapter opens is refused while it holds an external link,
   a virtual dataset or a dataset with external raw storage (each can read another file). Soft
   links stay inside the file and are fine. A file's verdict is kept until it changes on disk.
+- :func:`contained_path`: a file a served node reads besides its own (a TIFF frame, a positions
+  file next to them) is resolved (symlinks, ``..``) and refused outside the served directory.
 - :func:`contained_catalog`: a tiled catalog whose adapters (ours and tiled's own, for every MIME
   type) first resolve each asset (symlinks, ``..``) and refuse it outside the declared storage.
   Tiled checks the asset *path* only, so ``<readable>/../x`` or a symlink would pass there.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_hdf5",
     "contained_catalog",
+    "contained_path",
     "hdf5_refusal",
     "named_instrument",
     "open_hdf5",
@@ -128,6 +131,20 @@ def open_hdf5(path: str | Path, label: str | None = None, **kwargs: Any) -> h5py
         h5.close()
         raise
     return h5
+
+
+# ---------------------------------------------------------------------------------- directories
+def contained_path(path: Path, root: Path, label: str) -> Path:
+    """``path`` resolved (symlinks, ``..``); :class:`RefusedError` when it leads outside ``root``
+    (a resolved directory), naming the node ``label`` and the file, never the target."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise _refused(
+            f"{label}: refused: {path.name} resolves outside the server's declared directories "
+            "(through a symlink or '..'); copy the file into the directory to serve it",
+            f"{path} -> {resolved}",
+        )
+    return resolved
 
 
 # ---------------------------------------------------------------------------------- instruments

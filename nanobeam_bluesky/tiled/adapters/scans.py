@@ -10,9 +10,13 @@ One scan file is served as a container in the ``xarray_dataset`` convention::
     y_um     stage y position of every point, micrometres
 
 A directory of scan files (and sub-directories) is served as a live container: files that appear
-later are listed at the next request. A corrupt or truncated file is listed with an ``error``
-in its metadata; opening it gives a 422 error naming the file and the problem, and the server
-carries on.
+later are listed at the next request. Besides our scan files it serves what beamlines write, as
+``nanobeam predict`` reads it (:mod:`.beamline`): areaDetector / NeXus HDF5 files (frames at
+``/entry/data/data`` without our ``x_um``/``y_um``), sub-directories of TIFF frames, and APS
+sscan MDA files (positions). A corrupt or truncated file is listed with an ``error`` in its
+metadata; opening it gives a 422 error naming the file and the problem, and the server carries on.
+Nothing outside the directory is served: links leading out of it are not listed, and a TIFF or
+positions file of a scan that leads out is refused (403).
 """
 
 from __future__ import annotations
@@ -22,112 +26,39 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
+import h5py
 from tiled.adapters.mapping import MapAdapter
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 from tiled.structures.container import ContainerStructure
 from tiled.structures.core import Spec
 from tiled.utils import path_from_uri
 
-from ...physics import Instrument, bin_roi, roi_origin
+from ...physics import Instrument
 from ...scanfile import ScanFileError, ScanLayout, ScanSummary, inspect_scan_file
+from ...scans import HDF5_FRAME_DATASETS, tiff_frame_files
 from .._http import served_errors
-from ._arrays import (
-    BlockwiseArrayAdapter,
-    ContainerAdapter,
-    check_parameters,
-    coordinate,
-    h5_read,
-)
+from ._arrays import ContainerAdapter, check_parameters, coordinate
+from ._frames import SCAN_SPEC, HDF5Frames, ScanFramesAdapter, binned_frames, frame_chunks
 from ._guard import check_hdf5, named_instrument, open_hdf5
+from .beamline import MDA_SUFFIX, AreaDetectorScanAdapter, MdaScanAdapter, TiffScanAdapter
 
 if TYPE_CHECKING:
     from tiled.catalog.orm import Node
     from tiled.structures.data_source import DataSource
 
 __all__ = [
+    "SCAN_KIND",
     "SCAN_SPEC",
     "SCAN_SUFFIXES",
     "ExperimentalScanAdapter",
     "ScanDirectoryAdapter",
 ]
 
-SCAN_SPEC = Spec("nanobeam-scan", version="1")
 UNREADABLE_SPEC = Spec("nanobeam-scan-unreadable")
-#: File name endings listed in a scan directory.
+#: ``kind`` in the metadata of our scan files' nodes.
+SCAN_KIND = "nanobeam scan file"
+#: File name endings of the HDF5 files listed in a scan directory (MDA files are listed too).
 SCAN_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
-#: Target size of one served chunk (bytes): whole scan rows when frames are small.
-_CHUNK_BYTES = 8 * 2**20
-
-
-def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], ...]:
-    """Chunk along the scan's last axis so a chunk holds <= ~8 MB; detector axes whole."""
-    frame_bytes = shape[-1] * shape[-2] * itemsize
-    per_chunk = max(1, min(shape[-3], _CHUNK_BYTES // frame_bytes))
-    n = shape[-3]
-    along = tuple([per_chunk] * (n // per_chunk) + ([n % per_chunk] if n % per_chunk else []))
-    lead = tuple((1,) * shape[i] for i in range(len(shape) - 3))
-    return (*lead, along, (shape[-2],), (shape[-1],))
-
-
-class ScanFramesAdapter(BlockwiseArrayAdapter):
-    """Raw detector frames, read from the scan file on request."""
-
-    label = "scan frames"
-
-    def __init__(self, path: Path, dataset: str, structure: ArrayStructure, **kwargs: Any) -> None:
-        super().__init__(structure, **kwargs)
-        self._path = path
-        self._dataset = dataset
-
-    def _read(self, index: tuple[int | slice, ...]) -> np.ndarray:
-        try:
-            with open_hdf5(self._path) as h5:
-                return h5_read(h5[self._dataset], index)
-        except (OSError, KeyError) as exc:
-            raise ScanFileError(
-                f"{self._path.name}: cannot read frames ({exc}); the file is corrupt or truncated"
-            ) from exc
-
-
-class BinnedFramesAdapter(BlockwiseArrayAdapter):
-    """ROI-cut, binned frames (float32 counts), computed from the raw frames on request."""
-
-    label = "binned frames"
-
-    def __init__(
-        self,
-        path: Path,
-        dataset: str,
-        roi_center_px: tuple[float, float],
-        roi: int,
-        binning: int,
-        instrument: Instrument,
-        structure: ArrayStructure,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(structure, **kwargs)
-        self._path = path
-        self._dataset = dataset
-        self._roi_center = roi_center_px
-        self._roi = roi
-        self._binning = binning
-        self._instrument = instrument
-
-    def _read(self, index: tuple[int | slice, ...]) -> np.ndarray:
-        row0 = round(self._roi_center[0]) - self._roi // 2
-        col0 = round(self._roi_center[1]) - self._roi // 2
-        cut = (*index[:-2], slice(row0, row0 + self._roi), slice(col0, col0 + self._roi))
-        try:
-            with open_hdf5(self._path) as h5:
-                raw = h5_read(h5[self._dataset], cut)
-        except (OSError, KeyError) as exc:
-            raise ScanFileError(
-                f"{self._path.name}: cannot read frames ({exc}); the file is corrupt or truncated"
-            ) from exc
-        half = self._roi // 2
-        binned = bin_roi(raw, (half, half), self._roi, self._binning, instrument=self._instrument)
-        return binned[(Ellipsis, *index[-2:])]
 
 
 class ExperimentalScanAdapter(ContainerAdapter):
@@ -184,49 +115,34 @@ class ExperimentalScanAdapter(ContainerAdapter):
         raw_structure = ArrayStructure(
             data_type=BuiltinDtype.from_numpy_dtype(summary.frames_dtype),
             shape=summary.frames_shape,
-            chunks=_chunks(summary.frames_shape, summary.frames_dtype.itemsize),
+            chunks=frame_chunks(summary.frames_shape, summary.frames_dtype.itemsize),
             dims=(*scan_dims, "det_row", "det_col"),
         )
+        read = HDF5Frames(path, layout.frames)
         children["frames"] = ScanFramesAdapter(
-            path,
-            layout.frames,
+            read,
             raw_structure,
             metadata={"attrs": {"units": "counts", "dataset": layout.frames}},
             specs=[Spec("xarray_data_var")],
         )
         if center is not None:
             center = (float(center[0]), float(center[1]))
-            _check_roi(summary, center, roi, binning)
-            n = roi // binning
-            shape = (*summary.scan_shape, n, n)
-            children["binned"] = BinnedFramesAdapter(
-                path,
-                layout.frames,
+            children["binned"] = binned_frames(
+                read,
+                path.name,
+                summary.scan_shape,
+                scan_dims,
+                summary.detector_shape,
                 center,
                 roi,
                 binning,
                 instrument,
-                ArrayStructure(
-                    data_type=BuiltinDtype.from_numpy_dtype(np.dtype("float32")),
-                    shape=shape,
-                    chunks=_chunks(shape, 4),
-                    dims=(*scan_dims, "row", "col"),
-                ),
-                metadata={
-                    "attrs": {
-                        "units": "counts",
-                        "roi_center_px": list(center),
-                        "roi": roi,
-                        "binning": binning,
-                        "reduce": "sum",
-                    }
-                },
-                specs=[Spec("xarray_data_var")],
             )
         with open_hdf5(path) as h5:
             for name in ("x_um", "y_um"):
                 children[name] = coordinate(h5[getattr(layout, name)][()], scan_dims, "um")
         md = {
+            "kind": SCAN_KIND,
             "attrs": {k: v for k, v in summary.attrs.items() if isinstance(v, (str, int, float, bool))},
             "file": path.name,
             "sample": summary.attrs.get("sample", ""),
@@ -279,13 +195,25 @@ def _instrument(
     return Instrument()
 
 
-def _check_roi(summary: ScanSummary, center: tuple[float, float], roi: int, binning: int) -> None:
+def _areadetector_frames(path: Path, layout: ScanLayout, name: str) -> str | None:
+    """The frames dataset of an areaDetector / NeXus file: frames (>= 3-D) at the layout's path or
+    where those files keep them, and not our positions; None for our scan files (and for files
+    whose errors our reader names best: unreadable, no frames anywhere)."""
     try:
-        roi_origin(center, roi, summary.detector_shape)
-    except ValueError as exc:
-        raise ScanFileError(f"{summary.path.name}: {exc}; fix roi_center_px in the server config") from None
-    if roi % binning:
-        raise ScanFileError(f"roi ({roi}) must be a multiple of binning ({binning})")
+        h5 = open_hdf5(path, name)  # refused (403) while it holds links to other files
+    except OSError:
+        return None
+    with h5:
+        if layout.x_um in h5 and layout.y_um in h5:
+            return None
+        for dataset in dict.fromkeys((layout.frames, *HDF5_FRAME_DATASETS)):
+            obj = h5.get(dataset)
+            if isinstance(obj, h5py.Dataset) and obj.ndim >= 3:
+                return dataset
+    return None
+
+
+_LISTED_SUFFIXES = (*SCAN_SUFFIXES, MDA_SUFFIX)
 
 
 class _ScanFiles(Mapping[str, Any]):
@@ -297,6 +225,8 @@ class _ScanFiles(Mapping[str, Any]):
         self.options = options
 
     def _entries(self) -> dict[str, Path]:
+        """Listed names -> resolved paths: HDF5 and MDA files, sub-directories (of TIFF frames:
+        a scan; else a directory of scans). Links that lead out of the root are left out."""
         entries: dict[str, Path] = {}
         try:
             children = sorted(self.directory.iterdir())
@@ -311,7 +241,7 @@ class _ScanFiles(Mapping[str, Any]):
                 continue
             if not resolved.is_relative_to(self.root):
                 continue  # a link leading outside the declared directory is never served
-            if resolved.is_dir() or (resolved.is_file() and child.suffix.lower() in SCAN_SUFFIXES):
+            if resolved.is_dir() or (resolved.is_file() and child.suffix.lower() in _LISTED_SUFFIXES):
                 entries[child.name] = resolved
         return entries
 
@@ -328,12 +258,24 @@ class _ScanFiles(Mapping[str, Any]):
         path = self._entries().get(key)
         if path is None:
             raise KeyError(key)
-        if path.is_dir():
-            return ScanDirectoryAdapter(
-                _ScanFiles(path, self.root, self.options), metadata={"directory": key}
-            )
+        options = self.options
+        beamline = {k: options[k] for k in ("roi_center_px", "roi", "binning", "instrument")}
         with served_errors(key):
-            return ExperimentalScanAdapter.from_path(path, **self.options)
+            if path.is_dir():
+                tiffs = tiff_frame_files(path)
+                if tiffs:
+                    return TiffScanAdapter.from_directory(
+                        path, files=tiffs, root=self.root, name=key, **beamline
+                    )
+                return ScanDirectoryAdapter(
+                    _ScanFiles(path, self.root, self.options), metadata={"directory": key}
+                )
+            if Path(key).suffix.lower() == MDA_SUFFIX:  # as listed (the link's name, for a link)
+                return MdaScanAdapter.from_path(path, name=key)
+            dataset = _areadetector_frames(path, options["layout"], key)
+            if dataset is not None:
+                return AreaDetectorScanAdapter.from_path(path, dataset=dataset, name=key, **beamline)
+            return ExperimentalScanAdapter.from_path(path, **options)
 
     def tolerant(self, key: str) -> Any:
         """Like ``self[key]``, but an unreadable file becomes a placeholder with its error."""
