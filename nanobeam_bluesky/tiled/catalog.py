@@ -50,6 +50,7 @@ def connect(uri: str, *, api_key: str | None = None, **kwargs: Any) -> Any:
     no server there, no API key, a wrong one."""
     from tiled.client import from_uri
 
+    _check_reachable(uri)
     try:
         return from_uri(uri, api_key=api_key, **kwargs)
     except Exception as exc:
@@ -68,6 +69,25 @@ def connect(uri: str, *, api_key: str | None = None, **kwargs: Any) -> Any:
         if status == 404:
             raise InputError(f"{uri}: no such node on the Tiled server (404); check the path") from None
         raise
+
+
+def _check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail at once when nothing listens at the URI's host and port (tiled's client would retry
+    a refused connection for some 20 s before saying so)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        raise InputError(f"{uri!r} is not a URL; give http://HOST:PORT/...")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(
+            f"no Tiled server answers at {uri} ({exc.strerror or exc}); start it (nanobeam serve) or "
+            "check the host and port"
+        ) from None
 
 
 def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> Any:
