@@ -682,6 +682,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if maps.flagged:
         print("flagged: " + ", ".join(f"{name} {count}" for name, count in maps.flagged.items()))
+    if maps.problems:
+        more = f" (and {len(maps.problems) - 1} more)" if len(maps.problems) > 1 else ""
+        print(f"{len(maps.problems)} frames unreadable, flagged INVALID: {maps.problems[0]}{more}")
     if "strain_true" in ds:
         import numpy as np
 

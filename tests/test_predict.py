@@ -251,3 +251,21 @@ def test_check_orientation_command_rejects_a_transposed_reading(scan_file, tmp_p
     assert all(f"transpose{extra} (" in rejected for extra in ("", " + flip rows", " + flip cols"))
     assert "best: transpose" not in out and "tilt χ by a known" in out
     assert png.stat().st_size > 20_000
+
+
+def test_a_damaged_frame_costs_its_own_row_not_the_scan(tmp_path, capsys):
+    """One TIFF of the scan is truncated: its row is flagged INVALID with no value, the others
+    are analysed, and the command says which frame."""
+    made = DEPARTURES[0].make(8, np.random.default_rng(6), Instrument())
+    _write_tiffs(tmp_path / "tiffs", made.counts)
+    damaged = tmp_path / "tiffs" / "scan_5.tif"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    out = tmp_path / "maps.nc"
+    assert main(["predict", str(tmp_path / "tiffs"), "--out", str(out), "--no-progress"]) == 0
+    assert "1 frames unreadable, flagged INVALID: frame 4 unreadable" in capsys.readouterr().out
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    flags = ds["flag"].values
+    assert flags[4] == Flag.INVALID and np.isnan(ds["strain"].values[4])
+    others = np.arange(8) != 4
+    assert np.all(np.isfinite(ds["strain"].values[others])) and not np.any(flags[others] & Flag.INVALID)
+    assert "frame 4 unreadable" in ds.attrs["problems"]

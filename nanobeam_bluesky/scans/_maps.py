@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class ScanMaps:
     seconds: float
     #: Rows per flag name (only the flags that occur).
     flagged: dict[str, int]
+    #: Frames that could not be read (flagged INVALID) and why, one line each.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def frames_per_s(self) -> float:
@@ -81,25 +84,32 @@ def predict_scan(
     predictor.check_instrument(data_instrument, allow_mismatch=allow_instrument_mismatch)
     inst = data_instrument or predictor.instrument
     read = source.roi_reader(inst.roi_pixels, roi_center_px)
+    roi = inst.roi_pixels
+    # What the reader hands over: ROIs, or frames already that size (or binned)
+    shape = source.frame_shape if source.frame_shape in ((roi, roi), (roi // 2, roi // 2)) else (roi, roi)
     n = source.n_frames
     step = _chunk_frames(source, inst.roi_pixels, chunk_frames)
     spans = [(i, min(i + step, n)) for i in range(0, n, step)]
     pooled = PooledConsistency()
     parts: list[Prediction] = []
+    problems: list[str] = []
     t0 = time.perf_counter()
     with (
         ThreadPoolExecutor(1, thread_name_prefix="nanobeam-read") as pool,
         tqdm(total=n, unit="frame", desc=source.name, disable=not progress) as bar,
     ):
-        ahead: list[Future[np.ndarray]] = [pool.submit(read, *span) for span in spans[:2]]
+        ahead: list[Future[_Chunk]] = [pool.submit(_read_chunk, read, *span, shape) for span in spans[:2]]
         for k in range(len(spans)):
-            frames = ahead.pop(0).result()
+            chunk = ahead.pop(0).result()
             if k + 2 < len(spans):  # keep two chunks in flight: reading overlaps the model
-                ahead.append(pool.submit(read, *spans[k + 2]))
-            parts.append(
-                predictor.analyse(frames, instrument=data_instrument, check_instrument=False, pooled=pooled)
+                ahead.append(pool.submit(_read_chunk, read, *spans[k + 2], shape))
+            part = predictor.analyse(
+                chunk.frames, instrument=data_instrument, check_instrument=False, pooled=pooled
             )
-            bar.update(len(frames))
+            _flag_unreadable(part, chunk.unreadable)
+            problems += chunk.problems
+            parts.append(part)
+            bar.update(len(chunk.frames))
     seconds = time.perf_counter() - t0
     prediction = _concatenate(parts)
     if pooled.mismatch:  # the verdict of the whole scan, for every frame it covers
@@ -119,7 +129,53 @@ def predict_scan(
         frames=n,
         instrument=json.dumps(inst.to_dict(), sort_keys=True, default=list),
     )
-    return ScanMaps(dataset, n, seconds, flagged)
+    if problems:
+        dataset.attrs["problems"] = "; ".join(problems)
+    return ScanMaps(dataset, n, seconds, flagged, problems)
+
+
+@dataclass
+class _Chunk:
+    """Frames read for the model, and which of them could not be read (zeros there)."""
+
+    frames: np.ndarray
+    unreadable: np.ndarray
+    problems: list[str]
+
+
+#: What a damaged file raises while its frames are read.
+_READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+
+
+def _read_chunk(
+    read: Callable[[int, int], np.ndarray], start: int, stop: int, shape: tuple[int, int]
+) -> _Chunk:
+    """Frames ``start..stop-1``; when the chunk cannot be read whole, frame by frame, so that one
+    damaged frame costs its own row (flagged INVALID), not the scan."""
+    try:
+        return _Chunk(np.asarray(read(start, stop)), np.zeros(stop - start, dtype=bool), [])
+    except _READ_ERRORS:
+        pass
+    frames: list[np.ndarray | None] = []
+    problems: list[str] = []
+    for i in range(start, stop):
+        try:
+            frames.append(np.asarray(read(i, i + 1))[0])
+        except _READ_ERRORS as exc:
+            frames.append(None)
+            problems.append(f"frame {i} unreadable ({exc})")
+    unreadable = np.array([f is None for f in frames])
+    blank = np.zeros(shape, dtype=np.float32)
+    stacked = np.stack([blank if f is None else f.astype(np.float32, copy=False) for f in frames])
+    return _Chunk(stacked, unreadable, problems)
+
+
+def _flag_unreadable(part: Prediction, unreadable: np.ndarray) -> None:
+    if not unreadable.any():
+        return
+    part.flags[unreadable] = FLAG_DTYPE(Flag.INVALID)
+    for values in (part.values, part.std, part.err, *part.checks.values()):
+        values[unreadable] = np.nan
 
 
 def _concatenate(parts: list[Prediction]) -> Prediction:
