@@ -760,7 +760,8 @@ def _open_input(args: argparse.Namespace) -> Any:
         from .tiled.server import API_KEY_ENV
 
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("TILED_API_KEY")
-        return open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset)
+        given = bool(getattr(args, "positions", None))
+        return open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset, with_positions=not given)
     return open_scan(args.input, dataset=args.dataset)
 
 

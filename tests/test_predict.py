@@ -269,3 +269,15 @@ def test_a_damaged_frame_costs_its_own_row_not_the_scan(tmp_path, capsys):
     others = np.arange(8) != 4
     assert np.all(np.isfinite(ds["strain"].values[others])) and not np.any(flags[others] & Flag.INVALID)
     assert "frame 4 unreadable" in ds.attrs["problems"]
+
+
+@pytest.mark.unit
+def test_tiled_run_positions_are_converted_to_micrometres_by_their_units():
+    from nanobeam_bluesky.errors import InputError
+    from nanobeam_bluesky.tiled.source import _to_um
+
+    values = np.array([0.001, 0.002])
+    np.testing.assert_allclose(_to_um(values, {"units": "mm"}, "x"), [1.0, 2.0])
+    np.testing.assert_allclose(_to_um(values, {"units": None}, "x"), values)  # no units: µm
+    with pytest.raises(InputError, match="'theta' is in 'deg', not a length.*--positions"):
+        _to_um(values, {"units": "deg"}, "theta")

@@ -41,6 +41,23 @@ def _frame_key(stream: Any, wanted: str | None, min_side: int) -> str:
     return frames[0]
 
 
+#: Position units -> factor to micrometres; a position without units is taken as µm.
+_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "mm": 1e3, "nm": 1e-3}
+
+
+def _to_um(values: np.ndarray, data_key: Any, key: str) -> np.ndarray:
+    units = (data_key or {}).get("units") if isinstance(data_key, Mapping) else None
+    if not units:
+        return values
+    factor = _TO_UM.get(str(units).strip().lower())
+    if factor is None:
+        raise InputError(
+            f"the scan's position {key!r} is in {units!r}, not a length; give the positions with "
+            "--positions (CSV or MDA)"
+        )
+    return values * factor
+
+
 def _position_keys(start: Mapping[str, Any], stream_name: str, keys: list[str]) -> list[str]:
     found: list[str] = []
     for dim in (start.get("hints") or {}).get("dimensions") or []:
@@ -62,10 +79,12 @@ def open_tiled_run(
     api_key: str | None = None,
     stream_name: str = "primary",
     frame_key: str | None = None,
+    with_positions: bool = True,
 ) -> ScanSource:
     """The frames of a raw Bluesky run stored in Tiled, e.g.
     ``http://host:8000/api/v1/metadata/runs/<uid>``; positions from the scan's ``hints``
-    (y, then x, in µm) and the grid from its start document's ``shape``."""
+    (y, then x, converted to µm from their units; none: taken as µm) and the grid from its start
+    document's ``shape``. ``with_positions=False`` skips them (positions given otherwise)."""
     run = connect(uri, api_key=api_key)
     start = dict((run.metadata or {}).get("start") or {})
     if not start:
@@ -81,8 +100,12 @@ def open_tiled_run(
     height, width = int(shape[-2]), int(shape[-1])
     positions: ScanPositionsTable | None = None
     pos_keys = _position_keys(start, stream_name, keys)
-    if len(pos_keys) == 2:
-        y, x = (np.asarray(stream[k].read(), dtype=np.float64).reshape(-1)[:n] for k in pos_keys)
+    if len(pos_keys) == 2 and with_positions:
+        data_keys = dict((stream.metadata or {}).get("data_keys") or {})
+        y, x = (
+            _to_um(np.asarray(stream[k].read(), dtype=np.float64).reshape(-1)[:n], data_keys.get(k), k)
+            for k in pos_keys
+        )
         grid = grid_of_positions(x, y, source=uri)
         planned = tuple(start.get("shape") or ())
         if len(planned) == 2 and grid.shape != planned and len(x) == int(np.prod(planned)):
