@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanobeam_bluesky.errors import InputError
 from nanobeam_bluesky.physics import (
     Instrument,
     InstrumentError,
@@ -238,6 +239,34 @@ def test_crlb_matches_documented_values():
     bound = crlb(*_random_parameters(150, seed=4))
     rms = np.sqrt((bound**2).mean(axis=0))
     np.testing.assert_allclose(rms, [8.4e-5, 1.0e-4, 2.9e-4], rtol=0.06)
+
+
+def test_per_frame_thickness_is_the_instrument_of_that_thickness():
+    strain, omega, chi = _random_parameters(4, seed=2)
+    thickness = np.array([80.0, 117.0, 140.0, 158.0])  # ±35 % around 117 Å
+    frames = simulate(strain, omega, chi, thickness_angstrom=thickness)
+    for i, t in enumerate(thickness):
+        one = simulate(strain[i], omega[i], chi[i], DEFAULT.replace(film_thickness_angstrom=t))[0]
+        np.testing.assert_array_equal(frames[i], one)  # same arithmetic, one frame at a time
+    with pytest.raises(InputError, match="thickness_angstrom must be positive"):
+        simulate(0.0, 0.0, 0.0, thickness_angstrom=-5.0)
+
+
+def test_extended_crlb_each_unknown_only_raises_the_bound():
+    """The bound with the thickness and the count scale (and a background) unknown: never below
+    the 3-parameter bound, and at the values docs/physics.md states (7 counts, the default box)."""
+    params = _random_parameters(150, seed=4)
+    base = crlb(*params)
+    extended = crlb(*params, with_thickness=True, nuisance=("scale",))
+    assert extended.shape == (150, 4)
+    assert np.all(extended[:, :3] >= base * (1 - 1e-9))
+    with_background = crlb(*params, background=0.05, with_thickness=True, nuisance=("scale", "background"))
+    assert np.all(with_background[:, :3] >= crlb(*params, background=0.05) * (1 - 1e-9))
+    rms = np.sqrt((extended**2).mean(axis=0))
+    # An unknown film costs strain 1.5x (the band moves with both), the tilts almost nothing.
+    np.testing.assert_allclose(rms, [1.26e-4, 1.02e-4, 2.96e-4, 1.78], rtol=0.06)
+    with pytest.raises(InputError, match="background > 0"):
+        crlb(*params, nuisance=("background",))
 
 
 def test_library_round_trip(tmp_path):

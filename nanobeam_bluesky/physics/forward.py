@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -290,14 +291,22 @@ def _tilt_fields(
 
 
 def _render(
-    fields: list[torch.Tensor], idx: torch.Tensor, strain: np.ndarray, instrument: Instrument
+    fields: list[torch.Tensor],
+    idx: torch.Tensor,
+    strain: np.ndarray,
+    instrument: Instrument,
+    thickness: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Frames for strains ``strain`` whose tilts are ``fields[.][idx]``."""
+    """Frames for strains ``strain`` whose tilts are ``fields[.][idx]``; ``thickness`` (Å, one
+    per frame) replaces the instrument's film thickness."""
     m0, mu, mv, dq, dq_du, dq_dv = fields
     g0 = 2 * math.pi * instrument.reflection_l / instrument.lattice_c_angstrom
     g_shift = 2 * math.pi * instrument.reflection_l / (instrument.lattice_c_angstrom * (1 + strain))
     shift = torch.as_tensor(g_shift - g0, dtype=torch.float32, device=m0.device)[:, None, None]
-    half_t = instrument.film_thickness_angstrom / 2
+    if thickness is None:
+        half_t: float | torch.Tensor = instrument.film_thickness_angstrom / 2
+    else:
+        half_t = torch.as_tensor(thickness / 2, dtype=torch.float32, device=m0.device)[:, None, None]
     x = half_t * (dq[idx] - shift)
     laue, slope = _sinc2_and_slope(x)
     intensity = laue * m0[idx] + slope * half_t * (dq_du[idx] * mu[idx] + dq_dv[idx] * mv[idx])
@@ -311,6 +320,7 @@ def _simulate_fast(
     instrument: Instrument,
     grid: _PixelGrid,
     device: torch.device = torch.device("cpu"),
+    thickness: np.ndarray | None = None,
 ) -> torch.Tensor:
     n_frames = len(strain)
     out = torch.empty((n_frames, grid.n_pix, grid.n_pix), dtype=torch.float32, device=device)
@@ -323,7 +333,10 @@ def _simulate_fast(
         pairs, local = np.unique(pair_of_frame[frames], return_inverse=True)
         fields = _tilt_fields(normals[pairs], instrument, grid, device)
         idx = torch.as_tensor(local.reshape(-1), device=device)
-        out[torch.as_tensor(frames, device=device)] = _render(fields, idx, strain[frames], instrument)
+        frame_thickness = None if thickness is None else thickness[frames]
+        out[torch.as_tensor(frames, device=device)] = _render(
+            fields, idx, strain[frames], instrument, frame_thickness
+        )
     return out
 
 
@@ -360,6 +373,7 @@ def simulate(
     instrument: Instrument = Instrument(),
     *,
     upsample: int | None = None,
+    thickness_angstrom: Any = None,
 ) -> np.ndarray:
     """Noise-free binned frames of physics.md, float32 (N, F, F) with F = 64 by default.
 
@@ -369,10 +383,15 @@ def simulate(
         chi_deg: tilt out of the scattering plane, degrees.
         instrument: the instrument; default is physics.md's table.
         upsample: sub-pixels per binned pixel along each axis (``instrument.upsample`` if None).
+        thickness_angstrom: the film thickness of each frame, Å (scalar or length-N); None: the
+            instrument's ``film_thickness_angstrom``.
 
-    Unnormalised: the annulus times sinc^2, so a fully lit pixel at the Laue maximum is 1.
+    Unnormalised: the annulus times sinc^2, so a fully lit pixel at the Laue maximum is 1 (at any
+    thickness: the count scale carries the thickness-squared brightness).
     """
-    return simulate_tensor(strain, omega_deg, chi_deg, instrument, upsample=upsample).numpy()
+    return simulate_tensor(
+        strain, omega_deg, chi_deg, instrument, upsample=upsample, thickness_angstrom=thickness_angstrom
+    ).numpy()
 
 
 def simulate_tensor(
@@ -383,6 +402,7 @@ def simulate_tensor(
     *,
     upsample: int | None = None,
     device: str | torch.device = "cpu",
+    thickness_angstrom: Any = None,
 ) -> torch.Tensor:
     """:func:`simulate` computed on ``device`` and returned there: float32 tensor (N, F, F).
 
@@ -392,7 +412,18 @@ def simulate_tensor(
     strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
     s = _resolve_upsample(instrument, upsample)
     grid = _PixelGrid(instrument.frame_pixels, instrument.binned_pixel_m, s)
-    return _simulate_fast(strain, omega, chi, instrument, grid, torch.device(device))
+    thickness = _per_frame_thickness(thickness_angstrom, len(strain))
+    return _simulate_fast(strain, omega, chi, instrument, grid, torch.device(device), thickness)
+
+
+def _per_frame_thickness(thickness_angstrom: Any, n: int) -> np.ndarray | None:
+    """(n,) float64 film thicknesses in Å, or None for the instrument's."""
+    if thickness_angstrom is None:
+        return None
+    values = np.broadcast_to(np.asarray(thickness_angstrom, dtype=np.float64), (n,)).copy()
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise InputError(f"thickness_angstrom must be positive numbers (Å), got {thickness_angstrom!r}")
+    return values
 
 
 def simulate_roi(
@@ -402,14 +433,16 @@ def simulate_roi(
     instrument: Instrument = Instrument(),
     *,
     upsample: int | None = None,
+    thickness_angstrom: Any = None,
 ) -> np.ndarray:
     """Noise-free raw detector ROI (N, roi, roi) at the physical pixel size, float32.
 
     Each raw pixel holds the mean intensity over its area, with the same sub-pixel sampling as
     :func:`simulate` (``upsample / binning`` sub-pixels per raw pixel, at least 1), so binning
-    by averaging gives back the binned frames.
+    by averaging gives back the binned frames. ``thickness_angstrom`` as for :func:`simulate`.
     """
     strain, omega, chi = as_parameters(strain, omega_deg, chi_deg)
     s = max(1, _resolve_upsample(instrument, upsample) // instrument.binning)
     grid = _PixelGrid(instrument.roi_pixels, instrument.detector_pixel_m, s)
-    return _simulate_fast(strain, omega, chi, instrument, grid).numpy()
+    thickness = _per_frame_thickness(thickness_angstrom, len(strain))
+    return _simulate_fast(strain, omega, chi, instrument, grid, thickness=thickness).numpy()
