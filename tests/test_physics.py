@@ -260,8 +260,9 @@ def test_extended_crlb_each_unknown_only_raises_the_bound():
     extended = crlb(*params, with_thickness=True, nuisance=("scale",))
     assert extended.shape == (150, 4)
     assert np.all(extended[:, :3] >= base * (1 - 1e-9))
-    with_background = crlb(*params, background=0.05, with_thickness=True, nuisance=("scale", "background"))
-    assert np.all(with_background[:, :3] >= crlb(*params, background=0.05) * (1 - 1e-9))
+    few = tuple(values[:30] for values in params)
+    with_background = crlb(*few, background=0.05, with_thickness=True, nuisance=("scale", "background"))
+    assert np.all(with_background[:, :3] >= crlb(*few, background=0.05) * (1 - 1e-9))
     rms = np.sqrt((extended**2).mean(axis=0))
     # An unknown film costs strain 1.5x (the band moves with both), the tilts almost nothing.
     np.testing.assert_allclose(rms, [1.26e-4, 1.02e-4, 2.96e-4, 1.78], rtol=0.06)
