@@ -279,5 +279,5 @@ def test_tiled_run_positions_are_converted_to_micrometres_by_their_units():
     values = np.array([0.001, 0.002])
     np.testing.assert_allclose(_to_um(values, {"units": "mm"}, "x"), [1.0, 2.0])
     np.testing.assert_allclose(_to_um(values, {"units": None}, "x"), values)  # no units: µm
-    with pytest.raises(InputError, match="'theta' is in 'deg', not a length.*--positions"):
+    with pytest.raises(InputError, match=r"'theta' is in 'deg', not a length.*--positions"):
         _to_um(values, {"units": "deg"}, "theta")
