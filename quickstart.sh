@@ -25,8 +25,8 @@ job=${1:-demo}
 case "$job" in
     demo) exec .venv/bin/nanobeam demo "$@" ;;
     test)
-        .venv/bin/ruff check nanobeam_bluesky tests benchmarks docs
-        .venv/bin/ruff format --check nanobeam_bluesky tests benchmarks docs
+        .venv/bin/ruff check nanobeam_bluesky tests benchmarks docs/*.py
+        .venv/bin/ruff format --check nanobeam_bluesky tests benchmarks docs/*.py
         .venv/bin/mypy nanobeam_bluesky      # [tool.mypy] in pyproject.toml
         .venv/bin/lint-imports               # the layers, [tool.importlinter] in pyproject.toml
         exec .venv/bin/python -m pytest "$@" ;;
