@@ -819,6 +819,84 @@ def _add_check_orientation(sub) -> None:
     p.set_defaults(func=cmd_check_orientation)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .scans import calibrate
+
+    if args.out_mask and not args.out_mask.endswith(".npy"):
+        raise InputError(f"--out-mask {args.out_mask}: name a .npy file")
+    base = _instrument(args.instrument) if args.instrument else None
+    predictor = _predictor(args.model)
+    source = _open_input(args)
+    try:
+        result = calibrate(
+            source,
+            predictor,
+            base,
+            roi_center_px=tuple(args.roi_center) if args.roi_center else None,
+            min_frames=args.min_frames,
+            max_frames=args.frames,
+            assume_mean_tilt_zero=args.assume_mean_tilt_zero,
+        )
+    finally:
+        source.close()
+    result.save(args.out_instrument, args.out_mask)
+    print(result.summary())
+    print(f"wrote {args.out_instrument}" + (f" and {args.out_mask}" if args.out_mask else ""))
+    if predictor.instrument.differences(result.instrument):
+        print(
+            f"the model was made for {predictor.instrument.film_thickness_angstrom:g} A: predict with "
+            f"--instrument {args.out_instrument} --allow-instrument-mismatch (the physics check then "
+            "uses the calibrated film)"
+        )
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="estimate film thickness, hot/dead pixels, count scale and background from a scan",
+        description=(
+            "Estimate from a scan's own frames what the model takes as given: hot and dead pixels (per-pixel "
+            "statistics over the scan), the film thickness (maximum likelihood over all frames at once), the "
+            "count scale and background; write the calibrated instrument YAML that predict, the live "
+            "callback and serve accept. The beam centre is not identifiable from a scan alone (see "
+            "docs/physics.md); --assume-mean-tilt-zero estimates it under that stated assumption."
+        ),
+    )
+    p.add_argument("input", metavar="SCAN", help="scan file, TIFF directory or Tiled URI of a raw run")
+    p.add_argument("--out-instrument", required=True, help="calibrated instrument to write (.yaml or .json)")
+    p.add_argument(
+        "--out-mask",
+        help="also write the mask of bad pixels (.npy, bool roi x roi, True = masked, detector orientation)",
+    )
+    p.add_argument(
+        "--frames", type=int, default=4000, help="frames to use at most, spread over the scan (default 4000)"
+    )
+    p.add_argument(
+        "--min-frames",
+        type=int,
+        default=100,
+        help="frames with a measurable ring the calibration needs (default 100)",
+    )
+    p.add_argument(
+        "--assume-mean-tilt-zero",
+        action="store_true",
+        help="estimate the beam-centre offset ASSUMING the scan's mean tilt (omega, chi) is zero",
+    )
+    p.add_argument(
+        "--roi-center",
+        nargs=2,
+        type=float,
+        metavar=("ROW", "COL"),
+        help="detector pixel of the central reflected ray (default: the file's)",
+    )
+    p.add_argument("--model", help="model file (default: the shipped model)")
+    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
+    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
+    _add_instrument(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanobeam",
@@ -837,6 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_predict,
         _add_check_orientation,
+        _add_calibrate,
         _add_fit,
         _add_preview,
         _add_serve,

@@ -6,10 +6,13 @@ write, the chunked prediction that overlaps reading with the model, and the orie
   :func:`read_positions`: positions from a CSV or an APS sscan MDA file.
 - :func:`predict_scan`: the maps, with errors and flags, on the scan grid; :func:`write_maps`
   (NetCDF-4) and :func:`save_scan_maps` (PNG).
+- :func:`calibrate`: what the model takes as given (film thickness, hot and dead pixels, count
+  scale, background) estimated from a scan's own frames (``nanobeam calibrate``).
 - :func:`check_orientation`: which of the 8 detector orientations the physics fits
   (``nanobeam check-orientation``), and :func:`save_orientation_figure`.
 """
 
+from ._calibrate import MIN_CALIBRATION_FRAMES, Calibration, calibrate, find_bad_pixels
 from ._maps import ScanMaps, predict_scan, save_scan_maps, write_maps
 from ._orientation import (
     ORIENTATIONS,
@@ -33,13 +36,17 @@ from ._sources import (
 
 __all__ = [
     "HDF5_FRAME_DATASETS",
+    "MIN_CALIBRATION_FRAMES",
     "ORIENTATIONS",
+    "Calibration",
     "Orientation",
     "OrientationReport",
     "ScanMaps",
     "ScanPositionsTable",
     "ScanSource",
+    "calibrate",
     "check_orientation",
+    "find_bad_pixels",
     "grid_of_positions",
     "open_hdf5_scan",
     "open_scan",
