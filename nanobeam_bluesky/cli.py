@@ -836,6 +836,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             min_frames=args.min_frames,
             max_frames=args.frames,
             assume_mean_tilt_zero=args.assume_mean_tilt_zero,
+            progress=not args.no_progress,
         )
     finally:
         source.close()
@@ -883,6 +884,7 @@ def _add_calibrate(sub) -> None:
         action="store_true",
         help="estimate the beam-centre offset ASSUMING the scan's mean tilt (omega, chi) is zero",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--roi-center",
         nargs=2,

@@ -173,19 +173,34 @@ def find_bad_pixels(raw: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[
 
 
 def _read_frames(
-    frames: Any, instrument: Instrument, roi_center_px: tuple[float, float] | None, max_frames: int
+    frames: Any,
+    instrument: Instrument,
+    roi_center_px: tuple[float, float] | None,
+    max_frames: int,
+    progress: bool = False,
 ) -> np.ndarray:
     """Raw ROIs (N, R, R) (or binned frames) from an array or a ScanSource, at most ``max_frames``
     spread over the scan."""
     from ._sources import ScanSource
 
     if isinstance(frames, ScanSource):
+        from tqdm.auto import tqdm
+
         read = frames.roi_reader(instrument.roi_pixels, roi_center_px)
         n = frames.n_frames
-        if n <= max_frames:
-            return np.concatenate([read(i, min(i + 256, n)) for i in range(0, n, 256)])
-        index = np.unique(np.linspace(0, n - 1, max_frames).round().astype(int))
-        return np.concatenate([read(int(i), int(i) + 1) for i in index])
+        spans = (
+            [(i, min(i + 256, n)) for i in range(0, n, 256)]
+            if n <= max_frames
+            else [(int(i), int(i) + 1) for i in np.unique(np.linspace(0, n - 1, max_frames).round())]
+        )
+        with tqdm(
+            total=sum(b - a for a, b in spans), unit="frame", desc="reading", disable=not progress
+        ) as bar:
+            parts = []
+            for a, b in spans:
+                parts.append(read(a, b))
+                bar.update(b - a)
+        return np.concatenate(parts)
     arr = np.asarray(frames)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -205,6 +220,7 @@ def calibrate(
     max_thickness_sd: float = 1.5,
     assume_mean_tilt_zero: bool = False,
     max_iterations: int = 8,
+    progress: bool = False,
 ) -> Calibration:
     """Calibrate an instrument from a scan's own frames (see the module's docstring for how).
 
@@ -217,6 +233,7 @@ def calibrate(
         min_frames: frames with a measurable ring needed; fewer is an error.
         max_frames: frames used at most, spread over the scan.
         max_thickness_sd: a thickness standard error above this (Angstrom) is "too little signal".
+        progress: a progress bar while the frames are read.
         assume_mean_tilt_zero: estimate the beam-centre offset assuming the scan's mean tilt is
             zero (it is not identifiable otherwise).
 
@@ -227,7 +244,7 @@ def calibrate(
     base = (
         instrument or (frames.instrument if isinstance(frames, ScanSource) else None) or predictor.instrument
     )
-    raw = _read_frames(frames, base, roi_center_px, max_frames)
+    raw = _read_frames(frames, base, roi_center_px, max_frames, progress)
     n = len(raw)
     if n < min_frames:
         raise InputError(
