@@ -127,7 +127,7 @@ def test_too_few_frames_is_one_line(tmp_path, capsys, scan):
     scan_file = tmp_path / "short.h5"
     with h5py.File(scan_file, "w") as h5:
         h5.create_dataset("/entry/data/data", data=counts[:20].astype(np.uint16))
-    code = main(["calibrate", str(scan_file), "--out-instrument", str(tmp_path / "x.yaml")])
+    code = main(["calibrate", str(scan_file), "--out-instrument", str(tmp_path / "x.yaml"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
