@@ -55,6 +55,8 @@ __all__ = [
     "NetworkEstimate",
     "Prediction",
     "Predictor",
+    "inpaint",
+    "inpaint_tensor",
     "load_pretrained",
 ]
 
@@ -540,9 +542,16 @@ def inpaint(counts: np.ndarray, masked: np.ndarray) -> np.ndarray:
     """
     if not masked.any():
         return counts
-    x = torch.as_tensor(counts, dtype=torch.float32)[:, None]
-    known = torch.as_tensor(~masked, dtype=torch.float32)[:, None]
-    kernel = torch.ones(1, 1, 3, 3)
+    filled = inpaint_tensor(torch.as_tensor(counts, dtype=torch.float32), torch.as_tensor(masked))
+    return filled.numpy()
+
+
+def inpaint_tensor(counts: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """:func:`inpaint` on tensors (N, F, F), on their device: what training applies to its
+    randomly masked frames, so that the networks learn exactly what ``predict()`` shows them."""
+    x = counts.float()[:, None]
+    known = (~masked.bool()).float()[:, None]
+    kernel = torch.ones(1, 1, 3, 3, device=x.device)
     filled = x * known
     for _ in range(2):
         total = torch.nn.functional.conv2d(filled, kernel, padding=1)
@@ -551,7 +560,7 @@ def inpaint(counts: np.ndarray, masked: np.ndarray) -> np.ndarray:
         filled = torch.where(fresh, total / weight.clamp(min=1e-12), filled)
         known = torch.where(fresh, torch.ones_like(known), known)
     mean = filled.sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
-    return torch.where(known > 0, filled, mean)[:, 0].numpy()
+    return torch.where(known > 0, filled, mean)[:, 0]
 
 
 def load_pretrained(*, device: str = "cpu", **kwargs: Any) -> Predictor:

@@ -21,10 +21,20 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..inference import inpaint_tensor
 from ..physics import PARAMETERS, Instrument, open_library, simulate, simulate_tensor
 from .recipes import Recipe
 
-__all__ = ["GridData", "OnTheFlyData", "Standardiser", "make_data", "noisy_counts", "random_parameters"]
+__all__ = [
+    "GridData",
+    "OnTheFlyData",
+    "Standardiser",
+    "make_data",
+    "masked_like_predict",
+    "noisy_counts",
+    "random_detector_masks",
+    "random_parameters",
+]
 
 #: A progress bar over an iterable, called like ``tqdm(iterable, desc=..., leave=...)``.
 Progress = Callable[..., Iterable[int]]
@@ -63,8 +73,10 @@ def noisy_counts(
     max_counts: float,
     augmentation: tuple[float, float],
     generator: torch.Generator,
+    background_max: float = 0.0,
 ) -> torch.Tensor:
-    """Poisson counts of ``max_counts * level * frame``, level log-uniform in ``augmentation``."""
+    """Poisson counts of ``max_counts * level * frame + b``, level log-uniform in
+    ``augmentation``, the flat background b uniform in [0, ``background_max``] counts per pixel."""
     expected = noise_free.float() * max_counts
     low, high = augmentation
     if high > low:
@@ -72,6 +84,10 @@ def noisy_counts(
         expected = expected * torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
     elif low != 1.0:
         expected = expected * low
+    if background_max > 0:  # drawn only when asked: the noise of recipes without it is unchanged
+        expected = expected + background_max * torch.rand(
+            (len(expected), 1, 1), generator=generator, device=expected.device
+        )
     if expected.device.type != "cpu" or len(expected) < 2 * _POISSON_THREADS:
         return torch.poisson(expected, generator=generator)
     # torch.poisson is single-threaded on the CPU: draw slices in threads (ops release the GIL),
@@ -88,6 +104,40 @@ def noisy_counts(
 
 
 _POISSON_THREADS = max(1, min(4, torch.get_num_threads()))
+
+
+def random_detector_masks(
+    n: int, pixels: int, fraction: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, F, F) bool masks, True = masked: a ``fraction`` of the frames get a dead band of 1-2
+    whole rows or columns (a module gap) and up to 4 dead pixels at random; the rest none."""
+    masks = torch.zeros((n, pixels, pixels), dtype=torch.bool, device=device)
+    draws = torch.rand((n, 8), generator=generator, device=device)
+    chosen = torch.nonzero(draws[:, 0] < fraction).flatten().tolist()
+    for i in chosen:
+        u = draws[i].tolist()
+        width = 1 + int(u[1] < 0.5)
+        start = int(u[2] * (pixels - width + 1))
+        if u[3] < 0.5:
+            masks[i, start : start + width, :] = True
+        else:
+            masks[i, :, start : start + width] = True
+        for k in range(int(u[4] * 5)):  # 0-4 dead pixels, placed from the remaining draws
+            row = int(((u[5] + 0.37 * k) % 1.0) * pixels)
+            col = int(((u[6] + 0.61 * k) % 1.0) * pixels)
+            masks[i, row, col] = True
+    return masks
+
+
+def masked_like_predict(counts: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Counts with random detector masks (:func:`random_detector_masks`) zeroed and filled from
+    the unmasked neighbours, as ``predict()`` fills a declared mask before the networks."""
+    if fraction <= 0:
+        return counts
+    masks = random_detector_masks(len(counts), counts.shape[-1], fraction, generator, counts.device)
+    if not masks.any():
+        return counts
+    return inpaint_tensor(torch.where(masks, torch.zeros_like(counts), counts), masks)
 
 
 @functools.cache
@@ -124,7 +174,10 @@ class _Data:
             if self.fixed_counts:
                 x = x.float()
             else:
-                x = noisy_counts(x, recipe.max_counts, recipe.count_augmentation, noise_generator)
+                x = noisy_counts(
+                    x, recipe.max_counts, recipe.count_augmentation, noise_generator, recipe.background_max
+                )
+                x = masked_like_predict(x, recipe.mask_fraction, noise_generator)
             yield x, self.labels[idx].to(device)
 
     def steps_per_epoch(self) -> int:
@@ -231,11 +284,25 @@ class OnTheFlyData(_Data):
         params = random_parameters(self.instrument, self.block_size, rng)
         strain, omega, chi = params.T
         frames = simulate_tensor(
-            strain, omega, chi, self.instrument, upsample=self.recipe.upsample, device=self.device
+            strain,
+            omega,
+            chi,
+            self.instrument,
+            upsample=self.recipe.upsample,
+            device=self.device,
+            thickness_angstrom=self._thickness(rng, self.block_size),
         )
         sl = slice(block * self.block_size, (block + 1) * self.block_size)
         self.frames[sl] = frames.half()
         self.labels[sl] = torch.as_tensor(self.std.forward(params), dtype=torch.float32)
+
+    def _thickness(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """Each frame's film thickness (Å) within ± ``thickness_spread``; None: the instrument's.
+        Drawn after the parameters, so recipes without it keep their frames."""
+        spread = self.recipe.thickness_spread
+        if spread <= 0:
+            return None
+        return self.instrument.film_thickness_angstrom * (1 + rng.uniform(-spread, spread, n))
 
     def _generated_at(self, block: int, epoch: int) -> int:
         """Epoch at which ``block`` was last re-simulated, as of ``epoch`` (0 = initial pool)."""
@@ -258,11 +325,25 @@ class OnTheFlyData(_Data):
     def _held_out(self, salt: int) -> tuple[torch.Tensor, np.ndarray]:
         # Shared by all members (no member seed): every member is scored on the same frames.
         rng = np.random.default_rng([12345, salt])
-        params = random_parameters(self.instrument, self.recipe.validation_frames, rng)
+        recipe = self.recipe
+        params = random_parameters(self.instrument, recipe.validation_frames, rng)
         strain, omega, chi = params.T
-        frames = simulate(strain, omega, chi, self.instrument, upsample=self.recipe.upsample)
-        counts = rng.poisson(frames * self.recipe.max_counts).astype(np.float32)
-        return torch.as_tensor(counts), params
+        frames = simulate(
+            strain,
+            omega,
+            chi,
+            self.instrument,
+            upsample=recipe.upsample,
+            thickness_angstrom=self._thickness(rng, len(params)),
+        )
+        expected = frames * recipe.max_counts
+        if recipe.background_max > 0:  # held-out frames carry the same departures as training
+            expected = expected + rng.uniform(0, recipe.background_max, (len(params), 1, 1))
+        counts = torch.as_tensor(rng.poisson(expected).astype(np.float32))
+        if recipe.mask_fraction > 0:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            counts = masked_like_predict(counts, recipe.mask_fraction, generator)
+        return counts, params
 
     def validation(self) -> tuple[torch.Tensor, np.ndarray]:
         return self._held_out(2)

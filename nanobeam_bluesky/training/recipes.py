@@ -56,6 +56,31 @@ class Recipe:
     #: Refining stage only: std (omega, chi, degrees) of the coarse estimate's error simulated
     #: in training, about twice the shipped coarse ensemble's RMSE (2.8e-4, 6.5e-4 deg).
     registration_jitter_deg: tuple[float, float] = (5e-4, 1.2e-3)
+    #: Real films and detectors (on-the-fly data only; 0 = off, the shipped recipes' setting so
+    #: far). Each frame's film thickness is drawn uniformly within ± this fraction of the
+    #: instrument's (0.35: 76-158 Å for the seed's 117 Å film).
+    thickness_spread: float = 0.0
+    #: A flat background added to each frame's expected counts, uniform in [0, this] counts per
+    #: binned pixel.
+    background_max: float = 0.0
+    #: The fraction of frames given a random detector mask (a dead band of 1-2 rows or columns,
+    #: up to 4 dead pixels), filled from the unmasked neighbours exactly as ``predict()`` fills a
+    #: declared mask, so the network learns the frames it will be shown.
+    mask_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.thickness_spread < 1.0:
+            raise InputError(f"thickness_spread must be in [0, 1), got {self.thickness_spread}")
+        if self.background_max < 0:
+            raise InputError(f"background_max must be >= 0 counts per pixel, got {self.background_max}")
+        if not 0.0 <= self.mask_fraction <= 1.0:
+            raise InputError(f"mask_fraction must be in [0, 1], got {self.mask_fraction}")
+        departures = self.thickness_spread or self.background_max or self.mask_fraction
+        if departures and self.data != "on_the_fly":
+            raise InputError(
+                "thickness_spread, background_max and mask_fraction need data='on_the_fly' (the grid "
+                "recipe draws its noise once)"
+            )
 
     def replace(self, **changes: Any) -> Recipe:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
