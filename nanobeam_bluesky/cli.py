@@ -93,6 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "frames_per_epoch": args.frames_per_epoch,
             "pool_size": args.pool_size,
             "batch_size": args.batch_size,
+            "thickness_spread": args.thickness_spread,
+            "background_max": args.background_max,
+            "mask_fraction": args.mask_fraction,
         }.items()
         if v is not None
     }
@@ -152,6 +155,24 @@ def _add_train(sub) -> None:
         help="noise-free frames kept and re-noised (default: the recipe's)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="frames per step (default: the recipe's)")
+    p.add_argument(
+        "--thickness-spread",
+        type=float,
+        default=None,
+        help="draw each frame's film thickness within +- this fraction of the instrument's (e.g. 0.35)",
+    )
+    p.add_argument(
+        "--background-max",
+        type=float,
+        default=None,
+        help="add a flat background uniform in [0, this] counts per binned pixel to each frame (e.g. 0.1)",
+    )
+    p.add_argument(
+        "--mask-fraction",
+        type=float,
+        default=None,
+        help="give this fraction of frames a random detector mask, filled as predict() fills one (e.g. 0.5)",
+    )
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden layer sizes")
     p.add_argument("--seed", type=int, default=0, help="seed of the first member (each next one adds 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
