@@ -115,8 +115,6 @@ CHECK_VARIABLES: dict[str, tuple[str, str]] = {
     "thickness_z": ("1", "score-test z of the film thickness (about N(0,1) at the instrument's thickness)"),
     "count_scale": ("counts", "expected counts of a fully lit pixel at the Laue maximum"),
     "background": ("counts", "background counts per binned pixel"),
-    "thickness": ("Angstrom", "film thickness fitted with the other parameters (likelihood step)"),
-    "thickness_err": ("Angstrom", "standard deviation of the fitted film thickness (Fisher information)"),
 }
 
 

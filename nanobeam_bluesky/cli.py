@@ -690,7 +690,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             allow_instrument_mismatch=args.allow_instrument_mismatch,
             chunk_frames=args.chunk,
             progress=not args.no_progress,
-            fit_thickness=args.fit_thickness,
         )
     finally:
         source.close()
@@ -759,11 +758,6 @@ def _add_predict(sub) -> None:
         "--png", action="store_true", help="also draw the maps, with units and colour bars (OUT.png)"
     )
     p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: ~64 MB of frames)")
-    p.add_argument(
-        "--fit-thickness",
-        action="store_true",
-        help="fit each frame's film thickness too (thickness, thickness_err maps in A; ~10x slower)",
-    )
     p.add_argument(
         "--allow-instrument-mismatch",
         action="store_true",

@@ -374,7 +374,6 @@ class Predictor:
         check: bool = True,
         likelihood: bool = True,
         pooled: PooledConsistency | None = None,
-        fit_thickness: bool = False,
     ) -> xr.Dataset:
         """Predict (strain, omega, chi) with honest errors and quality flags for every frame.
 
@@ -392,13 +391,6 @@ class Predictor:
             likelihood: report the likelihood step's estimate (False: the network's, checked).
             pooled: pool the physics check over more than this call (the live callback passes one
                 per run); None pools this call's frames.
-            fit_thickness: fit each frame's film thickness too: ``thickness`` and
-                ``thickness_err`` (Å) in the result, the other ``*_err`` including what an unknown
-                film costs (strain about 1.5x the bound of a known film). The likelihood is
-                profiled over 0.6-1.4x the instrument's film first (it has other optima along
-                strain and thickness), so this is about 10x slower. Frames too faint to say their
-                film (``thickness_err`` above 2.5 % of it) or at the profile's edge are flagged
-                THICKNESS; the pooled thickness test is moot and skipped.
 
         Returns a Dataset over ``frame``: ``strain`` (1), ``omega`` and ``chi`` (deg); their
         ``_err`` (the standard deviation to expect for this frame: from its Fisher information
@@ -419,7 +411,6 @@ class Predictor:
             check=check,
             likelihood=likelihood,
             pooled=pooled,
-            fit_thickness=fit_thickness,
         )
         return self.to_dataset(prediction)
 
@@ -435,7 +426,6 @@ class Predictor:
         check: bool = True,
         likelihood: bool = True,
         pooled: PooledConsistency | None = None,
-        fit_thickness: bool = False,
     ) -> Prediction:
         """:meth:`predict`'s results as arrays (:class:`Prediction`), without the Dataset around them
         (what the live callback uses). Arguments as for :meth:`predict`."""
@@ -449,8 +439,7 @@ class Predictor:
         mean = np.full((n, 3), np.nan)
         std = np.full((n, 3), np.nan)
         err = np.full((n, 3), np.nan)
-        outputs = {**_CHECK_OUTPUTS, **(_THICKNESS_OUTPUTS if fit_thickness and check and likelihood else {})}
-        extra = {name: np.full(n, np.nan) for name in outputs}
+        extra = {name: np.full(n, np.nan) for name in _CHECK_OUTPUTS}
         refined = refine and self.n_refiners > 0
         pool = PooledConsistency() if pooled is None else pooled
         if usable.any():
@@ -462,7 +451,7 @@ class Predictor:
             err[rows] = self.expected_error(sub, refined=refined)
             if check:
                 physics = self.physics_check(data_instrument)
-                result = physics(sub, mean[rows], sub_masked, refine=likelihood, fit_thickness=fit_thickness)
+                result = physics(sub, mean[rows], sub_masked, refine=likelihood)
                 if likelihood:
                     mean[rows] = result.params
                     err[rows] = np.hypot(result.sigma, physics.error_floor)
@@ -471,8 +460,8 @@ class Predictor:
                 if pool.mismatch:
                     result.flags[measured] |= FLAG_DTYPE(Flag.POOLED_MISMATCH)
                 flags[rows] |= result.flags
-                for name in outputs:
-                    extra[name][rows] = getattr(result, outputs[name])
+                for name in _CHECK_OUTPUTS:
+                    extra[name][rows] = getattr(result, _CHECK_OUTPUTS[name])
         no_value = (flags & FLAG_DTYPE(NO_VALUE)) != 0
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
@@ -542,8 +531,6 @@ _CHECK_OUTPUTS = {
     "count_scale": "scale",
     "background": "background",
 }
-#: ... and with ``fit_thickness``.
-_THICKNESS_OUTPUTS = {"thickness": "thickness", "thickness_err": "thickness_err"}
 
 
 def inpaint(counts: np.ndarray, masked: np.ndarray) -> np.ndarray:

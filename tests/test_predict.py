@@ -281,13 +281,3 @@ def test_tiled_run_positions_are_converted_to_micrometres_by_their_units():
     np.testing.assert_allclose(_to_um(values, {"units": None}, "x"), values)  # no units: µm
     with pytest.raises(InputError, match=r"'theta' is in 'deg', not a length.*--positions"):
         _to_um(values, {"units": "deg"}, "theta")
-
-
-def test_predict_fit_thickness_maps_the_film(scan_file, tmp_path):
-    path, _ = scan_file
-    out = tmp_path / "maps.nc"
-    assert main(["predict", str(path), "--out", str(out), "--fit-thickness", "--no-progress"]) == 0
-    ds = xr.open_dataset(out, engine="h5netcdf")
-    assert ds["thickness"].shape == (10, 10) and ds["thickness"].attrs["units"] == "Angstrom"
-    z = (ds["thickness"].values - Instrument().film_thickness_angstrom) / ds["thickness_err"].values
-    assert np.sqrt(np.mean(z[ds["flag"].values == 0] ** 2)) < 1.5  # the file's film is 117 A

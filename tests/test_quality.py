@@ -441,31 +441,3 @@ def test_live_maps_grey_out_flagged_points(workdir):
     assert maps.flagged == 1
     assert np.isnan(maps.maps["strain"][0, 1]) and np.isfinite(maps.maps["strain"]).sum() == 3
     assert maps.saved and maps.saved[0].exists()
-
-
-@pytest.mark.parametrize("thickness", [90.0, 117.0, 150.0])
-def test_fit_thickness_measures_each_frames_film_within_its_stated_error(predictor, thickness):
-    """predict(fit_thickness=True) on films of 90, 117 and 150 A (the instrument says 117): each
-    frame's thickness and (strain, omega, chi) land within their stated errors, at about the
-    Cramér–Rao bound of the problem with the film unknown (measured 0.94-1.05x on 300 frames)."""
-    inst = Instrument()
-    made = _ideal(120, np.random.default_rng(11), inst, thickness=thickness)
-    ds = predictor.predict(made.counts, fit_thickness=True)
-    unflagged = ds["flag"].values == 0
-    assert unflagged.mean() > 0.95  # 7 counts: every frame can say its film
-    t_z = (ds["thickness"].values - thickness) / ds["thickness_err"].values
-    assert 0.7 < np.sqrt(np.mean(t_z[unflagged] ** 2)) < 1.35
-    bound = crlb(*made.params[:40].T, made.instrument, with_thickness=True, nuisance=("scale",))
-    t_rmse = np.sqrt(np.mean((ds["thickness"].values[unflagged] - thickness) ** 2))
-    assert t_rmse < 1.4 * np.sqrt(np.mean(bound[:, 3] ** 2)), t_rmse
-    for i, name in enumerate(("strain", "omega", "chi")):
-        z = (ds[name].values - made.params[:, i]) / ds[f"{name}_err"].values
-        assert np.sqrt(np.mean(z[unflagged] ** 2)) < 1.4, name
-    assert ds["thickness"].attrs["units"] == "Angstrom"
-
-
-def test_fit_thickness_flags_frames_too_faint_to_say_their_film(predictor):
-    made = _ideal(60, np.random.default_rng(12), Instrument(), max_counts=1.0)
-    ds = predictor.predict(made.counts, fit_thickness=True)
-    assert (ds["flag"].values & Flag.THICKNESS != 0).mean() > 0.9
-    assert "thickness" not in predictor.predict(made.counts[:4])  # off by default

@@ -45,12 +45,6 @@ __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 #: fit_quality above which a frame is POOR_FIT. 4 standard deviations; measured false-alarm rate
 #: on frames the model describes: see ``tests/test_quality.py`` and ``benchmarks/robustness.py``.
 POOR_FIT_Z = 4.0
-#: Film thicknesses (times the instrument's) the likelihood profile starts from when the thickness
-#: is fitted: +-40 %, beyond the +-35 % a real film is expected within.
-PROFILE_FACTORS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4)
-#: A fitted film thickness whose standard deviation exceeds this fraction of the instrument's is
-#: flagged THICKNESS: the frame is too faint to choose between the likelihood's optima.
-THICKNESS_ERR_MAX = 0.025
 #: |thickness_z| above which a frame is flagged THICKNESS.
 THICKNESS_Z = 4.0
 #: Fewer counts than this share on the annulus: NO_RING.
@@ -85,9 +79,6 @@ class Consistency:
         thickness_information: (N,) its variance (Fisher information, 1/Angstrom^2).
         steps: (N,) likelihood steps taken.
         flags: (N,) uint16: POOR_FIT, THICKNESS, NO_RING.
-        thickness: (N,) the film thickness fitted with the others (Angstrom), when asked
-            (``fit_thickness``); NaN otherwise. ``thickness_z`` is then NaN: nothing to test.
-        thickness_err: (N,) its standard deviation from the Fisher information (Angstrom).
     """
 
     params: np.ndarray
@@ -101,8 +92,6 @@ class Consistency:
     thickness_information: np.ndarray
     steps: np.ndarray
     flags: np.ndarray
-    thickness: np.ndarray | None = None
-    thickness_err: np.ndarray | None = None
 
 
 @dataclass
@@ -236,7 +225,6 @@ class PhysicsCheck:
                 0.1 * (ranges["strain"][1] - ranges["strain"][0]),
                 0.05 * (ranges["omega"][1] - ranges["omega"][0]),
                 0.05 * (ranges["chi"][1] - ranges["chi"][0]),
-                0.05 * instrument.film_thickness_angstrom,
             ]
         )
         self._deviance = deviance_table()
@@ -247,13 +235,7 @@ class PhysicsCheck:
         return _shared_check(instrument.physics_only())
 
     def __call__(
-        self,
-        counts: np.ndarray,
-        start: np.ndarray,
-        masked: np.ndarray | None = None,
-        *,
-        refine: bool = True,
-        fit_thickness: bool = False,
+        self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *, refine: bool = True
     ) -> Consistency:
         """Check (and with ``refine``, improve) estimates ``start`` (N, 3) of frames ``counts``.
 
@@ -263,40 +245,7 @@ class PhysicsCheck:
             masked: (N, F, F) bool, True where a pixel is not an observation; or None.
             refine: take likelihood steps in (strain, omega, chi); False keeps the estimate and
                 fits only the count scale (how a fit's result is checked).
-            fit_thickness: with ``refine``, fit each frame's film thickness too (from the
-                instrument's): ``thickness`` and ``thickness_err`` in the result. The other
-                parameters' errors then include what an unknown film costs (strain about 1.5x).
         """
-        fit_thickness = fit_thickness and refine
-        thickness_start = None
-        if fit_thickness:  # the likelihood has other optima along (strain, thickness): start at the best
-            start, thickness_start = self._thickness_profile(counts, start, masked)
-        out = self._run(counts, start, masked, refine, fit_thickness, thickness_start)
-        flags = np.zeros(len(counts), dtype=FLAG_DTYPE)
-        flags[out.fit_quality > self.poor_fit_z] |= FLAG_DTYPE(Flag.POOR_FIT)
-        flags[np.abs(out.thickness_z) > self.thickness_z] |= FLAG_DTYPE(Flag.THICKNESS)
-        flags[~(out.ring_fraction >= self.min_ring_fraction)] |= FLAG_DTYPE(Flag.NO_RING)
-        if fit_thickness and out.thickness is not None and out.thickness_err is not None:
-            # a film at the edge of what the profile searched is not measured, only bounded
-            low, high = PROFILE_FACTORS[0], PROFILE_FACTORS[-1]
-            nominal = self.instrument.film_thickness_angstrom
-            edge = (out.thickness < low * nominal) | (out.thickness > high * nominal)
-            # a frame too faint to say its film: the profile's choice may be a wrong optimum
-            # (measured at 1 count: thickness z-rms 3.8 where the error exceeded this)
-            vague = ~(out.thickness_err <= THICKNESS_ERR_MAX * nominal)
-            flags[edge | vague] |= FLAG_DTYPE(Flag.THICKNESS)
-        out.flags = flags
-        return out
-
-    def _run(
-        self,
-        counts: np.ndarray,
-        start: np.ndarray,
-        masked: np.ndarray | None,
-        refine: bool,
-        fit_thickness: bool,
-        thickness_start: np.ndarray | None,
-    ) -> Consistency:
         n = len(counts)
         out = Consistency(
             params=np.array(start, dtype=np.float64, copy=True),
@@ -310,52 +259,20 @@ class PhysicsCheck:
             thickness_information=np.full(n, np.nan),
             steps=np.zeros(n, dtype=np.int64),
             flags=np.zeros(n, dtype=FLAG_DTYPE),
-            thickness=np.full(n, np.nan),
-            thickness_err=np.full(n, np.nan),
         )
         for lo in range(0, n, self.chunk_size):
             hi = min(n, lo + self.chunk_size)
-            self._chunk(
-                counts[lo:hi],
-                None if masked is None else masked[lo:hi],
-                out,
-                lo,
-                refine,
-                fit_thickness,
-                None if thickness_start is None else thickness_start[lo:hi],
-            )
+            self._chunk(counts[lo:hi], None if masked is None else masked[lo:hi], out, lo, refine)
+        flags = np.zeros(n, dtype=FLAG_DTYPE)
+        flags[out.fit_quality > self.poor_fit_z] |= FLAG_DTYPE(Flag.POOR_FIT)
+        flags[np.abs(out.thickness_z) > self.thickness_z] |= FLAG_DTYPE(Flag.THICKNESS)
+        flags[~(out.ring_fraction >= self.min_ring_fraction)] |= FLAG_DTYPE(Flag.NO_RING)
+        out.flags = flags
         return out
-
-    def _thickness_profile(
-        self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Each frame's best (strain, omega, chi) and film thickness over the profile: the other
-        parameters refitted at each of ``PROFILE_FACTORS`` times the instrument's thickness, the
-        lowest deviance z kept. From the network's estimate at the instrument's film alone, the
-        joint step stays in a wrong optimum (measured: a 90 A film read as ~117 A)."""
-        nominal = self.instrument.film_thickness_angstrom
-        best_fq = np.full(len(counts), np.inf)
-        best_params = np.array(start, dtype=np.float64, copy=True)
-        best_thickness = np.full(len(counts), nominal)
-        for factor in PROFILE_FACTORS:
-            thickness = np.full(len(counts), factor * nominal)
-            trial = self._run(counts, start, masked, True, False, thickness)
-            better = np.nan_to_num(trial.fit_quality, nan=np.inf) < best_fq
-            best_fq[better] = trial.fit_quality[better]
-            best_params[better] = trial.params[better]
-            best_thickness[better] = thickness[better]
-        return best_params, best_thickness
 
     # ------------------------------------------------------------------ one chunk
     def _chunk(
-        self,
-        counts: np.ndarray,
-        masked: np.ndarray | None,
-        out: Consistency,
-        lo: int,
-        refine: bool,
-        fit_thickness: bool = False,
-        thickness_start: np.ndarray | None = None,
+        self, counts: np.ndarray, masked: np.ndarray | None, out: Consistency, lo: int, refine: bool
     ) -> None:
         b_frames = len(counts)
         flat = np.ascontiguousarray(counts, dtype=np.float32).reshape(b_frames, -1)
@@ -372,10 +289,7 @@ class PhysicsCheck:
             frame_statistics(flat, True, False, stats)
         total_counts, total_nlogn = stats[:, 0], stats[:, 3]
 
-        nominal = self.instrument.film_thickness_angstrom
-        # (strain, omega, chi, thickness): the thickness stays the instrument's unless fitted
-        first = np.full(b_frames, nominal) if thickness_start is None else thickness_start
-        theta = np.concatenate([out.params[lo : lo + b_frames], first[:, None]], axis=1)
+        theta = out.params[lo : lo + b_frames].copy()
         scale = np.full(b_frames, np.nan)  # NaN: estimate it from the counts
         accepted = theta.copy()  # the last point whose deviance did not rise
         accepted_deviance = np.full(b_frames, np.inf)
@@ -386,7 +300,6 @@ class PhysicsCheck:
             obs = observed if masked is None else observed[todo]
             state = self._evaluate(
                 theta[todo],
-                fit_thickness,
                 scale[todo],
                 flat[todo],
                 obs,
@@ -412,15 +325,12 @@ class PhysicsCheck:
             theta[back] = (accepted[back] + theta[back]) / 2
             if not refine:
                 break
-            delta = state["delta"][keep][:, [0, 1, 2, 4]]  # the scale is refitted at every point
+            delta = state["delta"][keep, :3]
             step = np.clip(delta, -self._max_step, self._max_step)
             theta[ok] += step
-            # the film stays within the physically sensible (a third to three times the nominal)
-            theta[ok, 3] = np.clip(theta[ok, 3], nominal / 3, 3 * nominal)
-            sigma4 = np.concatenate([state["sigma"][keep], state["thickness_err"][keep, None]], axis=1)
             # Another step where this one was large: the start was far from the maximum.
             with np.errstate(invalid="ignore"):
-                far = ((np.abs(delta) / sigma4)[:, : 4 if fit_thickness else 3] > self.converged_sigma).any(1)
+                far = ((np.abs(delta) / state["sigma"][keep]) > self.converged_sigma).any(1)
             far |= (step != delta).any(1)
             todo = np.concatenate([ok[far], back])
             if not len(todo):
@@ -428,10 +338,7 @@ class PhysicsCheck:
         if len(todo):  # out of steps while backing off: report the last accepted point
             theta[todo] = accepted[todo]
         sl = slice(lo, lo + b_frames)
-        out.params[sl] = theta[:, :3]
-        if fit_thickness and out.thickness is not None and out.thickness_err is not None:
-            out.thickness[sl] = theta[:, 3]
-            out.thickness_err[sl] = results["thickness_err"]
+        out.params[sl] = theta
         for key in (
             "sigma",
             "scale",
@@ -448,7 +355,6 @@ class PhysicsCheck:
     def _evaluate(
         self,
         theta: np.ndarray,
-        fit_thickness: bool,
         scale: np.ndarray,
         flat: np.ndarray,
         observed: np.ndarray,
@@ -457,15 +363,13 @@ class PhysicsCheck:
         total_nlogn: np.ndarray,
         refine: bool,
     ) -> dict[str, np.ndarray]:
-        """One evaluation of the forward model at ``theta`` (B, 4: strain, omega, chi, thickness):
-        the step and the check there.
+        """One evaluation of the forward model at ``theta`` (B, 3): the step and the check there.
 
-        ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts;
-        ``fit_thickness``: the thickness is a free parameter of the step.
+        ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts.
         """
         fm = self.model
         arrays = fm.arrays
-        geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3])
+        geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2])
         sums = np.empty((len(theta), N_SUMS))
         with KERNEL_LOCK:
             likelihood_sums(
@@ -496,18 +400,14 @@ class PhysicsCheck:
         (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support, scale_used, background) = sums[
             :, 30:
         ].T
-        free = slice(0, 5 if fit_thickness else 4) if refine else slice(3, 4)
+        free = slice(0, 4) if refine else slice(3, 4)
         cov_free = _safe_inverse(fisher[:, free, free])
         g_free = grad[:, free]
         delta_free = np.nan_to_num(np.einsum("bij,bj->bi", cov_free, g_free))
-        delta = np.zeros((len(theta), 5))
+        delta = np.zeros((len(theta), 4))
         delta[:, free] = delta_free
         cov4 = _safe_inverse(fisher[:, :4, :4])
-        cov_all = _safe_inverse(fisher) if fit_thickness else cov4
-        sigma = np.sqrt(np.clip(np.diagonal(cov_all, axis1=1, axis2=2)[:, :3], 0, None))
-        thickness_err = (
-            np.sqrt(np.clip(cov_all[:, 4, 4], 0, None)) if fit_thickness else np.full(len(theta), np.nan)
-        )
+        sigma = np.sqrt(np.clip(np.diagonal(cov4, axis1=1, axis2=2)[:, :3], 0, None))
         # Off the support the expectation is the background alone.
         n_off = np.clip(total_counts - n_support, 0, None)
         p_off = np.clip(total_pixels - p_support, 0, None)
@@ -524,17 +424,11 @@ class PhysicsCheck:
         mean_off, var_off = deviance_moments(np.maximum(background, 1e-6))
         expected = dev_mean + p_off * mean_off
         variance = dev_var + p_off * var_off
-        fitted = _FITTED + (1 if fit_thickness else 0)
-        fit_quality = (deviance - (expected - fitted)) / np.sqrt(np.maximum(variance, 1e-12))
-        # Thickness score test at the stepped estimate, the other parameters refitted (nothing to
-        # test when the thickness is itself fitted).
+        fit_quality = (deviance - (expected - _FITTED)) / np.sqrt(np.maximum(variance, 1e-12))
+        # Thickness score test at the stepped estimate, the other parameters refitted.
         cross = fisher[:, 4, :4]
-        if fit_thickness:
-            score = np.full(len(theta), np.nan)
-            residual_info = np.full(len(theta), np.nan)
-        else:
-            score = grad[:, 4] - np.einsum("bi,bi->b", cross[:, free], delta_free)
-            residual_info = fisher[:, 4, 4] - np.einsum("bi,bij,bj->b", cross, cov4, cross)
+        score = grad[:, 4] - np.einsum("bi,bi->b", cross[:, free], delta_free)
+        residual_info = fisher[:, 4, 4] - np.einsum("bi,bij,bj->b", cross, cov4, cross)
         thickness_z = score / np.sqrt(np.maximum(residual_info, 1e-30))
         with np.errstate(divide="ignore", invalid="ignore"):
             ring = np.where(total_counts > 0, n_support / total_counts, 0.0)
@@ -549,7 +443,6 @@ class PhysicsCheck:
             "ring_fraction": ring,
             "thickness_score": score,
             "thickness_information": residual_info,
-            "thickness_err": thickness_err,
         }
 
 

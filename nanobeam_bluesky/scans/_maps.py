@@ -62,7 +62,6 @@ def predict_scan(
     allow_instrument_mismatch: bool = False,
     chunk_frames: int | None = None,
     progress: bool = True,
-    fit_thickness: bool = False,
 ) -> ScanMaps:
     """Maps of (strain, omega, chi) with errors and flags for every frame of ``source``.
 
@@ -78,8 +77,6 @@ def predict_scan(
         roi_center_px: (row, col) of the central reflected ray on the detector (raw pixels) when
             the frames are whole detector images; default the file's.
         chunk_frames: frames per chunk (default: about 64 MB of raw frames).
-        fit_thickness: fit each frame's film thickness too (``thickness``, ``thickness_err`` maps,
-            Å; about 10x slower: see ``Predictor.predict``).
     """
     from tqdm.auto import tqdm
 
@@ -107,11 +104,7 @@ def predict_scan(
             if k + 2 < len(spans):  # keep two chunks in flight: reading overlaps the model
                 ahead.append(pool.submit(_read_chunk, read, *spans[k + 2], shape))
             part = predictor.analyse(
-                chunk.frames,
-                instrument=data_instrument,
-                check_instrument=False,
-                pooled=pooled,
-                fit_thickness=fit_thickness,
+                chunk.frames, instrument=data_instrument, check_instrument=False, pooled=pooled
             )
             _flag_unreadable(part, chunk.unreadable)
             problems += chunk.problems
