@@ -26,6 +26,7 @@ from ._mda import (
     read_mda,
     write_mda,
 )
+from ._units import micrometres_per
 
 __all__ = [
     "DBR_CTRL_CHAR",
@@ -43,6 +44,7 @@ __all__ = [
     "MdaTrigger",
     "ScanPositions",
     "mda_positions",
+    "micrometres_per",
     "read_mda",
     "write_mda",
 ]

@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from ._units import micrometres_per
 
 __all__ = [
     "DBR_CTRL_CHAR",
@@ -95,15 +96,6 @@ _DBR_NAMES = {
 # tell a corrupt count from a real one before it allocates memory.
 _MAX_ITEMS = 10_000
 _MAX_STRING = 1 << 20
-
-#: Factors to micrometres, by lower-cased unit string.
-_TO_UM = {
-    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1000.0),
-    **dict.fromkeys(
-        ("um", "µm", "μm", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"), 1.0
-    ),
-    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 1e-3),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -747,10 +739,6 @@ class ScanPositions:
         return self.n_points == math.prod(self.requested_shape)
 
 
-def _to_um(unit: str) -> float | None:
-    return _TO_UM.get(unit.strip().lower())
-
-
 def _pv_stem(name: str) -> str:
     stem, dot, fieldname = name.rpartition(".")
     return stem if dot and fieldname.isupper() else name
@@ -893,7 +881,7 @@ def mda_positions(mda: MdaFile, *, x: str | None = None, y: str | None = None) -
         raise InputError(f"{where}: a {mda.rank}-D scan; only 1-D and 2-D scans give positions")
     x_unit = xp.unit
     y_unit = yp.unit if yp is not None else ""
-    x_factor, y_factor = _to_um(x_unit), _to_um(y_unit)
+    x_factor, y_factor = micrometres_per(x_unit), micrometres_per(y_unit)
     return ScanPositions(
         x_um=x_raw * x_factor if x_factor is not None else x_raw,
         y_um=y_raw * y_factor if y_factor is not None else y_raw,

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
-from ..formats import mda_positions, read_mda
+from ..formats import mda_positions, micrometres_per, read_mda
 from ..physics import Instrument, roi_origin
 
 __all__ = [
@@ -42,18 +42,16 @@ __all__ = [
 
 #: Where areaDetector / NeXus files keep their frames, looked for in this order.
 HDF5_FRAME_DATASETS = ("/entry/data/data", "/entry/instrument/detector/data", "/data")
-#: Unit names -> factor to micrometres.
-_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "mm": 1e3, "nm": 1e-3, "m": 1e6}
 #: areaDetector / NeXus dataset names taken as the sample x and y positions (lower case).
 _X_NAMES = ("x_um", "x", "samx", "sample_x", "samplex", "sx", "stage_x", "fine_x")
 _Y_NAMES = ("y_um", "y", "samy", "sample_y", "sampley", "sy", "stage_y", "fine_y")
 
 
 def _um(values: np.ndarray, units: str | None, what: str) -> np.ndarray:
-    unit = (units or "um").strip().lower().replace("micrometers", "um").replace("micrometres", "um")
-    if unit not in _TO_UM:
+    factor = micrometres_per(units or "um")
+    if factor is None:
         raise InputError(f"{what} is in {units!r}; give positions in um, mm or nm")
-    return np.asarray(values, dtype=np.float64) * _TO_UM[unit]
+    return np.asarray(values, dtype=np.float64) * factor
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..formats import micrometres_per
 from ..physics import Instrument
 from ..scans import ScanPositionsTable, ScanSource, grid_of_positions
 from .catalog import connect
@@ -41,15 +42,12 @@ def _frame_key(stream: Any, wanted: str | None, min_side: int) -> str:
     return frames[0]
 
 
-#: Position units -> factor to micrometres; a position without units is taken as µm.
-_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "mm": 1e3, "nm": 1e-3}
-
-
 def _to_um(values: np.ndarray, data_key: Any, key: str) -> np.ndarray:
+    """A position key's values in µm, by its units; a position without units is taken as µm."""
     units = (data_key or {}).get("units") if isinstance(data_key, Mapping) else None
     if not units:
         return values
-    factor = _TO_UM.get(str(units).strip().lower())
+    factor = micrometres_per(str(units))
     if factor is None:
         raise InputError(
             f"the scan's position {key!r} is in {units!r}, not a length; give the positions with "
