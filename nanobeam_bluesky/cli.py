@@ -413,13 +413,8 @@ def _add_replay(sub) -> None:
 # ------------------------------------------------------------------ listen
 def cmd_listen(args: argparse.Namespace) -> int:
     from .callbacks import listen
-    from .inference import Predictor, load_pretrained
 
-    predictor = (
-        Predictor.from_file(args.model, device=args.device)
-        if args.model
-        else load_pretrained(device=args.device)
-    )
+    predictor = _predictor(args.model, args.device)
     instrument = _instrument(args.instrument) if args.instrument else None
 
     def ready() -> None:
@@ -670,7 +665,6 @@ def _add_demo(sub) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .inference import Predictor, load_pretrained
     from .scans import predict_scan, read_positions, save_scan_maps, write_maps
 
     out = Path(args.out)
@@ -680,7 +674,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         if args.positions:
             source.with_positions(read_positions(args.positions))
-        predictor = Predictor.from_file(args.model) if args.model else load_pretrained()
+        predictor = _predictor(args.model)
         instrument = _instrument(args.instrument) if args.instrument else None
         maps = predict_scan(
             source,
@@ -724,6 +718,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that read a scan (predict, check-orientation, calibrate)."""
+    parser.add_argument(
+        "--roi-center",
+        nargs=2,
+        type=float,
+        metavar=("ROW", "COL"),
+        help="detector pixel of the central reflected ray, to cut the 128 x 128 ROI from whole detector "
+        "frames (default: the file's roi_center_px)",
+    )
+    parser.add_argument("--model", help="model file (default: the shipped model)")
+    parser.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
+    parser.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
+    _add_instrument(parser)
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict",
@@ -745,16 +755,6 @@ def _add_predict(sub) -> None:
         "sscan MDA file",
     )
     p.add_argument(
-        "--roi-center",
-        nargs=2,
-        type=float,
-        metavar=("ROW", "COL"),
-        help="detector pixel of the central reflected ray, to cut the 128 x 128 ROI from whole detector "
-        "frames (default: the file's roi_center_px)",
-    )
-    p.add_argument("--model", help="model file (default: the shipped model)")
-    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
-    p.add_argument(
         "--png", action="store_true", help="also draw the maps, with units and colour bars (OUT.png)"
     )
     p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: ~64 MB of frames)")
@@ -763,9 +763,8 @@ def _add_predict(sub) -> None:
         action="store_true",
         help="use a model trained for another instrument anyway (results are flagged by the physics check)",
     )
-    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_instrument(p)
+    _add_scan_options(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -791,11 +790,10 @@ def cmd_check_orientation(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .inference import Predictor, load_pretrained
     from .scans import check_orientation, save_orientation_figure
 
     instrument = _instrument(args.instrument) if args.instrument else None
-    predictor = Predictor.from_file(args.model) if args.model else load_pretrained()
+    predictor = _predictor(args.model)
     source = _open_input(args)
     try:
         roi = (instrument or source.instrument or predictor.instrument).roi_pixels
@@ -826,17 +824,7 @@ def _add_check_orientation(sub) -> None:
     p.add_argument("input", metavar="SCAN", help="scan file, TIFF directory or Tiled URI of a raw run")
     p.add_argument("--out", help="PNG to write (default: SCAN-orientation.png here)")
     p.add_argument("--frames", type=int, default=256, help="frames to use, spread over the scan")
-    p.add_argument(
-        "--roi-center",
-        nargs=2,
-        type=float,
-        metavar=("ROW", "COL"),
-        help="detector pixel of the central reflected ray (default: the file's)",
-    )
-    p.add_argument("--model", help="model file (default: the shipped model)")
-    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
-    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
-    _add_instrument(p)
+    _add_scan_options(p)
     p.set_defaults(func=cmd_check_orientation)
 
 
@@ -906,17 +894,7 @@ def _add_calibrate(sub) -> None:
         help="estimate the beam-centre offset ASSUMING the scan's mean tilt (omega, chi) is zero",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--roi-center",
-        nargs=2,
-        type=float,
-        metavar=("ROW", "COL"),
-        help="detector pixel of the central reflected ray (default: the file's)",
-    )
-    p.add_argument("--model", help="model file (default: the shipped model)")
-    p.add_argument("--dataset", help="HDF5 dataset or Tiled key of the frames (default: found)")
-    p.add_argument("--api-key", default=None, help="Tiled API key (prefer $NANOBEAM_TILED_API_KEY)")
-    _add_instrument(p)
+    _add_scan_options(p)
     p.set_defaults(func=cmd_calibrate)
 
 
