@@ -771,17 +771,14 @@ def _add_predict(sub) -> None:
 # ------------------------------------------------------------------ check-orientation
 def _open_input(args: argparse.Namespace) -> Any:
     """The ScanSource of INPUT: a scan on disk, or a raw run's Tiled URI (with --api-key)."""
-    import os
-
     from .scans import open_scan
     from .tiled.source import is_tiled_uri, open_tiled_run
 
     if is_tiled_uri(args.input):
-        from .tiled.server import API_KEY_ENV
-
-        api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("TILED_API_KEY")
         given = bool(getattr(args, "positions", None))
-        return open_tiled_run(args.input, api_key=api_key, frame_key=args.dataset, with_positions=not given)
+        return open_tiled_run(
+            args.input, api_key=args.api_key, frame_key=args.dataset, with_positions=not given
+        )
     return open_scan(args.input, dataset=args.dataset)
 
 

@@ -25,10 +25,13 @@ from ..errors import InputError
 API_KEY_ENV = "NANOBEAM_TILED_API_KEY"
 
 __all__ = [
+    "API_KEY_ENV",
     "MODEL_SHA256_KEY",
     "PARENT_UID_KEY",
     "SAMPLE_KEY",
     "SCAN_TYPE_KEY",
+    "api_key_or_environment",
+    "connect",
     "derived_runs",
     "open_catalog",
     "runs_analysed_by",
@@ -43,6 +46,13 @@ SAMPLE_KEY = "sample"
 SCAN_TYPE_KEY = "plan_name"
 PARENT_UID_KEY = "parent_uid"
 MODEL_SHA256_KEY = "nanobeam.model_sha256"
+
+
+def api_key_or_environment(api_key: str | None) -> str | None:
+    """The API key given, else ``$TILED_API_KEY`` (tiled's own), else ``$NANOBEAM_TILED_API_KEY``."""
+    import os
+
+    return api_key or os.environ.get("TILED_API_KEY") or os.environ.get(API_KEY_ENV)
 
 
 def connect(uri: str, *, api_key: str | None = None, **kwargs: Any) -> Any:
@@ -98,14 +108,12 @@ def open_catalog(catalog: Any, *, api_key: str | None = None, **kwargs: Any) -> 
     name their catalogs (``tiled profile list``; databroker 2 reads the same profiles), or an
     already opened tiled client. The API key may also come from ``$TILED_API_KEY``.
     """
-    import os
-
     from tiled.client import from_profile
 
     if not isinstance(catalog, str):
         client = catalog
     else:
-        key = api_key or os.environ.get("TILED_API_KEY") or os.environ.get("NANOBEAM_TILED_API_KEY")
+        key = api_key_or_environment(api_key)
         if "://" in catalog:
             client = connect(catalog, api_key=key, **kwargs)
         else:

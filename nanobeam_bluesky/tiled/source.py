@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..formats import micrometres_per
 from ..physics import Instrument
 from ..scans import ScanPositionsTable, ScanSource, grid_of_positions
-from .catalog import connect
+from .catalog import api_key_or_environment, connect
 
 __all__ = ["is_tiled_uri", "open_tiled_run"]
 
@@ -83,7 +83,7 @@ def open_tiled_run(
     ``http://host:8000/api/v1/metadata/runs/<uid>``; positions from the scan's ``hints``
     (y, then x, converted to µm from their units; none: taken as µm) and the grid from its start
     document's ``shape``. ``with_positions=False`` skips them (positions given otherwise)."""
-    run = connect(uri, api_key=api_key)
+    run = connect(uri, api_key=api_key_or_environment(api_key))
     start = dict((run.metadata or {}).get("start") or {})
     if not start:
         raise InputError(f"{uri} is not a Bluesky run; point it at one, e.g. .../api/v1/metadata/runs/<uid>")
