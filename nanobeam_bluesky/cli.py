@@ -785,9 +785,7 @@ def _open_input(args: argparse.Namespace) -> Any:
 def cmd_check_orientation(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
-
-    from .scans import check_orientation, save_orientation_figure
+    from .scans import check_orientation, read_spread, save_orientation_figure
 
     instrument = _instrument(args.instrument) if args.instrument else None
     predictor = _predictor(args.model)
@@ -795,9 +793,7 @@ def cmd_check_orientation(args: argparse.Namespace) -> int:
     try:
         roi = (instrument or source.instrument or predictor.instrument).roi_pixels
         center = (args.roi_center[0], args.roi_center[1]) if args.roi_center else None
-        read = source.roi_reader(roi, center)
-        index = np.unique(np.linspace(0, source.n_frames - 1, min(source.n_frames, args.frames)).round())
-        frames = np.concatenate([read(int(i), int(i) + 1) for i in index])
+        frames = read_spread(source, roi, center, args.frames)
     finally:
         source.close()
     report = check_orientation(frames, predictor, instrument or source.instrument, max_frames=len(frames))

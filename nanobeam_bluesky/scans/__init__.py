@@ -31,6 +31,7 @@ from ._sources import (
     open_scan,
     open_tiff_directory,
     read_positions,
+    read_spread,
     tiff_frame_files,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "orientation_named",
     "predict_scan",
     "read_positions",
+    "read_spread",
     "save_orientation_figure",
     "save_scan_maps",
     "tiff_frame_files",

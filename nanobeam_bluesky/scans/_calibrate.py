@@ -34,6 +34,7 @@ from ..errors import InputError
 from ..inference import inpaint
 from ..physics import Instrument, annulus_centre_px
 from ..quality import PhysicsCheck
+from ._sources import read_spread
 
 if TYPE_CHECKING:
     from ..inference import Predictor
@@ -172,43 +173,6 @@ def find_bad_pixels(raw: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[
     return as_list(hot), as_list(dead)
 
 
-def _read_frames(
-    frames: Any,
-    instrument: Instrument,
-    roi_center_px: tuple[float, float] | None,
-    max_frames: int,
-    progress: bool = False,
-) -> np.ndarray:
-    """Raw ROIs (N, R, R) (or binned frames) from an array or a ScanSource, at most ``max_frames``
-    spread over the scan."""
-    from ._sources import ScanSource
-
-    if isinstance(frames, ScanSource):
-        from tqdm.auto import tqdm
-
-        read = frames.roi_reader(instrument.roi_pixels, roi_center_px)
-        n = frames.n_frames
-        spans = (
-            [(i, min(i + 256, n)) for i in range(0, n, 256)]
-            if n <= max_frames
-            else [(int(i), int(i) + 1) for i in np.unique(np.linspace(0, n - 1, max_frames).round())]
-        )
-        with tqdm(
-            total=sum(b - a for a, b in spans), unit="frame", desc="reading", disable=not progress
-        ) as bar:
-            parts = []
-            for a, b in spans:
-                parts.append(read(a, b))
-                bar.update(b - a)
-        return np.concatenate(parts)
-    arr = np.asarray(frames)
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if len(arr) > max_frames:
-        arr = arr[np.unique(np.linspace(0, len(arr) - 1, max_frames).round().astype(int))]
-    return arr
-
-
 def calibrate(
     frames: Any,
     predictor: Predictor,
@@ -244,7 +208,7 @@ def calibrate(
     base = (
         instrument or (frames.instrument if isinstance(frames, ScanSource) else None) or predictor.instrument
     )
-    raw = _read_frames(frames, base, roi_center_px, max_frames, progress)
+    raw = read_spread(frames, base.roi_pixels, roi_center_px, max_frames, progress)
     n = len(raw)
     if n < min_frames:
         raise InputError(

@@ -426,3 +426,39 @@ def open_scan(path: str | Path, *, dataset: str | None = None) -> ScanSource:
         f"{path} is not a scan this reads (HDF5, a directory of TIFFs, or a Tiled URI http(s)://...); "
         "convert it or name the right file"
     )
+
+
+def read_spread(
+    frames: Any,
+    roi: int,
+    roi_center_px: tuple[float, float] | None,
+    max_frames: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """At most ``max_frames`` frames spread evenly over a scan, as the ``roi`` x ``roi`` raw ROIs
+    the model takes (or the frames as they are when already that size): from a
+    :class:`ScanSource` (read in blocks when it is all wanted, else frame by frame) or an array."""
+    if isinstance(frames, ScanSource):
+        from tqdm.auto import tqdm
+
+        read = frames.roi_reader(roi, roi_center_px)
+        n = frames.n_frames
+        spans = (
+            [(i, min(i + 256, n)) for i in range(0, n, 256)]
+            if n <= max_frames
+            else [(int(i), int(i) + 1) for i in np.unique(np.linspace(0, n - 1, max_frames).round())]
+        )
+        with tqdm(
+            total=sum(b - a for a, b in spans), unit="frame", desc="reading", disable=not progress
+        ) as bar:
+            parts = []
+            for a, b in spans:
+                parts.append(read(a, b))
+                bar.update(b - a)
+        return np.concatenate(parts)
+    arr = np.asarray(frames)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if len(arr) > max_frames:
+        arr = arr[np.unique(np.linspace(0, len(arr) - 1, max_frames).round().astype(int))]
+    return arr
