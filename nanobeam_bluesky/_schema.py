@@ -19,6 +19,7 @@ __all__ = [
     "FLAG_DTYPE",
     "NO_VALUE",
     "PARAMETERS",
+    "RESULT_UNITS",
     "STD_MEANING",
     "UNITS",
     "Flag",
@@ -32,6 +33,9 @@ __all__ = [
 PARAMETERS = ("strain", "omega", "chi")
 #: Their units: strain is dimensionless, the tilts are in degrees.
 UNITS = {"strain": "1", "omega": "deg", "chi": "deg"}
+#: Units of every per-frame value a result may hold: the parameters and the film thickness
+#: (models that predict it).
+RESULT_UNITS = {**UNITS, "thickness": "Angstrom"}
 
 #: The flag's dtype everywhere (arrays, datasets, derived event data).
 FLAG_DTYPE = np.uint16
@@ -128,7 +132,7 @@ def variable_attrs(name: str, estimator: str = "estimate") -> dict[str, Any]:
         return {"units": units, "long_name": long_name}
     base = name.removesuffix("_std").removesuffix("_err")
     what = {"_std": STD_MEANING, "_err": ERR_MEANING}.get(name[len(base) :], f"({estimator})")
-    return {"units": UNITS[base], "long_name": f"{base} {what}"}
+    return {"units": RESULT_UNITS[base], "long_name": f"{base} {what}"}
 
 
 def derived_data_key(name: str, source: str) -> dict[str, Any]:

@@ -719,7 +719,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the commands that read a scan (predict, check-orientation, calibrate)."""
+    """The options of the commands that read a scan (predict, check-orientation, calibrate, adapt)."""
     parser.add_argument(
         "--roi-center",
         nargs=2,
@@ -891,6 +891,77 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .scans import adapt_to_scan
+
+    model = args.model
+    if not model:
+        from importlib import resources
+
+        from .inference import PRETRAINED_FILE
+
+        model = str(resources.files("nanobeam_bluesky") / "pretrained" / PRETRAINED_FILE)
+    if "://" not in args.input and Path(args.out).resolve() == Path(args.input).resolve():
+        raise InputError(f"--out {args.out} is the scan itself: name a new model file (.pt)")
+    predictor = _predictor(args.model)
+    source = _open_input(args)
+    try:
+        result = adapt_to_scan(
+            source,
+            predictor,
+            model,
+            args.out,
+            _instrument(args.instrument) if args.instrument else None,
+            roi_center_px=tuple(args.roi_center) if args.roi_center else None,
+            max_frames=args.frames,
+            steps=args.steps,
+            seed=args.seed,
+            progress=not args.no_progress,
+            command="nanobeam " + " ".join(shlex.quote(a) for a in args.argv),
+            scan=args.input if "://" in args.input else str(Path(args.input).resolve()),
+        )
+    finally:
+        source.close()
+    print(
+        f"wrote {result.out} (sha256 {result.sha256[:12]}): {result.steps} steps on {result.frames} frames; "
+        f"mean Poisson deviance per frame {result.loss_before:.1f} -> {result.loss_after:.1f}"
+    )
+    return 0
+
+
+def _add_adapt(sub) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="fine-tune a model to a scan's instrument on the scan's own (unlabelled) frames",
+        description=(
+            "Self-supervised fine-tuning: the loss is each frame's Poisson likelihood under the forward "
+            "model of the scan's instrument at the network's prediction, mixed with simulated labelled "
+            "frames of that instrument. For optics and films known only roughly (central stop, zone "
+            "plate, detector distance, film thickness); another energy, reflection or detector needs "
+            "`nanobeam train`. The input model is never overwritten; the new file records its parent's "
+            "sha256, the scan and the loss before and after."
+        ),
+    )
+    p.add_argument("input", metavar="SCAN", help="scan file, TIFF directory or Tiled URI of a raw run")
+    p.add_argument("--out", required=True, help="adapted model file to write (.pt; not the input model)")
+    p.add_argument(
+        "--frames", type=int, default=4000, help="frames to use at most, spread over the scan (default 4000)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="optimiser steps, 128 scan + 128 simulated frames each (default 300)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the frame order and simulated frames")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_scan_options(p)
+    p.set_defaults(func=cmd_adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanobeam",
@@ -910,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict,
         _add_check_orientation,
         _add_calibrate,
+        _add_adapt,
         _add_fit,
         _add_preview,
         _add_serve,

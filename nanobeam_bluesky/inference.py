@@ -64,12 +64,15 @@ PRETRAINED_FILE = "nanobeam-default.pt"
 
 
 class NetworkEstimate(NamedTuple):
-    """The networks' output for N frames, in physical units (strain, deg, deg)."""
+    """The networks' output for N frames, in physical units (strain, deg, deg; Å)."""
 
     #: (N, 3) the ensemble mean.
     mean: np.ndarray
     #: (N, 3) the members' spread (not an error bar).
     std: np.ndarray
+    #: (N,) the film thickness (Å) and its spread, for a model that predicts it; else None.
+    thickness: np.ndarray | None = None
+    thickness_std: np.ndarray | None = None
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Prediction:
         refined: the networks' refining stage was used.
         pooled: the pooled tests' summary (the film thickness the frames say...); empty without
             the check.
+        thickness, thickness_std, thickness_err: (N,) each frame's film thickness (Å), the
+            networks' spread and the error to expect, for a model that predicts it; else None.
     """
 
     values: np.ndarray
@@ -97,6 +102,9 @@ class Prediction:
     estimator: str
     refined: bool
     pooled: dict[str, Any] = field(default_factory=dict)
+    thickness: np.ndarray | None = None
+    thickness_std: np.ndarray | None = None
+    thickness_err: np.ndarray | None = None
 
 
 class InstrumentMismatchError(NanobeamError, ValueError):
@@ -208,6 +216,9 @@ class Predictor:
         self.reference_total_counts = card.max_counts * float(sums[1:].mean())
         # The networks' error stops falling at the top of the count range they were trained on.
         self._least_error_scale = 1 / np.sqrt(max(1.0, card.count_augmentation[1]))
+        ensemble = (metadata.get("metrics") or {}).get("ensemble") or {}
+        #: Test RMSE of the networks' thickness (Å), NaN where not stored.
+        self._test_rmse_thickness = float(ensemble.get("rmse_thickness", np.nan))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -329,10 +340,12 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_arrays(self, frames: np.ndarray, *, refine: bool = True) -> NetworkEstimate:
-        """(N, F, F) counts -> (mean (N, 3), std (N, 3)) in physical units, no checks or flags.
+        """(N, F, F) counts -> (mean (N, 3), std (N, 3)[, thickness (N,), its std]) in physical
+        units, no checks or flags.
 
         ``refine=False`` skips the refining stage (the coarse ensemble alone).
         """
+        n_out = len(self.card.outputs)
         means, stds = [], []
         for start in range(0, len(frames), self.batch_size):
             x = torch.as_tensor(frames[start : start + self.batch_size]).to(self.device)
@@ -340,18 +353,20 @@ class Predictor:
                 out = self._net(x)
             else:
                 out = torch.stack([m(x[:, None]) for m in self._members])
-            out = out.double().cpu() * self._half + self._centre  # (K, N, 3)
+            out = out.double().cpu() * self._half + self._centre  # (K, N, outputs)
             mean = out.mean(0)
             std = out.std(0, correction=0) if out.shape[0] > 1 else torch.zeros_like(out[0])
             if self._refiner is not None and refine:
                 tilts = self._refine(x, mean[:, 1], mean[:, 2])  # (K2, N, 2)
-                mean[:, 1:] = tilts.mean(0)
-                std[:, 1:] = tilts.std(0, correction=0) if tilts.shape[0] > 1 else 0.0
+                mean[:, 1:3] = tilts.mean(0)
+                std[:, 1:3] = tilts.std(0, correction=0) if tilts.shape[0] > 1 else 0.0
             means.append(mean)
             stds.append(std)
-        if not means:
-            return NetworkEstimate(np.zeros((0, 3)), np.zeros((0, 3)))
-        return NetworkEstimate(torch.cat(means).numpy(), torch.cat(stds).numpy())
+        mean_all = torch.cat(means).numpy() if means else np.zeros((0, n_out))
+        std_all = torch.cat(stds).numpy() if stds else np.zeros((0, n_out))
+        if n_out == 4:
+            return NetworkEstimate(mean_all[:, :3], std_all[:, :3], mean_all[:, 3], std_all[:, 3])
+        return NetworkEstimate(mean_all, std_all)
 
     def _refine(self, frames: torch.Tensor, omega_deg: torch.Tensor, chi_deg: torch.Tensor) -> torch.Tensor:
         """Refined (omega, chi) in degrees per refiner, (K2, N, 2), from coarse tilts (N,)."""
@@ -439,6 +454,8 @@ class Predictor:
         mean = np.full((n, 3), np.nan)
         std = np.full((n, 3), np.nan)
         err = np.full((n, 3), np.nan)
+        # (thickness, its spread, its error) in Å for a model that predicts it
+        film = np.full((3, n), np.nan) if self.card.predicts_thickness else None
         extra = {name: np.full(n, np.nan) for name in _CHECK_OUTPUTS}
         refined = refine and self.n_refiners > 0
         pool = PooledConsistency() if pooled is None else pooled
@@ -447,14 +464,20 @@ class Predictor:
             sub = counts[rows]
             sub_masked = None if masked is None else masked[rows]
             nn_input = sub if sub_masked is None else inpaint(sub, sub_masked)
-            mean[rows], std[rows] = self.predict_arrays(np.ascontiguousarray(nn_input), refine=refine)
+            estimate = self.predict_arrays(np.ascontiguousarray(nn_input), refine=refine)
+            mean[rows], std[rows] = estimate.mean, estimate.std
             err[rows] = self.expected_error(sub, refined=refined)
+            if film is not None and estimate.thickness is not None:
+                film[0, rows], film[1, rows] = estimate.thickness, estimate.thickness_std
+                film[2, rows] = err[rows][:, 0] / self._test_rmse[refined][0] * self._test_rmse_thickness
             if check:
                 physics = self.physics_check(data_instrument)
-                result = physics(sub, mean[rows], sub_masked, refine=likelihood)
+                result = physics(sub, mean[rows], sub_masked, refine=likelihood, thickness=estimate.thickness)
                 if likelihood:
                     mean[rows] = result.params
                     err[rows] = np.hypot(result.sigma, physics.error_floor)
+                    if film is not None:
+                        film[0, rows], film[2, rows] = result.thickness, result.thickness_err
                 measured = (result.flags & FLAG_DTYPE(NO_VALUE)) == 0
                 pool.add(result, measured)
                 if pool.mismatch:
@@ -465,6 +488,9 @@ class Predictor:
         no_value = (flags & FLAG_DTYPE(NO_VALUE)) != 0
         mean[no_value] = std[no_value] = err[no_value] = np.nan
         flags |= self.range_flags(mean)
+        if film is not None:
+            film[:, no_value] = np.nan
+            flags |= self.thickness_range_flags(film[0])
         return Prediction(
             values=mean,
             std=std,
@@ -474,6 +500,9 @@ class Predictor:
             estimator="likelihood step from the network" if check and likelihood else "network",
             refined=refined,
             pooled=pool.summary(data_instrument.film_thickness_angstrom) if check else {},
+            thickness=None if film is None else film[0],
+            thickness_std=None if film is None else film[1],
+            thickness_err=None if film is None else film[2],
         )
 
     def expected_error(self, frames: np.ndarray, *, refined: bool = True) -> np.ndarray:
@@ -500,6 +529,16 @@ class Predictor:
             outside = ((mean < ranges[:, 0] - margin) | (mean > ranges[:, 1] + margin)).any(axis=1)
         return np.where(outside, Flag.OUT_OF_RANGE, 0).astype(FLAG_DTYPE)
 
+    def thickness_range_flags(self, thickness: np.ndarray) -> np.ndarray:
+        """OUT_OF_RANGE where a film (Å) is more than 5 % of the trained films' range outside it."""
+        if self.card.thickness_range_angstrom is None:
+            return np.zeros(len(thickness), dtype=FLAG_DTYPE)
+        low, high = self.card.thickness_range_angstrom
+        margin = 0.05 * (high - low)
+        with np.errstate(invalid="ignore"):
+            outside = (thickness < low - margin) | (thickness > high + margin)
+        return np.where(outside, Flag.OUT_OF_RANGE, 0).astype(FLAG_DTYPE)
+
     def to_dataset(self, prediction: Prediction) -> xr.Dataset:
         """The Dataset :meth:`predict` returns, over ``frame``, from a :meth:`analyse` result."""
         p = prediction
@@ -507,6 +546,13 @@ class Predictor:
         for i, name in enumerate(PARAMETERS):
             for key, values in ((name, p.values), (f"{name}_std", p.std), (f"{name}_err", p.err)):
                 data[key] = ("frame", values[:, i], variable_attrs(key, p.estimator))
+        if p.thickness is not None:
+            for key, film in (
+                ("thickness", p.thickness),
+                ("thickness_std", p.thickness_std),
+                ("thickness_err", p.thickness_err),
+            ):
+                data[key] = ("frame", film, variable_attrs(key, p.estimator))
         for name, values in p.checks.items():
             data[name] = ("frame", values, variable_attrs(name))
         data["flag"] = ("frame", p.flags.astype(FLAG_DTYPE), variable_attrs("flag"))
@@ -520,6 +566,7 @@ class Predictor:
                 "n_refiners": self.n_refiners if p.refined else 0,
                 "estimator": p.estimator,
                 **p.pooled,
+                **({"model_lacks": ", ".join(self.card.lacks)} if self.card.lacks else {}),
             },
         )
 

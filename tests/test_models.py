@@ -454,11 +454,16 @@ def test_real_film_and_detector_departures_in_training_data():
     from nanobeam_bluesky.training.data import random_detector_masks
 
     real = TINY.replace(thickness_spread=0.35, background_max=0.1, mask_fraction=1.0)
-    plain, varied = OnTheFlyData(Instrument(), TINY, seed=4), OnTheFlyData(Instrument(), real, seed=4)
+    ideal = TINY.replace(thickness_spread=0.0, background_max=0.0, mask_fraction=0.0)
+    plain, varied = OnTheFlyData(Instrument(), ideal, seed=4), OnTheFlyData(Instrument(), real, seed=4)
     plain.prepare(0)
     varied.prepare(0)
-    # Same parameters (the thickness is drawn after them): only the film differs.
-    np.testing.assert_array_equal(plain.labels.numpy(), varied.labels.numpy())
+    # Same parameters (the thickness is drawn after them): only the film differs, and it is the
+    # fourth label, standardised over 117 A +- 35 %.
+    assert plain.labels.shape[1] == 3 and varied.labels.shape[1] == 4
+    np.testing.assert_array_equal(plain.labels.numpy(), varied.labels[:, :3].numpy())
+    thickness = varied.labels[:, 3].numpy()
+    assert thickness.min() >= -1 and thickness.max() <= 1 and thickness.std() > 0.5
     changed = (plain.frames.float() - varied.frames.float()).abs().amax(dim=(1, 2)) > 0.05
     assert changed.float().mean() > 0.8
 

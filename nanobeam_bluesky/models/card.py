@@ -86,6 +86,9 @@ class ModelCard:
         test_rmse, coarse_test_rmse: test RMSE (strain, deg, deg) of the whole model and of its
             first stage alone, NaN where not stored.
         refiner: the refining stage, if any.
+        outputs: what the first stage predicts, in order: (strain, omega, chi), and "thickness"
+            (Å) for a model trained on films of varying thickness.
+        thickness_range_angstrom: the films it was trained on, for a model that predicts them.
         metadata: the metadata as stored (what derived runs record).
     """
 
@@ -103,7 +106,18 @@ class ModelCard:
     test_rmse: tuple[float, float, float]
     coarse_test_rmse: tuple[float, float, float]
     refiner: RefinerCard | None
-    metadata: dict[str, Any] = field(repr=False, compare=False)
+    outputs: tuple[str, ...] = PARAMETERS
+    thickness_range_angstrom: tuple[float, float] | None = None
+    metadata: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def predicts_thickness(self) -> bool:
+        return "thickness" in self.outputs
+
+    @property
+    def lacks(self) -> tuple[str, ...]:
+        """What this model file does not provide that current ones do (empty for a current one)."""
+        return () if self.predicts_thickness else ("thickness",)
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> ModelCard:
@@ -137,6 +151,21 @@ class ModelCard:
             _get(metadata, "count_level").get("augmentation", [1.0, 1.0]), "count_level.augmentation", 2
         )
         typical = metadata.get("typical_frame_sum")
+        outputs = tuple(str(o) for o in metadata.get("outputs", PARAMETERS))
+        if outputs not in (PARAMETERS, (*PARAMETERS, "thickness")):
+            raise ModelCardError(
+                f"the model file's 'outputs' must be {list(PARAMETERS)} [+ 'thickness'], got {list(outputs)}"
+            )
+        thickness_range = None
+        if "thickness" in outputs:
+            low, high = _floats(_get(metadata, "thickness_range_angstrom"), "thickness_range_angstrom", 2)
+            thickness_range = (low, high)
+        centre = _floats(
+            _get(metadata, "output_normalisation.centre"), "output_normalisation.centre", len(outputs)
+        )
+        half_range = _floats(
+            _get(metadata, "output_normalisation.half_range"), "output_normalisation.half_range", len(outputs)
+        )
         try:
             instrument = Instrument.from_dict(_get(metadata, "instrument"))
         except ValueError as exc:
@@ -147,12 +176,8 @@ class ModelCard:
             architecture=Architecture.from_dict(_get(metadata, "architecture"), "architecture"),
             instrument=instrument,
             parameter_ranges=ranges,
-            output_centre=_floats(
-                _get(metadata, "output_normalisation.centre"), "output_normalisation.centre"
-            ),
-            output_half_range=_floats(
-                _get(metadata, "output_normalisation.half_range"), "output_normalisation.half_range"
-            ),
+            output_centre=centre,
+            output_half_range=half_range,
             frame_pixels=int(_get(metadata, "input.frame_pixels")),
             max_counts=float(_get(metadata, "count_level.max_counts")),
             count_augmentation=(augmentation[0], augmentation[1]),
@@ -160,5 +185,7 @@ class ModelCard:
             test_rmse=rmse(metrics.get("ensemble")),
             coarse_test_rmse=rmse(metrics.get("coarse_ensemble", metrics.get("ensemble"))),
             refiner=refiner,
+            outputs=outputs,
+            thickness_range_angstrom=thickness_range,
             metadata=metadata,
         )

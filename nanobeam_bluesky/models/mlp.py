@@ -25,15 +25,18 @@ def normalise_counts(frames: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
 
 
 class NanobeamMLP(nn.Module):
-    """Frame (N, 1, H, W) or (N, H, W) in counts -> (N, 3) standardised (strain, omega, chi)."""
+    """Frame (N, 1, H, W) or (N, H, W) in counts -> (N, n_outputs) standardised outputs:
+    (strain, omega, chi), and the film thickness as a fourth when ``n_outputs`` is 4."""
 
-    def __init__(self, frame_pixels: int = 64, hidden: tuple[int, ...] = (256, 256)) -> None:
+    def __init__(
+        self, frame_pixels: int = 64, hidden: tuple[int, ...] = (256, 256), n_outputs: int = 3
+    ) -> None:
         super().__init__()
         sizes = (frame_pixels * frame_pixels, *hidden)
         layers: list[nn.Module] = []
         for n_in, n_out in itertools.pairwise(sizes):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], 3))
+        layers.append(nn.Linear(sizes[-1], n_outputs))
         self.layers = nn.Sequential(*layers)
         self.frame_pixels = frame_pixels
 

@@ -21,6 +21,11 @@ cannot light). From there:
   |z| > ``thickness_z``. A thickness change alters the band's width, which the omnibus deviance
   is too diluted to see in one frame (1,900 pixels), while the targeted test sees 15 % in one frame
   at 7 counts.
+* **Film thickness** (``thickness``: a start per frame, from a network that predicts it): the
+  thickness is then a fifth free parameter of the step, ``thickness_err`` its standard deviation,
+  and the other errors include what the unknown film costs. There is no score test then;
+  frames too faint to say their film (``thickness_err`` above ``THICKNESS_ERR_MAX`` of the
+  instrument's) are THICKNESS.
 * **ring_fraction**: the share of the frame's counts on the pixels the annulus can light at the
   estimate; NO_RING below ``min_ring_fraction``.
 
@@ -45,6 +50,10 @@ __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 #: fit_quality above which a frame is POOR_FIT. 4 standard deviations; measured false-alarm rate
 #: on frames the model describes: see ``tests/test_quality.py`` and ``benchmarks/robustness.py``.
 POOR_FIT_Z = 4.0
+#: A fitted film thickness whose standard deviation exceeds this fraction of the instrument's is
+#: flagged THICKNESS: the frame is too faint to say its film (the likelihood has other optima
+#: along strain and thickness there; measured at 1 count: thickness z-rms 3.8 beyond it).
+THICKNESS_ERR_MAX = 0.025
 #: |thickness_z| above which a frame is flagged THICKNESS.
 THICKNESS_Z = 4.0
 #: Fewer counts than this share on the annulus: NO_RING.
@@ -79,6 +88,9 @@ class Consistency:
         thickness_information: (N,) its variance (Fisher information, 1/Angstrom^2).
         steps: (N,) likelihood steps taken.
         flags: (N,) uint16: POOR_FIT, THICKNESS, NO_RING.
+        thickness: (N,) the film thickness fitted with the others (Å) when a start was given;
+            NaN otherwise (``thickness_z`` is then NaN: nothing to test).
+        thickness_err: (N,) its standard deviation from the Fisher information (Å).
     """
 
     params: np.ndarray
@@ -92,6 +104,8 @@ class Consistency:
     thickness_information: np.ndarray
     steps: np.ndarray
     flags: np.ndarray
+    thickness: np.ndarray
+    thickness_err: np.ndarray
 
 
 @dataclass
@@ -115,17 +129,29 @@ class PooledConsistency:
     sum_fit_quality: float = 0.0
     sum_score: float = 0.0
     sum_information: float = 0.0
+    #: Frames whose thickness was fitted: the weighted sums of their fitted films.
+    fitted_frames: int = 0
+    sum_weighted_thickness: float = 0.0
+    sum_thickness_weight: float = 0.0
 
     def add(self, result: Consistency, rows: np.ndarray | None = None) -> None:
         """Pool the frames ``rows`` (bool or index; default all) of a check's result."""
         sel = slice(None) if rows is None else rows
+        fit_quality = result.fit_quality[sel]
+        fitted = np.isfinite(result.thickness[sel]) & np.isfinite(fit_quality)
+        if fitted.any():  # thickness fitted: no score test, the films themselves are pooled
+            weight = 1 / np.maximum(result.thickness_err[sel][fitted], 1e-6) ** 2
+            self.fitted_frames += int(fitted.sum())
+            self.sum_weighted_thickness += float((weight * result.thickness[sel][fitted]).sum())
+            self.sum_thickness_weight += float(weight.sum())
+            self.sum_fit_quality += float(fit_quality[fitted].sum())
         z = result.thickness_z[sel]
-        good = np.isfinite(z) & np.isfinite(result.fit_quality[sel])
+        good = np.isfinite(z) & np.isfinite(fit_quality)
         z = z[good]
         self.frames += int(good.sum())
         self.sum_thickness_z += float(z.sum())
         self.sum_thickness_z2 += float((z**2).sum())
-        self.sum_fit_quality += float(result.fit_quality[sel][good].sum())
+        self.sum_fit_quality += float(fit_quality[good].sum())
         self.sum_score += float(result.thickness_score[sel][good].sum())
         self.sum_information += float(result.thickness_information[sel][good].sum())
 
@@ -133,24 +159,37 @@ class PooledConsistency:
         n = max(self.frames, 1)
         return {
             "thickness_z": self.sum_thickness_z / n,
-            "fit_quality": self.sum_fit_quality / n,
-            "thickness_z2_excess": self.sum_thickness_z2 / n - 1,
+            "fit_quality": self.sum_fit_quality / max(self.frames + self.fitted_frames, 1),
+            "thickness_z2_excess": self.sum_thickness_z2 / n - 1 if self.frames else 0.0,
         }
 
     @property
     def mismatch(self) -> bool:
-        if self.frames < self.min_frames:
-            return False
-        root_n = np.sqrt(self.frames)
+        """A pooled mean is both large and significant (each over the frames it applies to)."""
+        means = self.means()
         # Standard deviations per frame: z ~ N(0, 1), z^2 - 1 has variance 2.
-        for mean, sd in zip(self.means().values(), (1.0, 1.0, np.sqrt(2.0)), strict=True):
-            if abs(mean) > self.shift and abs(mean) * root_n / sd > self.significance:
+        tests = (
+            (means["thickness_z"], 1.0, self.frames),
+            (means["fit_quality"], 1.0, self.frames + self.fitted_frames),
+            (means["thickness_z2_excess"], np.sqrt(2.0), self.frames),
+        )
+        for mean, sd, n in tests:
+            if (
+                n >= self.min_frames
+                and abs(mean) > self.shift
+                and abs(mean) * np.sqrt(n) / sd > self.significance
+            ):
                 return True
         return False
 
     def thickness_estimate(self, nominal_angstrom: float) -> tuple[float, float]:
-        """The film thickness the pooled frames say (Angstrom) and its standard deviation: one
-        scoring step from the instrument's thickness."""
+        """The film thickness the pooled frames say (Angstrom) and its standard deviation: the
+        weighted mean of the fitted films, or one scoring step from the instrument's thickness."""
+        if self.sum_thickness_weight > 0:
+            return (
+                self.sum_weighted_thickness / self.sum_thickness_weight,
+                float(1 / np.sqrt(self.sum_thickness_weight)),
+            )
         if self.sum_information <= 0:
             return float("nan"), float("nan")
         return (
@@ -163,7 +202,7 @@ class PooledConsistency:
         thickness, sd = self.thickness_estimate(nominal_angstrom)
         means = {f"pooled_{k}_mean": round(v, 4) for k, v in self.means().items()}
         return {
-            "pooled_frames": self.frames,
+            "pooled_frames": self.frames + self.fitted_frames,
             **means,
             "pooled_thickness_angstrom": round(thickness, 3),
             "pooled_thickness_sd_angstrom": round(sd, 3),
@@ -225,6 +264,7 @@ class PhysicsCheck:
                 0.1 * (ranges["strain"][1] - ranges["strain"][0]),
                 0.05 * (ranges["omega"][1] - ranges["omega"][0]),
                 0.05 * (ranges["chi"][1] - ranges["chi"][0]),
+                0.05 * instrument.film_thickness_angstrom,
             ]
         )
         self._deviance = deviance_table()
@@ -235,7 +275,13 @@ class PhysicsCheck:
         return _shared_check(instrument.physics_only())
 
     def __call__(
-        self, counts: np.ndarray, start: np.ndarray, masked: np.ndarray | None = None, *, refine: bool = True
+        self,
+        counts: np.ndarray,
+        start: np.ndarray,
+        masked: np.ndarray | None = None,
+        *,
+        refine: bool = True,
+        thickness: np.ndarray | None = None,
     ) -> Consistency:
         """Check (and with ``refine``, improve) estimates ``start`` (N, 3) of frames ``counts``.
 
@@ -245,8 +291,20 @@ class PhysicsCheck:
             masked: (N, F, F) bool, True where a pixel is not an observation; or None.
             refine: take likelihood steps in (strain, omega, chi); False keeps the estimate and
                 fits only the count scale (how a fit's result is checked).
+            thickness: (N,) a start for each frame's film thickness (Å), e.g. a network's: with
+                ``refine``, the thickness is fitted too (``thickness``, ``thickness_err``) and
+                the other errors include what the unknown film costs. None: the instrument's
+                film, tested by the score test (``thickness_z``).
         """
         n = len(counts)
+        fit_thickness = thickness is not None and refine
+        nominal = self.instrument.film_thickness_angstrom
+        first = np.full(n, nominal)
+        if fit_thickness:
+            # a start outside what a film can be (the network's, far out of its box) is brought in
+            first = np.clip(
+                np.nan_to_num(np.asarray(thickness, dtype=np.float64), nan=nominal), nominal / 3, 3 * nominal
+            )
         out = Consistency(
             params=np.array(start, dtype=np.float64, copy=True),
             sigma=np.full((n, 3), np.nan),
@@ -259,37 +317,45 @@ class PhysicsCheck:
             thickness_information=np.full(n, np.nan),
             steps=np.zeros(n, dtype=np.int64),
             flags=np.zeros(n, dtype=FLAG_DTYPE),
+            thickness=np.full(n, np.nan),
+            thickness_err=np.full(n, np.nan),
         )
         for lo in range(0, n, self.chunk_size):
             hi = min(n, lo + self.chunk_size)
-            self._chunk(counts[lo:hi], None if masked is None else masked[lo:hi], out, lo, refine)
+            self._chunk(
+                counts[lo:hi],
+                None if masked is None else masked[lo:hi],
+                out,
+                lo,
+                refine,
+                first[lo:hi],
+                fit_thickness,
+            )
         flags = np.zeros(n, dtype=FLAG_DTYPE)
         flags[out.fit_quality > self.poor_fit_z] |= FLAG_DTYPE(Flag.POOR_FIT)
         flags[np.abs(out.thickness_z) > self.thickness_z] |= FLAG_DTYPE(Flag.THICKNESS)
+        if fit_thickness:
+            flags[~(out.thickness_err <= THICKNESS_ERR_MAX * nominal)] |= FLAG_DTYPE(Flag.THICKNESS)
         flags[~(out.ring_fraction >= self.min_ring_fraction)] |= FLAG_DTYPE(Flag.NO_RING)
         out.flags = flags
         return out
 
     # ------------------------------------------------------------------ one chunk
     def _chunk(
-        self, counts: np.ndarray, masked: np.ndarray | None, out: Consistency, lo: int, refine: bool
+        self,
+        counts: np.ndarray,
+        masked: np.ndarray | None,
+        out: Consistency,
+        lo: int,
+        refine: bool,
+        thickness: np.ndarray,
+        fit_thickness: bool,
     ) -> None:
         b_frames = len(counts)
-        flat = np.ascontiguousarray(counts, dtype=np.float32).reshape(b_frames, -1)
-        if masked is None:
-            observed = _NO_MASK
-            total_pixels = np.full(b_frames, float(flat.shape[1]))
-        else:
-            keep = ~masked.reshape(b_frames, -1)
-            flat = np.where(keep, flat, np.float32(0))
-            observed = keep.astype(np.float32)
-            total_pixels = keep.sum(1).astype(np.float64)
-        stats = np.empty((b_frames, 6))
-        with KERNEL_LOCK:
-            frame_statistics(flat, True, False, stats)
-        total_counts, total_nlogn = stats[:, 0], stats[:, 3]
-
-        theta = out.params[lo : lo + b_frames].copy()
+        flat, observed, total_counts, total_pixels, total_nlogn = _frame_arrays(counts, masked)
+        nominal = self.instrument.film_thickness_angstrom
+        # (strain, omega, chi, thickness): the thickness stays where it starts unless fitted
+        theta = np.concatenate([out.params[lo : lo + b_frames], thickness[:, None]], axis=1)
         scale = np.full(b_frames, np.nan)  # NaN: estimate it from the counts
         accepted = theta.copy()  # the last point whose deviance did not rise
         accepted_deviance = np.full(b_frames, np.inf)
@@ -300,6 +366,7 @@ class PhysicsCheck:
             obs = observed if masked is None else observed[todo]
             state = self._evaluate(
                 theta[todo],
+                fit_thickness,
                 scale[todo],
                 flat[todo],
                 obs,
@@ -325,12 +392,16 @@ class PhysicsCheck:
             theta[back] = (accepted[back] + theta[back]) / 2
             if not refine:
                 break
-            delta = state["delta"][keep, :3]
+            delta = state["delta"][keep][:, [0, 1, 2, 4]]  # the scale is refitted at every point
             step = np.clip(delta, -self._max_step, self._max_step)
             theta[ok] += step
+            # the film stays within the physically sensible (a third to three times the nominal)
+            theta[ok, 3] = np.clip(theta[ok, 3], nominal / 3, 3 * nominal)
+            sigma4 = np.concatenate([state["sigma"][keep], state["thickness_err"][keep, None]], axis=1)
             # Another step where this one was large: the start was far from the maximum.
             with np.errstate(invalid="ignore"):
-                far = ((np.abs(delta) / state["sigma"][keep]) > self.converged_sigma).any(1)
+                ratio = (np.abs(delta) / sigma4)[:, : 4 if fit_thickness else 3]
+                far = (ratio > self.converged_sigma).any(1)
             far |= (step != delta).any(1)
             todo = np.concatenate([ok[far], back])
             if not len(todo):
@@ -338,7 +409,10 @@ class PhysicsCheck:
         if len(todo):  # out of steps while backing off: report the last accepted point
             theta[todo] = accepted[todo]
         sl = slice(lo, lo + b_frames)
-        out.params[sl] = theta
+        out.params[sl] = theta[:, :3]
+        if fit_thickness:
+            out.thickness[sl] = theta[:, 3]
+            out.thickness_err[sl] = results["thickness_err"]
         for key in (
             "sigma",
             "scale",
@@ -355,6 +429,7 @@ class PhysicsCheck:
     def _evaluate(
         self,
         theta: np.ndarray,
+        fit_thickness: bool,
         scale: np.ndarray,
         flat: np.ndarray,
         observed: np.ndarray,
@@ -362,14 +437,17 @@ class PhysicsCheck:
         total_pixels: np.ndarray,
         total_nlogn: np.ndarray,
         refine: bool,
+        gradient: bool = False,
     ) -> dict[str, np.ndarray]:
-        """One evaluation of the forward model at ``theta`` (B, 3): the step and the check there.
+        """One evaluation of the forward model at ``theta`` (B, 4: strain, omega, chi, thickness):
+        the step and the check there.
 
-        ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts.
+        ``scale`` (B,) is the count scale, NaN where it is to be estimated from the counts;
+        ``fit_thickness``: the thickness is a free parameter of the step.
         """
         fm = self.model
         arrays = fm.arrays
-        geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2])
+        geometry = fm.geometry(theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3])
         sums = np.empty((len(theta), N_SUMS))
         with KERNEL_LOCK:
             likelihood_sums(
@@ -400,14 +478,18 @@ class PhysicsCheck:
         (half_dev, dev_mean, dev_var, n_support, p_support, nlogn_support, scale_used, background) = sums[
             :, 30:
         ].T
-        free = slice(0, 4) if refine else slice(3, 4)
+        free = slice(0, 5 if fit_thickness else 4) if refine else slice(3, 4)
         cov_free = _safe_inverse(fisher[:, free, free])
         g_free = grad[:, free]
         delta_free = np.nan_to_num(np.einsum("bij,bj->bi", cov_free, g_free))
-        delta = np.zeros((len(theta), 4))
+        delta = np.zeros((len(theta), 5))
         delta[:, free] = delta_free
         cov4 = _safe_inverse(fisher[:, :4, :4])
-        sigma = np.sqrt(np.clip(np.diagonal(cov4, axis1=1, axis2=2)[:, :3], 0, None))
+        cov_all = _safe_inverse(fisher) if fit_thickness else cov4
+        sigma = np.sqrt(np.clip(np.diagonal(cov_all, axis1=1, axis2=2)[:, :3], 0, None))
+        thickness_err = (
+            np.sqrt(np.clip(cov_all[:, 4, 4], 0, None)) if fit_thickness else np.full(len(theta), np.nan)
+        )
         # Off the support the expectation is the background alone.
         n_off = np.clip(total_counts - n_support, 0, None)
         p_off = np.clip(total_pixels - p_support, 0, None)
@@ -424,11 +506,17 @@ class PhysicsCheck:
         mean_off, var_off = deviance_moments(np.maximum(background, 1e-6))
         expected = dev_mean + p_off * mean_off
         variance = dev_var + p_off * var_off
-        fit_quality = (deviance - (expected - _FITTED)) / np.sqrt(np.maximum(variance, 1e-12))
-        # Thickness score test at the stepped estimate, the other parameters refitted.
+        fitted = _FITTED + (1 if fit_thickness else 0)
+        fit_quality = (deviance - (expected - fitted)) / np.sqrt(np.maximum(variance, 1e-12))
+        # Thickness score test at the stepped estimate, the other parameters refitted (nothing to
+        # test when the thickness is itself fitted).
         cross = fisher[:, 4, :4]
-        score = grad[:, 4] - np.einsum("bi,bi->b", cross[:, free], delta_free)
-        residual_info = fisher[:, 4, 4] - np.einsum("bi,bij,bj->b", cross, cov4, cross)
+        if fit_thickness:
+            score = np.full(len(theta), np.nan)
+            residual_info = np.full(len(theta), np.nan)
+        else:
+            score = grad[:, 4] - np.einsum("bi,bi->b", cross[:, free], delta_free)
+            residual_info = fisher[:, 4, 4] - np.einsum("bi,bij,bj->b", cross, cov4, cross)
         thickness_z = score / np.sqrt(np.maximum(residual_info, 1e-30))
         with np.errstate(divide="ignore", invalid="ignore"):
             ring = np.where(total_counts > 0, n_support / total_counts, 0.0)
@@ -443,7 +531,53 @@ class PhysicsCheck:
             "ring_fraction": ring,
             "thickness_score": score,
             "thickness_information": residual_info,
+            "thickness_err": thickness_err,
+            **({"gradient": grad} if gradient else {}),
         }
+
+    def log_likelihood_gradient(
+        self, counts: np.ndarray, params: np.ndarray, masked: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The Poisson log-likelihood's gradient at ``params`` (N, 4: strain, omega deg, chi deg,
+        thickness Å), the count scale and background at their best for each frame, and the
+        deviance there: ((N, 4) d log L / d params, (N,) deviance). What self-supervised
+        adaptation descends (``nanobeam adapt``)."""
+        theta = np.asarray(params, dtype=np.float64)
+        flat, observed, total_counts, total_pixels, total_nlogn = _frame_arrays(counts, masked)
+        state = self._evaluate(
+            theta,
+            True,
+            np.full(len(theta), np.nan),
+            flat,
+            observed,
+            total_counts,
+            total_pixels,
+            total_nlogn,
+            True,
+            gradient=True,
+        )
+        return state["gradient"][:, [0, 1, 2, 4]], state["deviance_here"]
+
+
+def _frame_arrays(
+    counts: np.ndarray, masked: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the kernel needs of frames: flattened counts (masked pixels zeroed), the observed
+    pixels (or none), and per frame the total counts, pixels and sum of n log n."""
+    b_frames = len(counts)
+    flat = np.ascontiguousarray(counts, dtype=np.float32).reshape(b_frames, -1)
+    if masked is None:
+        observed = _NO_MASK
+        total_pixels = np.full(b_frames, float(flat.shape[1]))
+    else:
+        keep = ~masked.reshape(b_frames, -1)
+        flat = np.where(keep, flat, np.float32(0))
+        observed = keep.astype(np.float32)
+        total_pixels = keep.sum(1).astype(np.float64)
+    stats = np.empty((b_frames, 6))
+    with KERNEL_LOCK:
+        frame_statistics(flat, True, False, stats)
+    return flat, observed, stats[:, 0], total_pixels, stats[:, 3]
 
 
 def _safe_inverse(matrices: np.ndarray) -> np.ndarray:

@@ -8,10 +8,13 @@ write, the chunked prediction that overlaps reading with the model, and the orie
   (NetCDF-4) and :func:`save_scan_maps` (PNG).
 - :func:`calibrate`: what the model takes as given (film thickness, hot and dead pixels, count
   scale, background) estimated from a scan's own frames (``nanobeam calibrate``).
+- :func:`adapt_to_scan`: the model fine-tuned to the scan's instrument on its own unlabelled
+  frames (``nanobeam adapt``).
 - :func:`check_orientation`: which of the 8 detector orientations the physics fits
   (``nanobeam check-orientation``), and :func:`save_orientation_figure`.
 """
 
+from ._adapt import adapt_to_scan
 from ._calibrate import MIN_CALIBRATION_FRAMES, Calibration, calibrate, find_bad_pixels
 from ._maps import ScanMaps, predict_scan, save_scan_maps, write_maps
 from ._orientation import (
@@ -45,6 +48,7 @@ __all__ = [
     "ScanMaps",
     "ScanPositionsTable",
     "ScanSource",
+    "adapt_to_scan",
     "calibrate",
     "check_orientation",
     "find_bad_pixels",

@@ -238,11 +238,13 @@ def calibrate(
         )
     counts = np.ascontiguousarray(counts[usable])
     masked = None if masked is None else masked[usable]
-    start = predictor.predict_arrays(
+    estimate = predictor.predict_arrays(
         np.ascontiguousarray(counts if masked is None else inpaint(counts, masked))
-    ).mean
-    params = start
+    )
+    params = estimate.mean
     thickness = base.film_thickness_angstrom
+    if estimate.thickness is not None:  # a model that predicts the film: start from what it says
+        thickness = float(np.median(estimate.thickness))
     sd = math.inf
     iterations = 0
     result = None

@@ -34,6 +34,7 @@ __all__ = [
     "noisy_counts",
     "random_detector_masks",
     "random_parameters",
+    "thickness_box",
 ]
 
 #: A progress bar over an iterable, called like ``tqdm(iterable, desc=..., leave=...)``.
@@ -60,6 +61,13 @@ class Standardiser:
 
     def inverse(self, standardised: np.ndarray) -> np.ndarray:
         return standardised * np.asarray(self.half_range) + np.asarray(self.centre)
+
+
+def thickness_box(instrument: Instrument, spread: float) -> tuple[float, float]:
+    """(centre, half range) in Å of the film thicknesses a recipe with ``thickness_spread``
+    draws: the instrument's film ± that fraction. How a thickness output is standardised."""
+    nominal = instrument.film_thickness_angstrom
+    return nominal, nominal * spread
 
 
 def random_parameters(instrument: Instrument, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -273,7 +281,9 @@ class OnTheFlyData(_Data):
         self.frames = torch.empty(
             (self.n_blocks * self.block_size, n_pix, n_pix), dtype=torch.float16, device=self.device
         )
-        self.labels = torch.empty((self.n_blocks * self.block_size, 3), dtype=torch.float32)
+        # (strain, omega, chi), then the film thickness when the recipe draws it
+        n_labels = 4 if recipe.thickness_spread > 0 else 3
+        self.labels = torch.empty((self.n_blocks * self.block_size, n_labels), dtype=torch.float32)
         self.train_index = torch.arange(len(self.frames))
         self.fixed_counts = False
         self._epoch: int | None = None
@@ -283,6 +293,7 @@ class OnTheFlyData(_Data):
         rng = np.random.default_rng([self.seed, 1, block, epoch])
         params = random_parameters(self.instrument, self.block_size, rng)
         strain, omega, chi = params.T
+        thickness = self._thickness(rng, self.block_size)
         frames = simulate_tensor(
             strain,
             omega,
@@ -290,11 +301,19 @@ class OnTheFlyData(_Data):
             self.instrument,
             upsample=self.recipe.upsample,
             device=self.device,
-            thickness_angstrom=self._thickness(rng, self.block_size),
+            thickness_angstrom=thickness,
         )
         sl = slice(block * self.block_size, (block + 1) * self.block_size)
         self.frames[sl] = frames.half()
-        self.labels[sl] = torch.as_tensor(self.std.forward(params), dtype=torch.float32)
+        self.labels[sl] = torch.as_tensor(self._standardised(params, thickness), dtype=torch.float32)
+
+    def _standardised(self, params: np.ndarray, thickness: np.ndarray | None) -> np.ndarray:
+        """Labels: the box-standardised (strain, omega, chi), and the thickness if drawn."""
+        labels = self.std.forward(params)
+        if thickness is None:
+            return labels
+        centre, half = thickness_box(self.instrument, self.recipe.thickness_spread)
+        return np.concatenate([labels, ((thickness - centre) / half)[:, None]], axis=1)
 
     def _thickness(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
         """Each frame's film thickness (Å) within ± ``thickness_spread``; None: the instrument's.
@@ -323,18 +342,20 @@ class OnTheFlyData(_Data):
         self._epoch = epoch
 
     def _held_out(self, salt: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Held-out counts and their truth (N, 3), or (N, 4) with the thickness (Å) if drawn."""
         # Shared by all members (no member seed): every member is scored on the same frames.
         rng = np.random.default_rng([12345, salt])
         recipe = self.recipe
         params = random_parameters(self.instrument, recipe.validation_frames, rng)
         strain, omega, chi = params.T
+        thickness = self._thickness(rng, len(params))
         frames = simulate(
             strain,
             omega,
             chi,
             self.instrument,
             upsample=recipe.upsample,
-            thickness_angstrom=self._thickness(rng, len(params)),
+            thickness_angstrom=thickness,
         )
         expected = frames * recipe.max_counts
         if recipe.background_max > 0:  # held-out frames carry the same departures as training
@@ -343,6 +364,8 @@ class OnTheFlyData(_Data):
         if recipe.mask_fraction > 0:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
             counts = masked_like_predict(counts, recipe.mask_fraction, generator)
+        if thickness is not None:
+            params = np.concatenate([params, thickness[:, None]], axis=1)
         return counts, params
 
     def validation(self) -> tuple[torch.Tensor, np.ndarray]:

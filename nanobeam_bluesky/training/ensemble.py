@@ -13,9 +13,17 @@ from .._version import __version__
 from ..errors import InputError
 from ..models import TiltRegistration, as_stored, load_model_file, save_model_file
 from ..physics import UNITS, Instrument
-from .data import Standardiser
+from .data import thickness_box
 from .recipes import Recipe
-from .trainer import PARAMETERS, RegisteredObjective, crlb_reference, evaluate, train_member
+from .trainer import (
+    PARAMETERS,
+    RegisteredObjective,
+    crlb_reference,
+    crlb_thickness_reference,
+    evaluate,
+    objective_for,
+    train_member,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -31,20 +39,27 @@ def model_metadata(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Everything a model file says about itself (the sha256 is added when saved)."""
-    std = Standardiser.for_instrument(instrument)
+    objective = objective_for(recipe, instrument)
     input_norm = (
         "sqrt(counts / per-frame mean)"
         if recipe.architecture == "mlp"
         else "raw counts (library-wide scale to max_counts)"
     )
-    return {
+    metadata: dict[str, Any] = {
         "model_id": f"nanobeam-{recipe.name}-{recipe.architecture}",
-        "architecture": {"name": recipe.architecture, "kwargs": recipe.architecture_kwargs},
+        "architecture": {
+            "name": recipe.architecture,
+            "kwargs": {**recipe.architecture_kwargs, **objective.model_kwargs},
+        },
         "instrument": instrument.to_dict(),
         "parameters": list(PARAMETERS),
+        "outputs": list(objective.names),
         "units": dict(UNITS),
         "parameter_ranges": {k: list(v) for k, v in instrument.parameter_ranges.items()},
-        "output_normalisation": {"centre": list(std.centre), "half_range": list(std.half_range)},
+        "output_normalisation": {
+            "centre": objective.centre.tolist(),
+            "half_range": objective.half_range.tolist(),
+        },
         "input": {"frame_pixels": instrument.frame_pixels, "normalisation": input_norm},
         "count_level": {
             "max_counts": recipe.max_counts,
@@ -62,6 +77,12 @@ def model_metadata(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "training_command": command,
     }
+    if "thickness" in objective.names:
+        centre, half = thickness_box(instrument, recipe.thickness_spread)
+        metadata["units"]["thickness"] = "Angstrom"
+        metadata["thickness_range_angstrom"] = [centre - half, centre + half]
+        metadata["crlb_rms"]["thickness"] = crlb_thickness_reference(instrument, recipe.max_counts)
+    return metadata
 
 
 def train_ensemble(
@@ -155,9 +176,12 @@ def train_ensemble(
 
     counts, truth = make_data(instrument, recipe, seed, library=library).test()
     ds = predictor.predict(counts.numpy(), check_instrument=False)
-    pred = np.stack([ds[name].values for name in PARAMETERS], axis=1)
-    ensemble: dict[str, float | dict[str, float]] = {**evaluate(pred, truth)}
-    ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in PARAMETERS}
+    # Scored on what the model reports: thickness too where it predicts one and the truth has it
+    names = tuple(n for n in (*PARAMETERS, "thickness") if n in ds and not np.isnan(ds[n].values).all())
+    names = names[: truth.shape[1]]
+    pred = np.stack([ds[name].values for name in names], axis=1)
+    ensemble: dict[str, float | dict[str, float]] = {**evaluate(pred, truth[:, : len(names)], names)}
+    ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in names}
     if refining:
         metadata["metrics"]["coarse_ensemble"] = metadata["metrics"].get("ensemble")
     metadata["metrics"]["ensemble"] = ensemble

@@ -18,14 +18,16 @@ from tqdm.auto import tqdm
 from ..errors import NanobeamError
 from ..models import TiltRegistration, build_model
 from ..physics import PARAMETERS, Instrument, crlb
-from .data import GridData, OnTheFlyData, Standardiser, make_data, random_parameters
+from .data import GridData, OnTheFlyData, Standardiser, make_data, random_parameters, thickness_box
 from .recipes import Recipe
 
 __all__ = [
+    "WITH_THICKNESS",
     "MemberResult",
     "Objective",
     "TrainingError",
     "crlb_reference",
+    "crlb_thickness_reference",
     "evaluate",
     "loss_weights",
     "objective_for",
@@ -53,6 +55,19 @@ def crlb_reference(instrument: Instrument, max_counts: float, n: int = 64) -> np
     return np.sqrt((bound**2).mean(axis=0))
 
 
+#: The outputs of a network that predicts the film thickness too (Å), in their order.
+WITH_THICKNESS = (*PARAMETERS, "thickness")
+
+
+@functools.lru_cache(maxsize=16)
+def crlb_thickness_reference(instrument: Instrument, max_counts: float, n: int = 64) -> float:
+    """RMS Cramer-Rao bound of the film thickness (Å) over the box, all four unknown."""
+    params = random_parameters(instrument, n, np.random.default_rng(7))
+    strains, omegas, chis = params.T
+    bound = crlb(strains, omegas, chis, instrument, max_counts=max_counts, with_thickness=True)
+    return float(np.sqrt((bound[:, 3] ** 2).mean()))
+
+
 def loss_weights(recipe: Recipe, instrument: Instrument) -> torch.Tensor:
     if recipe.loss_weights == "equal":
         return torch.ones(3)
@@ -72,20 +87,37 @@ def evaluate(pred: np.ndarray, truth: np.ndarray, names: tuple[str, ...] = PARAM
 
 
 class Objective:
-    """What a network is fed and scored on: here all three parameters straight from the frame.
+    """What a network is fed and scored on: here all three parameters straight from the frame,
+    and the film thickness (Å) as a fourth when the recipe varies it (``thickness_spread``).
 
     Outputs are standardised by ``half_range`` (physical units per output unit) around ``centre``;
-    the loss is the ``weights``-weighted mean square of the standardised error.
+    the loss is the ``weights``-weighted mean square of the standardised error. The truth arrays
+    are (N, 3), or (N, 4) with the thickness.
     """
 
     def __init__(self, recipe: Recipe, instrument: Instrument) -> None:
         std = Standardiser.for_instrument(instrument)
         self.names: tuple[str, ...] = PARAMETERS
-        self.index = [PARAMETERS.index(n) for n in self.names]
         self.centre = np.asarray(std.centre)
         self.half_range = np.asarray(std.half_range)
         self.weights = loss_weights(recipe, instrument)
         self.model_kwargs: dict[str, Any] = {}
+        if recipe.thickness_spread > 0 and recipe.architecture == "mlp":
+            centre, half = thickness_box(instrument, recipe.thickness_spread)
+            self.names = WITH_THICKNESS
+            self.centre = np.r_[self.centre, centre]
+            self.half_range = np.r_[self.half_range, half]
+            # Weighted like the others: each learnt to the same fraction of its Cramer-Rao bound.
+            self.weights = torch.ones(4)
+            if recipe.loss_weights == "crlb":
+                bound = np.r_[
+                    crlb_reference(instrument, recipe.max_counts),
+                    crlb_thickness_reference(instrument, recipe.max_counts),
+                ]
+                w = (self.half_range / bound) ** 2
+                self.weights = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+            self.model_kwargs = {"n_outputs": 4}
+        self.index = [WITH_THICKNESS.index(n) for n in self.names]
 
     def outputs_and_targets(
         self, model: torch.nn.Module, counts: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
@@ -141,7 +173,9 @@ class RegisteredObjective(Objective):
         return rows, cols, base, ((tilts - base) / half).float()
 
     def outputs_and_targets(self, model, counts, labels, generator):
-        tilts = labels[:, 1:].double() * self._box_half.to(labels.device) + self._box_centre.to(labels.device)
+        tilts = labels[:, 1:3].double() * self._box_half.to(labels.device) + self._box_centre.to(
+            labels.device
+        )
         noise = torch.randn(tilts.shape, generator=generator, device=tilts.device, dtype=torch.float64)
         rows, cols, _, target = self.shifts_and_targets(tilts, noise)
         return model(counts, rows, cols), target
@@ -149,7 +183,7 @@ class RegisteredObjective(Objective):
     @torch.inference_mode()
     def predict(self, model, counts, truth, device, batch=2048):
         model.eval()
-        tilts = torch.as_tensor(truth[:, 1:], dtype=torch.float64)
+        tilts = torch.as_tensor(truth[:, 1:3], dtype=torch.float64)
         noise = torch.randn(tilts.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
         rows, cols, base, _ = self.shifts_and_targets(tilts, noise)
         out = [
