@@ -35,8 +35,10 @@ class DepartureFrames:
         max_counts: expected counts of a fully lit pixel at the Laue maximum.
         background: flat background in counts per binned pixel.
         mask: bool (F, F) pixels a user would declare masked (their values are broken), or None.
-        declared: the instrument a user would describe (a calibrated beam-centre offset), or None
-            for the model's own.
+        declared: the instrument a user would describe (a calibrated beam-centre offset or
+            film), or None for the model's own.
+        thickness_angstrom: (N,) each frame's film where it varies over the scan, else None (the
+            film is ``instrument``'s).
     """
 
     counts: np.ndarray
@@ -46,6 +48,13 @@ class DepartureFrames:
     background: float = 0.0
     mask: np.ndarray | None = None
     declared: Instrument | None = None
+    thickness_angstrom: np.ndarray | None = None
+
+    def film_angstrom(self) -> np.ndarray:
+        """(N,) each frame's true film thickness (Å)."""
+        if self.thickness_angstrom is not None:
+            return self.thickness_angstrom
+        return np.full(len(self.counts), self.instrument.film_thickness_angstrom)
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,11 @@ def _ideal(
     background: float = 0.0,
     thickness: float | None = None,
     energy: float | None = None,
+    declare_film: bool = False,
+    film_range: tuple[float, float] | None = None,
 ) -> DepartureFrames:
+    """Frames at a count level, background, film and energy; ``declare_film``: the user's instrument
+    says the film (calibrated); ``film_range``: each frame's film uniform in it (Å)."""
     real = inst
     if thickness is not None:
         real = real.replace(film_thickness_angstrom=thickness)
@@ -79,9 +92,25 @@ def _ideal(
         real = real.replace(energy_kev=energy)
     params = random_parameters(inst, n, rng)
     strain, omega, chi = params.T
-    expected = max_counts * simulate(strain, omega, chi, real, upsample=UPSAMPLE) + background
+    films = None if film_range is None else rng.uniform(*film_range, n)
+    frames = simulate(strain, omega, chi, real, upsample=UPSAMPLE, thickness_angstrom=films)
+    counts = rng.poisson(max_counts * frames + background).astype(np.float32)
+    declared = real if declare_film else None
+    return DepartureFrames(
+        counts, params, real, max_counts, background, declared=declared, thickness_angstrom=films
+    )
+
+
+def _gradient(n: int, rng: np.random.Generator, inst: Instrument, *, top: float) -> DepartureFrames:
+    """A background rising linearly across the columns from 0 to ``top`` counts per binned pixel
+    (air scatter or fluorescence from one side): the forward model's background is flat."""
+    params = random_parameters(inst, n, rng)
+    strain, omega, chi = params.T
+    f = inst.frame_pixels
+    ramp = np.broadcast_to(np.linspace(0.0, top, f)[None, :], (f, f))
+    expected = 7.0 * simulate(strain, omega, chi, inst, upsample=UPSAMPLE) + ramp
     counts = rng.poisson(expected).astype(np.float32)
-    return DepartureFrames(counts, params, real, max_counts, background)
+    return DepartureFrames(counts, params, inst, 7.0, top / 2)
 
 
 def _hot(n: int, rng: np.random.Generator, inst: Instrument, *, pixels: int) -> DepartureFrames:
@@ -141,9 +170,32 @@ def _registry() -> list[Departure]:
     rows = [Departure("ideal, 7 counts", "reference", _ideal)]
     for t in (90.0, 100.0, 113.0, 121.0, 135.0, 150.0):
         rows.append(Departure(f"film {t:g} A (instrument: 117 A)", "thickness", partial(_ideal, thickness=t)))
+    for t in (90.0, 100.0, 135.0, 150.0):
+        rows.append(
+            Departure(
+                f"film {t:g} A, calibrated (instrument: {t:g} A)",
+                "thickness",
+                partial(_ideal, thickness=t, declare_film=True),
+            )
+        )
+    rows.append(
+        Departure(
+            "film varying 95-140 A over the scan (instrument: 117 A)",
+            "thickness",
+            partial(_ideal, film_range=(95.0, 140.0)),
+        )
+    )
     for b in (0.02, 0.05, 0.1):
         rows.append(
             Departure(f"flat background {b:g} counts/pixel", "background", partial(_ideal, background=b))
+        )
+    for top in (0.1, 0.2):
+        rows.append(
+            Departure(
+                f"background rising 0-{top:g} counts/pixel across the frame",
+                "background",
+                partial(_gradient, top=top),
+            )
         )
     for k in (1, 5):
         rows.append(

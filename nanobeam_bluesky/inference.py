@@ -284,9 +284,14 @@ class Predictor:
         """
         if instrument is None or allow_mismatch:
             return
-        detail = self.instrument.describe_differences(instrument, "model", "data", orientation=True)
+        model = self.instrument
+        if self.card.thickness_range_angstrom is not None:
+            low, high = self.card.thickness_range_angstrom
+            if low <= instrument.film_thickness_angstrom <= high:  # a film the model was trained on
+                model = model.replace(film_thickness_angstrom=instrument.film_thickness_angstrom)
+        detail = model.describe_differences(instrument, "model", "data", orientation=True)
         if detail:
-            only_orientation = not self.instrument.differences(instrument)
+            only_orientation = not model.differences(instrument)
             fix = (
                 "The network works in physics.md's frame whatever the mounting: use "
                 "`predictor.for_detector(instrument)` for this detector."
@@ -479,6 +484,7 @@ class Predictor:
                     if film is not None:
                         film[0, rows], film[2, rows] = result.thickness, result.thickness_err
                 measured = (result.flags & FLAG_DTYPE(NO_VALUE)) == 0
+                pool.nominal_angstrom = data_instrument.film_thickness_angstrom
                 pool.add(result, measured)
                 if pool.mismatch:
                     result.flags[measured] |= FLAG_DTYPE(Flag.POOLED_MISMATCH)

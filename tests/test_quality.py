@@ -441,3 +441,24 @@ def test_live_maps_grey_out_flagged_points(workdir):
     assert maps.flagged == 1
     assert np.isnan(maps.maps["strain"][0, 1]) and np.isfinite(maps.maps["strain"]).sum() == 3
     assert maps.saved and maps.saved[0].exists()
+
+
+def test_a_free_film_absorbs_another_energy_and_the_pooled_film_catches_it():
+    """The likelihood step with the film fitted (what a model that predicts the film does) on the
+    film at 10.8 keV (the instrument says 11.3): every frame fits as well as the truth would, the
+    film reads ~5 A thinner -- and the pooled film, more than 3 % off the instrument's, is a
+    mismatch. At the instrument's energy the same pooling passes."""
+    rng = np.random.default_rng(21)
+    check = PhysicsCheck.for_instrument(INSTRUMENT)
+    verdicts = {}
+    for energy in (11.3, 10.8):
+        frames = _ideal(150, rng, INSTRUMENT, energy=energy)
+        result = check(frames.counts, frames.params, thickness=np.full(150, 117.0))
+        assert np.isfinite(result.thickness).all() and (result.thickness_err < 3.0).all()
+        assert np.mean(result.flags != 0) < 0.05  # single frames cannot tell
+        pool = PooledConsistency(nominal_angstrom=117.0)
+        pool.add(result)
+        film, sd = pool.thickness_estimate(117.0)
+        verdicts[energy] = (pool.mismatch, film, sd)
+    assert not verdicts[11.3][0] and abs(verdicts[11.3][1] - 117.0) < 5 * verdicts[11.3][2] + 0.5
+    assert verdicts[10.8][0] and verdicts[10.8][1] < 117.0 * (1 - 0.03), verdicts[10.8]

@@ -106,6 +106,8 @@ class _Rows:
     err: np.ndarray
     flags: np.ndarray
     fit_quality: np.ndarray
+    #: (n, 3) film thickness, its std and err (Å); NaN for a model that does not predict it.
+    film: np.ndarray
 
 
 def _numbers(values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +398,7 @@ class RunAnalysis(DocumentRouter):
             return
         pool = self.pooled
         waited = time.monotonic() - self.held_since  # since analysed: our own set-up does not count
-        if not force and pool.frames < pool.min_frames and waited < self.context.hold_s:
+        if not force and pool.n_frames < pool.min_frames and waited < self.context.hold_s:
             return
         self._emit_held()
 
@@ -411,10 +413,13 @@ class RunAnalysis(DocumentRouter):
         mean, std, err = (np.concatenate([getattr(r, k) for r in held]) for k in ("mean", "std", "err"))
         flags = np.concatenate([r.flags for r in held])
         fit_quality = np.concatenate([r.fit_quality for r in held])
+        film = np.concatenate([r.film for r in held])
         for name, bit in FLAG_BITS.items():
             if hits := int(np.count_nonzero(flags & FLAG_DTYPE(bit))):
                 self.flag_counts[name] = self.flag_counts.get(name, 0) + hits
-        self.context.emit("event_page", self.derived.event_page(blocks, mean, std, flags, err, fit_quality))
+        self.context.emit(
+            "event_page", self.derived.event_page(blocks, mean, std, flags, err, fit_quality, film)
+        )
         now = time.monotonic()
         latencies = np.concatenate([np.full(len(b), now - b.received) for b in blocks])
         stats = self.context.stats
@@ -442,6 +447,7 @@ class RunAnalysis(DocumentRouter):
             np.full((n, 3), np.nan),
             np.concatenate([b.flags for b in blocks]).astype(FLAG_DTYPE),
             np.full(n, np.nan),
+            np.full((n, 3), np.nan),
         )
         readable = np.concatenate([np.full(len(b), b.frames is not None) for b in blocks])
         if readable.any():
@@ -451,6 +457,7 @@ class RunAnalysis(DocumentRouter):
         no_value = (rows.flags & FLAG_DTYPE(NO_VALUE)) != 0  # e.g. a row whose position is unreadable
         rows.mean[no_value] = rows.std[no_value] = rows.err[no_value] = np.nan
         rows.fit_quality[no_value] = np.nan
+        rows.film[no_value] = np.nan
         return rows
 
     def _predict_readable(self, rows: _Rows, readable: np.ndarray, frames: np.ndarray) -> None:
@@ -466,6 +473,10 @@ class RunAnalysis(DocumentRouter):
             rows.std[readable] = result.std
             rows.err[readable] = result.err
             rows.fit_quality[readable] = result.checks.get("fit_quality", np.nan)
+            films = (result.thickness, result.thickness_std, result.thickness_err)
+            for i, values in enumerate(films):
+                if values is not None:
+                    rows.film[readable, i] = values
             rows.flags[readable] |= result.flags.astype(FLAG_DTYPE)
         except BaseException as exc:  # whatever the model raises, the rows are flagged, the run goes on
             logger.exception("NanobeamNN model failed on %d frames; rows flagged MODEL_ERROR", len(frames))

@@ -17,7 +17,7 @@ from ..quality import FLAG_BITS
 from ._frames import FrameLayout
 from ._rows import RowBlock
 
-__all__ = ["ANALYSIS_STAGE", "DERIVED_FIELDS", "DerivedRun", "is_derived_start"]
+__all__ = ["ANALYSIS_STAGE", "DERIVED_FIELDS", "THICKNESS_FIELDS", "DerivedRun", "is_derived_start"]
 
 #: The ``analysis_stage`` label of every derived run start document.
 ANALYSIS_STAGE = "nanobeam_nn"
@@ -29,6 +29,8 @@ DERIVED_FIELDS = (
     "fit_quality",
     "flag",
 )
+#: ... and of a model that predicts the film thickness (Å).
+THICKNESS_FIELDS = ("thickness", "thickness_std", "thickness_err")
 #: Raw start keys copied into the derived start when present (maps, shape, sample...).
 COPIED_START_KEYS = (
     "scan_id",
@@ -58,7 +60,8 @@ class DerivedRun:
 
     The start links to the raw run (``parent_uid``) and names the model; the single stream
     (``primary``) has one row per raw frame: strain, omega, chi (deg), their ``_std`` and ``_err``, the
-    quality ``flag``, the raw ``raw_seq_num`` and the raw positions.
+    quality ``flag``, the raw ``raw_seq_num`` and the raw positions; and ``thickness`` (Å) with its
+    ``_std`` and ``_err`` for a model that predicts the film.
     """
 
     def __init__(
@@ -97,7 +100,8 @@ class DerivedRun:
         self.bundle = compose_run(metadata=metadata)
         self.start_doc = self.bundle.start_doc
         source = f"nanobeam:{predictor.model_id}:{predictor.sha256[:12]}"
-        data_keys: dict[str, Any] = {name: derived_data_key(name, source) for name in DERIVED_FIELDS}
+        self.fields = (*DERIVED_FIELDS, *(THICKNESS_FIELDS if predictor.card.predicts_thickness else ()))
+        data_keys: dict[str, Any] = {name: derived_data_key(name, source) for name in self.fields}
         data_keys["raw_seq_num"] = {
             "source": f"raw:{self.raw_stream}",
             "dtype": "integer",
@@ -120,7 +124,7 @@ class DerivedRun:
             name="primary",
             data_keys=data_keys,
             object_keys={
-                "nanobeam": [*DERIVED_FIELDS, "raw_seq_num"],
+                "nanobeam": [*self.fields, "raw_seq_num"],
                 **{k: [k] for k in self.position_keys},
             },
             hints={"nanobeam": {"fields": list(PARAMETERS)}},
@@ -136,9 +140,11 @@ class DerivedRun:
         flags: np.ndarray,
         err: np.ndarray | None = None,
         fit_quality: np.ndarray | None = None,
+        film: np.ndarray | None = None,
     ) -> EventPage:
         """One EventPage for consecutive blocks; mean/std/err (n, 3), flags and fit_quality (n,)
-        cover all their rows."""
+        cover all their rows; ``film`` (n, 3): thickness, its std and err (Å), for a run whose
+        model predicts it (NaN rows where not given)."""
         err = np.full_like(mean, np.nan) if err is None else err
         fit_quality = np.full(len(mean), np.nan) if fit_quality is None else fit_quality
         seq = np.concatenate([b.seq_nums for b in blocks])
@@ -150,6 +156,10 @@ class DerivedRun:
             data[f"{name}_std"] = std[:, i].tolist()
             data[f"{name}_err"] = err[:, i].tolist()
         data["fit_quality"] = fit_quality.tolist()
+        if THICKNESS_FIELDS[0] in self.fields:
+            film = np.full((len(mean), 3), np.nan) if film is None else film
+            for i, name in enumerate(THICKNESS_FIELDS):
+                data[name] = film[:, i].tolist()
         data["flag"] = flags.astype(int).tolist()
         data["raw_seq_num"] = seq.astype(int).tolist()
         for key in self.position_keys:

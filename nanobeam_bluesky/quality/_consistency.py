@@ -54,6 +54,12 @@ POOR_FIT_Z = 4.0
 #: flagged THICKNESS: the frame is too faint to say its film (the likelihood has other optima
 #: along strain and thickness there; measured at 1 count: thickness z-rms 3.8 beyond it).
 THICKNESS_ERR_MAX = 0.025
+#: With the film fitted, the scan's pooled film may differ from the instrument's by this fraction
+#: before POOLED_MISMATCH: beyond it the frames say another film -- or the same film at another
+#: energy or of another material, which a free thickness absorbs (the film at 10.8 keV instead
+#: of 11.3 reads as a film 5 A thinner, chi 5 % off, every frame fitting as well as the truth).
+#: The fix is to declare the film (``nanobeam calibrate``) once the instrument is known right.
+THICKNESS_TOLERANCE = 0.03
 #: |thickness_z| above which a frame is flagged THICKNESS.
 THICKNESS_Z = 4.0
 #: Fewer counts than this share on the annulus: NO_RING.
@@ -118,6 +124,12 @@ class PooledConsistency:
     adds up: the mean thickness z, the mean fit_quality and the mean of thickness z^2 - 1 are 0
     on frames the model describes. POOLED_MISMATCH when one of them is both large (> ``shift``
     per frame) and significant (> ``significance`` standard errors), from ``min_frames`` frames on.
+
+    Where each frame's film is fitted (a model that predicts it), there is no score to pool; the
+    weighted mean of the fitted films is compared with the instrument's film
+    (``nominal_angstrom``): POOLED_MISMATCH when it differs by more than ``thickness_tolerance``
+    of it, significantly. A free film absorbs another energy or material, so this is what still
+    sees them.
     """
 
     min_frames: int = 10
@@ -133,6 +145,9 @@ class PooledConsistency:
     fitted_frames: int = 0
     sum_weighted_thickness: float = 0.0
     sum_thickness_weight: float = 0.0
+    #: The film the instrument declares (Å); set by whoever adds fitted films.
+    nominal_angstrom: float | None = None
+    thickness_tolerance: float = THICKNESS_TOLERANCE
 
     def add(self, result: Consistency, rows: np.ndarray | None = None) -> None:
         """Pool the frames ``rows`` (bool or index; default all) of a check's result."""
@@ -154,6 +169,11 @@ class PooledConsistency:
         self.sum_fit_quality += float(fit_quality[good].sum())
         self.sum_score += float(result.thickness_score[sel][good].sum())
         self.sum_information += float(result.thickness_information[sel][good].sum())
+
+    @property
+    def n_frames(self) -> int:
+        """Frames pooled so far (tested at the instrument's film, or with their film fitted)."""
+        return self.frames + self.fitted_frames
 
     def means(self) -> dict[str, float]:
         n = max(self.frames, 1)
@@ -178,6 +198,14 @@ class PooledConsistency:
                 n >= self.min_frames
                 and abs(mean) > self.shift
                 and abs(mean) * np.sqrt(n) / sd > self.significance
+            ):
+                return True
+        if self.fitted_frames >= self.min_frames and self.nominal_angstrom:
+            film, film_sd = self.thickness_estimate(self.nominal_angstrom)
+            shift = abs(film - self.nominal_angstrom)
+            if (
+                shift > self.thickness_tolerance * self.nominal_angstrom
+                and shift > self.significance * film_sd
             ):
                 return True
         return False
