@@ -265,6 +265,9 @@ def adapt_model(
         k: v for k, v in metadata.items() if k not in ("sha256", "n_members", "weight_dtype", "int8_rows")
     }
     new_meta["instrument"] = instrument.to_dict()
+    if card.predicts_thickness:  # trained on now: the model's spread about the data's film
+        film, spread = thickness_box(instrument, recipe.thickness_spread)
+        new_meta["thickness_range_angstrom"] = [film - spread, film + spread]
     new_meta["model_id"] = f"{metadata['model_id']}+adapted"
     adapted = Predictor.from_states(new_states, {**new_meta, "sha256": "unsaved"})
     loss_after = scan_loss(adapted)
@@ -345,9 +348,9 @@ def _simulated_batch(
 
     params = random_parameters(instrument, n, rng)
     thickness = None
-    if card.predicts_thickness and card.thickness_range_angstrom is not None:
-        low, high = card.thickness_range_angstrom
-        thickness = rng.uniform(low, high, n)
+    if card.predicts_thickness:  # the model's spread about the data's film
+        centre, half = thickness_box(instrument, recipe.thickness_spread)
+        thickness = rng.uniform(centre - half, centre + half, n)
     strain, omega, chi = params.T
     frames = simulate_tensor(
         strain, omega, chi, instrument, upsample=recipe.upsample, thickness_angstrom=thickness
