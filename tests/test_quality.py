@@ -39,6 +39,14 @@ def _bound(params: np.ndarray, instrument: Instrument = INSTRUMENT, **kwargs) ->
     return np.sqrt((crlb(*params[:60].T, instrument, **kwargs) ** 2).mean(axis=0))
 
 
+def _model_bound(predictor, params: np.ndarray, **kwargs) -> np.ndarray:
+    """The (strain, omega, chi) bound of the problem the model solves: the film unknown (and the
+    count scale fitted) for a model that measures it, else the instrument's film."""
+    if predictor.card.predicts_thickness:
+        kwargs |= {"with_thickness": True, "nuisance": ("scale",)}
+    return _bound(params, **kwargs)[:3]
+
+
 # ---------------------------------------------------------------------------- the forward model
 def test_frame_model_matches_the_simulator_and_its_derivatives_match_finite_differences():
     fm = FrameModel.for_instrument(INSTRUMENT)
@@ -152,12 +160,21 @@ def test_each_flag_fires_on_its_own_case(predictor):
     cases[Flag.NON_INTEGER] = predictor.predict(good * 1.37)
     cases[Flag.NO_RING] = predictor.predict(_no_ring(12, rng, INSTRUMENT, kind="flat field").counts)
     cases[Flag.POOR_FIT] = predictor.predict(_gap(12, rng, INSTRUMENT, declared=False).counts)
-    cases[Flag.THICKNESS] = predictor.predict(_ideal(12, rng, INSTRUMENT, thickness=95.0).counts)
+    thin_film = predictor.predict(_ideal(12, rng, INSTRUMENT, thickness=95.0).counts)
+    least = {Flag.POOR_FIT: 0.75}
+    if predictor.card.predicts_thickness:
+        # The film is measured per frame: a 95 A film is the scan's pooled film 19 % off the
+        # instrument's, and THICKNESS is a frame too faint to say its film (0.6 counts: 99 %).
+        cases[Flag.POOLED_MISMATCH] = thin_film
+        cases[Flag.THICKNESS] = predictor.predict(_ideal(12, rng, INSTRUMENT, max_counts=0.6).counts)
+        least[Flag.THICKNESS] = 0.9
+    else:  # the instrument's film, tested per frame
+        cases[Flag.THICKNESS] = thin_film
     for bit, ds in cases.items():
         flags = ds["flag"].values
         # A module gap crossing the annulus shows in the deviance of most frames (measured 98-100 %
         # of 300); every other case is flagged in every frame.
-        assert np.mean(flags & bit != 0) >= (0.75 if bit == Flag.POOR_FIT else 1.0), (bit.name, flags)
+        assert np.mean(flags & bit != 0) >= least.get(bit, 1.0), (bit.name, flags)
     # The plausibility flags name what they found and leave the numbers usable: the bad pixels
     # are left out of the fit.
     for bit in (Flag.SATURATED, Flag.HOT_PIXEL):
@@ -228,17 +245,27 @@ def test_expected_error_is_the_actual_error_from_1_to_700_counts(predictor, leve
     rng = np.random.default_rng(int(level * 10))
     frames = _ideal(400, rng, INSTRUMENT, max_counts=level)
     ds = predictor.predict(frames.counts)
-    assert np.all(ds["flag"].values == 0)
-    error = _estimates(ds) - frames.params
-    stated = np.stack([ds[f"{p}_err"].values for p in PARAMS], 1)
+    flags = ds["flag"].values
+    film = predictor.card.predicts_thickness
+    if film and level < 2:  # frames too faint to say their film (measured 42 % at 1 count)
+        # every flagged frame is one too faint to say its film (its film may also be out of the box)
+        assert np.all((flags == 0) | (flags & Flag.THICKNESS != 0)), np.unique(flags)
+        assert np.mean(flags == 0) > 0.4
+    else:
+        assert np.all(flags == 0)
+    keep = flags == 0
+    error = (_estimates(ds) - frames.params)[keep]
+    stated = np.stack([ds[f"{p}_err"].values for p in PARAMS], 1)[keep]
     ratio = np.sqrt((stated**2).mean(axis=0)) / np.sqrt((error**2).mean(axis=0))
     # Measured (300-2,000 frames): 0.75-1.13 at every level; the goal is 0.7-1.4. 400 frames
     # scatter a ratio by ~4 %.
     assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
     covered = np.mean(np.abs(error) < 2 * stated, axis=0)
     assert np.all(covered > 0.88), covered  # 95 % for Gaussian errors
-    # And the estimate sits at the Cramer-Rao bound (measured 0.93-1.29x).
-    ratio_to_bound = np.sqrt((error**2).mean(axis=0)) / _bound(frames.params, max_counts=level)
+    # And the estimate sits at the Cramer-Rao bound (measured 0.93-1.29x) -- of the problem the
+    # model solves: with its film fitted, that of the film unknown.
+    bound = _model_bound(predictor, frames.params[keep], max_counts=level)
+    ratio_to_bound = np.sqrt((error**2).mean(axis=0)) / bound
     assert np.all(ratio_to_bound < 1.4), ratio_to_bound
 
 
@@ -248,7 +275,7 @@ def test_likelihood_step_takes_the_network_to_the_bound_on_ideal_frames(predicto
     frames = _ideal(600, rng, INSTRUMENT)
     checked = predictor.predict(frames.counts)
     network = predictor.predict(frames.counts, check=False)
-    bound = _bound(frames.params)
+    bound = _model_bound(predictor, frames.params)
     ratios = [
         np.sqrt(((_estimates(ds) - frames.params) ** 2).mean(axis=0)) / bound for ds in (checked, network)
     ]
@@ -265,7 +292,9 @@ def test_masked_pixels_are_left_out_and_a_declared_gap_costs_nothing(predictor):
     for kwargs in ({"mask": frames.mask}, {"instrument": masked_inst}):
         ds = predictor.predict(frames.counts, **kwargs)
         assert np.mean(ds["flag"].values != 0) < 0.02
-        ratio = np.sqrt(((_estimates(ds) - frames.params) ** 2).mean(axis=0)) / _bound(frames.params)
+        ratio = np.sqrt(((_estimates(ds) - frames.params) ** 2).mean(axis=0)) / _model_bound(
+            predictor, frames.params
+        )
         assert np.all(ratio < 1.3), (kwargs.keys(), ratio)  # measured 0.95-1.06
 
 

@@ -52,8 +52,10 @@ __all__ = ["Consistency", "PhysicsCheck", "PooledConsistency"]
 POOR_FIT_Z = 4.0
 #: A fitted film thickness whose standard deviation exceeds this fraction of the instrument's is
 #: flagged THICKNESS: the frame is too faint to say its film (the likelihood has other optima
-#: along strain and thickness there; measured at 1 count: thickness z-rms 3.8 beyond it).
-THICKNESS_ERR_MAX = 0.025
+#: along strain and thickness there). At 2.5 % a 90 A film at 7 counts, measured right, was
+#: flagged in a quarter of its frames; at 4 % it is not, and 1-count frames (42 % flagged) keep
+#: honest errors (``benchmarks/robustness.py``).
+THICKNESS_ERR_MAX = 0.04
 #: With the film fitted, the scan's pooled film may differ from the instrument's by this fraction
 #: before POOLED_MISMATCH: beyond it the frames say another film -- or the same film at another
 #: energy or of another material, which a free thickness absorbs (the film at 10.8 keV instead

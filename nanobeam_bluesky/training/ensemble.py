@@ -175,22 +175,15 @@ def train_ensemble(
     from .data import make_data
 
     counts, truth = make_data(instrument, recipe, seed, library=library).test()
-    # The networks alone: what ``*_err`` states without the physics check (``check=False``);
-    # the checked result is kept beside it for the record.
+    # The networks alone: what ``*_err`` states without the physics check (``check=False``). (The
+    # held-out frames' masks are filled, not declared, so the check would not apply to them.)
     ds = predictor.predict(counts.numpy(), check_instrument=False, check=False)
-    checked = predictor.predict(counts.numpy(), check_instrument=False)
     # Scored on what the model reports: thickness too where it predicts one and the truth has it
     names = tuple(n for n in (*PARAMETERS, "thickness") if n in ds and not np.isnan(ds[n].values).all())
     names = names[: truth.shape[1]]
     pred = np.stack([ds[name].values for name in names], axis=1)
     ensemble: dict[str, Any] = {**evaluate(pred, truth[:, : len(names)], names)}
     ensemble["mean_std"] = {name: float(np.nanmean(ds[f"{name}_std"].values)) for name in names}
-    unflagged = checked["flag"].values == 0
-    checked_pred = np.stack([checked[name].values for name in names], axis=1)[unflagged]
-    ensemble["checked"] = {
-        **evaluate(checked_pred, truth[unflagged, : len(names)], names),
-        "flagged_fraction": float(1 - unflagged.mean()),
-    }
     if refining:
         metadata["metrics"]["coarse_ensemble"] = metadata["metrics"].get("ensemble")
     metadata["metrics"]["ensemble"] = ensemble
