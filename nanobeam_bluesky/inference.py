@@ -502,7 +502,12 @@ class Predictor:
             std=std,
             err=err,
             flags=flags,
-            checks=extra if check else {},
+            # with the film fitted there is no score test: no thickness_z
+            checks={
+                k: v for k, v in extra.items() if not (k == "thickness_z" and film is not None and likelihood)
+            }
+            if check
+            else {},
             estimator="likelihood step from the network" if check and likelihood else "network",
             refined=refined,
             pooled=pool.summary(data_instrument.film_thickness_angstrom) if check else {},

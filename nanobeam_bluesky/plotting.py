@@ -17,7 +17,7 @@ from .physics import PARAMETERS, Instrument, simulate, to_counts
 
 __all__ = ["save_frame_gallery", "save_map_comparison", "save_result_maps"]
 
-LABELS = {"strain": "ε (×10⁻³)", "omega": "ω (deg)", "chi": "χ (deg)"}
+LABELS = {"strain": "ε (×10⁻³)", "omega": "ω (deg)", "chi": "χ (deg)", "thickness": "film thickness (Å)"}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -109,15 +109,17 @@ def save_map_comparison(
 
 
 def save_result_maps(path: str | Path, maps: xr.Dataset, title: str = "") -> Path:
-    """ε, ω, χ maps (top row) and their expected errors ``*_err`` (bottom row) of a result, with
-    units and colour bars; points with a value-less or warning flag are grey.
+    """ε, ω, χ (and the film thickness, where the result has it) maps (top row) and their expected
+    errors ``*_err`` (bottom row) of a result, with units and colour bars; points with a
+    value-less or warning flag are grey.
 
     ``maps`` is on the scan grid (``scan_y``, ``scan_x``, coordinates ``x_um``/``y_um`` in µm),
     or along one dimension (a line scan, or frames without positions: plotted against the index).
     """
     path = Path(path)
-    fig = _figure(12.5, 7.2)
-    axes = fig.subplots(2, 3, squeeze=False)
+    shown_parameters = (*PARAMETERS, *(("thickness",) if "thickness" in maps else ()))
+    fig = _figure(4.2 * len(shown_parameters), 7.2)
+    axes = fig.subplots(2, len(shown_parameters), squeeze=False)
     flags = np.asarray(maps["flag"].values).astype(np.int64) if "flag" in maps else None
     on_grid = maps["strain"].ndim == 2
     extent = None
@@ -131,7 +133,7 @@ def save_result_maps(path: str | Path, maps: xr.Dataset, title: str = "") -> Pat
             float(np.nanmax(y)) + dy / 2,
             float(np.nanmin(y)) - dy / 2,
         )
-    for c, p in enumerate(PARAMETERS):
+    for c, p in enumerate(shown_parameters):
         scale = 1e3 if p == "strain" else 1.0
         for r, name in enumerate((p, f"{p}_err")):
             ax = axes[r, c]

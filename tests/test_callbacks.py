@@ -148,6 +148,12 @@ def check_derived_run(model: ModelUnderTest, raw: Recorder, derived: Recorder, n
     rows = derived.rows()
     predicted = (rows["flag"] & (Flag.INVALID | Flag.LOW_COUNTS | Flag.MODEL_ERROR)) == 0
     assert predicted.any() and np.all(np.asarray(rows["chi_err"])[predicted] > 0)
+    if model.predictor.card.predicts_thickness:  # the film, measured per frame, in the stream
+        assert keys["thickness"]["units"] == keys["thickness_err"]["units"] == "Angstrom"
+        film = np.asarray(rows["thickness"])[predicted]
+        assert np.all(np.abs(film - model.predictor.instrument.film_thickness_angstrom) < 20)
+    else:
+        assert "thickness" not in keys
     assert sorted(rows["raw_seq_num"].tolist()) == list(range(1, n_frames + 1))
     (raw_stop,), (stop,) = raw.of("stop"), derived.of("stop")
     assert raw_stop["num_events"]["primary"] == stop["num_events"]["primary"] == n_frames

@@ -174,7 +174,14 @@ def _flag_unreadable(part: Prediction, unreadable: np.ndarray) -> None:
     if not unreadable.any():
         return
     part.flags[unreadable] = FLAG_DTYPE(Flag.INVALID)
-    for values in (part.values, part.std, part.err, *part.checks.values()):
+    films = (part.thickness, part.thickness_std, part.thickness_err)
+    for values in (
+        part.values,
+        part.std,
+        part.err,
+        *part.checks.values(),
+        *(f for f in films if f is not None),
+    ):
         values[unreadable] = np.nan
 
 
@@ -189,6 +196,10 @@ def _concatenate(parts: list[Prediction]) -> Prediction:
         estimator=first.estimator,
         refined=first.refined,
         pooled=first.pooled,
+        **{
+            name: None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in parts])
+            for name in ("thickness", "thickness_std", "thickness_err")
+        },
     )
 
 
