@@ -684,6 +684,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             allow_instrument_mismatch=args.allow_instrument_mismatch,
             chunk_frames=args.chunk,
             progress=not args.no_progress,
+            fit_film=not args.known_film,
         )
     finally:
         source.close()
@@ -758,6 +759,12 @@ def _add_predict(sub) -> None:
         "--png", action="store_true", help="also draw the maps, with units and colour bars (OUT.png)"
     )
     p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: ~64 MB of frames)")
+    p.add_argument(
+        "--known-film",
+        action="store_true",
+        help="the film is the instrument's: do not fit it per frame (strain ~1.5x more precise when true; "
+        "tested per frame and pooled)",
+    )
     p.add_argument(
         "--allow-instrument-mismatch",
         action="store_true",

@@ -394,6 +394,7 @@ class Predictor:
         check: bool = True,
         likelihood: bool = True,
         pooled: PooledConsistency | None = None,
+        fit_film: bool = True,
     ) -> xr.Dataset:
         """Predict (strain, omega, chi) with honest errors and quality flags for every frame.
 
@@ -411,13 +412,20 @@ class Predictor:
             likelihood: report the likelihood step's estimate (False: the network's, checked).
             pooled: pool the physics check over more than this call (the live callback passes one
                 per run); None pools this call's frames.
+            fit_film: for a model that predicts the film thickness, fit it per frame in the
+                likelihood step (``thickness_err`` from the Fisher information). False: the film is
+                the instrument's (strain about 1.5x more precise when that is true; tested per
+                frame by ``thickness_z`` and pooled, as for a model without the film output); the
+                networks' thickness is still reported, with their test error.
 
         Returns a Dataset over ``frame``: ``strain`` (1), ``omega`` and ``chi`` (deg); their
         ``_err`` (the standard deviation to expect for this frame: from its Fisher information
         after the likelihood step, with a floor at the forward model's accuracy; or the network's
         test RMSE scaled to the frame's counts) and ``_std`` (the networks' spread, not an error);
         ``fit_quality`` (deviance z-score, about N(0, 1) when the physics describes the frame),
-        ``thickness_z``, ``count_scale`` and ``background`` (counts); ``flag`` (see
+        ``thickness_z`` (the instrument's film tested), ``count_scale`` and ``background``
+        (counts); ``thickness``, ``thickness_std``, ``thickness_err`` (Å) for a model that
+        predicts the film; ``flag`` (see
         :class:`~nanobeam_bluesky.quality.Flag`). Frames without a measurable ring get NaN. The
         attributes hold the pooled tests' summary (e.g. the film thickness the frames say).
         """
@@ -431,6 +439,7 @@ class Predictor:
             check=check,
             likelihood=likelihood,
             pooled=pooled,
+            fit_film=fit_film,
         )
         return self.to_dataset(prediction)
 
@@ -446,6 +455,7 @@ class Predictor:
         check: bool = True,
         likelihood: bool = True,
         pooled: PooledConsistency | None = None,
+        fit_film: bool = True,
     ) -> Prediction:
         """:meth:`predict`'s results as arrays (:class:`Prediction`), without the Dataset around them
         (what the live callback uses). Arguments as for :meth:`predict`."""
@@ -477,11 +487,12 @@ class Predictor:
                 film[2, rows] = err[rows][:, 0] / self._test_rmse[refined][0] * self._test_rmse_thickness
             if check:
                 physics = self.physics_check(data_instrument)
-                result = physics(sub, mean[rows], sub_masked, refine=likelihood, thickness=estimate.thickness)
+                start_film = estimate.thickness if fit_film else None
+                result = physics(sub, mean[rows], sub_masked, refine=likelihood, thickness=start_film)
                 if likelihood:
                     mean[rows] = result.params
                     err[rows] = np.hypot(result.sigma, physics.error_floor)
-                    if film is not None:
+                    if film is not None and start_film is not None:
                         film[0, rows], film[2, rows] = result.thickness, result.thickness_err
                 measured = (result.flags & FLAG_DTYPE(NO_VALUE)) == 0
                 pool.nominal_angstrom = data_instrument.film_thickness_angstrom
@@ -504,7 +515,9 @@ class Predictor:
             flags=flags,
             # with the film fitted there is no score test: no thickness_z
             checks={
-                k: v for k, v in extra.items() if not (k == "thickness_z" and film is not None and likelihood)
+                k: v
+                for k, v in extra.items()
+                if not (k == "thickness_z" and film is not None and likelihood and fit_film)
             }
             if check
             else {},

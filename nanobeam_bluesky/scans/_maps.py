@@ -62,6 +62,7 @@ def predict_scan(
     allow_instrument_mismatch: bool = False,
     chunk_frames: int | None = None,
     progress: bool = True,
+    fit_film: bool = True,
 ) -> ScanMaps:
     """Maps of (strain, omega, chi) with errors and flags for every frame of ``source``.
 
@@ -77,6 +78,8 @@ def predict_scan(
         roi_center_px: (row, col) of the central reflected ray on the detector (raw pixels) when
             the frames are whole detector images; default the file's.
         chunk_frames: frames per chunk (default: about 64 MB of raw frames).
+        fit_film: fit each frame's film with a model that predicts it (False: the instrument's
+            film, as ``Predictor.predict``'s ``fit_film``).
     """
     from tqdm.auto import tqdm
 
@@ -104,7 +107,11 @@ def predict_scan(
             if k + 2 < len(spans):  # keep two chunks in flight: reading overlaps the model
                 ahead.append(pool.submit(_read_chunk, read, *spans[k + 2], shape))
             part = predictor.analyse(
-                chunk.frames, instrument=data_instrument, check_instrument=False, pooled=pooled
+                chunk.frames,
+                instrument=data_instrument,
+                check_instrument=False,
+                pooled=pooled,
+                fit_film=fit_film,
             )
             _flag_unreadable(part, chunk.unreadable)
             problems += chunk.problems
