@@ -685,6 +685,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             chunk_frames=args.chunk,
             progress=not args.no_progress,
             fit_film=not args.known_film,
+            mask=_mask_file(args.mask) if args.mask else None,
         )
     finally:
         source.close()
@@ -759,6 +760,12 @@ def _add_predict(sub) -> None:
         "--png", action="store_true", help="also draw the maps, with units and colour bars (OUT.png)"
     )
     p.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: ~64 MB of frames)")
+    p.add_argument(
+        "--mask",
+        metavar="M.npy",
+        help="more pixels to leave out: a bool .npy (True = masked), roi x roi in the detector's orientation "
+        "(as calibrate --out-mask writes) or 64 x 64 binned",
+    )
     p.add_argument(
         "--known-film",
         action="store_true",
@@ -896,6 +903,23 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_options(p)
     p.set_defaults(func=cmd_calibrate)
+
+
+def _mask_file(path: str) -> Any:
+    """A mask .npy as a bool array; a one-line error for a file that is not one."""
+    import numpy as np
+
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"--mask {path}: not a readable .npy array ({exc}); write one with numpy.save"
+        ) from None
+    if mask.ndim != 2 or mask.dtype.kind not in "bui":
+        raise InputError(
+            f"--mask {path}: a 2-D bool array is needed (True = masked), got {mask.dtype} {mask.shape}"
+        )
+    return mask.astype(bool)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:

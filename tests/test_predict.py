@@ -281,3 +281,32 @@ def test_tiled_run_positions_are_converted_to_micrometres_by_their_units():
     np.testing.assert_allclose(_to_um(values, {"units": None}, "x"), values)  # no units: µm
     with pytest.raises(InputError, match=r"'theta' is in 'deg', not a length.*--positions"):
         _to_um(values, {"units": "deg"}, "theta")
+
+
+def test_predict_takes_a_mask_file_and_refuses_a_wrong_one(scan_file, tmp_path, capsys):
+    """--mask M.npy (what calibrate --out-mask writes: raw ROI, detector orientation): those pixels
+    are left out; a mask of the wrong shape, or a file that is not one, is a one-line error."""
+    path, _ = scan_file
+    mask = np.zeros((128, 128), dtype=bool)
+    mask[60:62, :] = True  # a module gap across the reflection
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "maps.nc"
+    assert (
+        main(["predict", str(path), "--out", str(out), "--mask", str(tmp_path / "mask.npy"), "--no-progress"])
+        == 0
+    )
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    assert (ds["flag"].values == 0).mean() > 0.95  # the gap holds counts, but is not believed
+    np.save(tmp_path / "small.npy", np.zeros((10, 10), dtype=bool))
+    (tmp_path / "text.npy").write_text("not an array")
+    for bad, message in (
+        ("small.npy", "mask must be (64, 64) or (128, 128)"),
+        ("text.npy", "not a readable .npy"),
+    ):
+        capsys.readouterr()
+        assert (
+            main(["predict", str(path), "--out", str(out), "--mask", str(tmp_path / bad), "--no-progress"])
+            == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

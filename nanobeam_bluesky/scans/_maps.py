@@ -63,6 +63,7 @@ def predict_scan(
     chunk_frames: int | None = None,
     progress: bool = True,
     fit_film: bool = True,
+    mask: np.ndarray | None = None,
 ) -> ScanMaps:
     """Maps of (strain, omega, chi) with errors and flags for every frame of ``source``.
 
@@ -80,6 +81,8 @@ def predict_scan(
         chunk_frames: frames per chunk (default: about 64 MB of raw frames).
         fit_film: fit each frame's film with a model that predicts it (False: the instrument's
             film, as ``Predictor.predict``'s ``fit_film``).
+        mask: more pixels to leave out (True = masked): a raw ROI (R, R) in the detector's
+            orientation, as ``nanobeam calibrate --out-mask`` writes, or a binned (F, F) frame.
     """
     from tqdm.auto import tqdm
 
@@ -112,6 +115,7 @@ def predict_scan(
                 check_instrument=False,
                 pooled=pooled,
                 fit_film=fit_film,
+                mask=mask,
             )
             _flag_unreadable(part, chunk.unreadable)
             problems += chunk.problems
