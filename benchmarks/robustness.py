@@ -188,7 +188,10 @@ def main() -> None:
         print(f"| {dep.name} | " + " | ".join(cells(r) for r in rows.values()) + " |", flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s")
     if args.png:
-        labelled = {f"{label}: {models[label].model_id}": rows for label, rows in results.items()}
+        labelled = {
+            f"{label}: outputs {', '.join(models[label].card.outputs)} ({models[label].sha256[:8]})": rows
+            for label, rows in results.items()
+        }
         save_figure(Path(args.png), names, labelled)
         print(f"wrote {args.png}")
 

@@ -121,10 +121,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     ens = meta["metrics"]["ensemble"]
     what = f"{members} refining members on {args.base}" if "refiner" in meta else f"{members} members"
     print(f"wrote {args.out} ({what}, sha256 {sha[:12]})")
+    film = f", film {ens['rmse_thickness']:.3g} A" if "rmse_thickness" in ens else ""
     print(
-        "test RMSE: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} deg".format(
-            **ens
-        )
+        "test RMSE of the networks: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} "
+        "deg{film}".format(**ens, film=film)
     )
     return 0
 

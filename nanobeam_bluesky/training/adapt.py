@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..errors import InputError
 from ..inference import Predictor, inpaint
-from ..models import NanobeamMLP, build_model, load_model_file, save_model_file
+from ..models import NanobeamMLP, TiltRegistration, build_model, load_model_file, save_model_file
 from ..physics import Instrument
 from ..quality import PhysicsCheck
 from .data import Standardiser, masked_like_predict, noisy_counts, random_parameters, thickness_box
@@ -184,7 +184,19 @@ def adapt_model(
     net_input_all = counts_all if mask_all is None else inpaint(counts_all, mask_all)
     norm = _frame_weights(recipe, predictor.instrument, n_out)
     coarse_objective = _SupervisedObjective(recipe, instrument, card)
+    # The refiners' whole-pixel shifts and output scale follow the data's instrument (the pixels
+    # per degree change with the detector distance); their largest shift is the parent's.
     refiner_objective = RegisteredObjective(recipe, instrument) if refiners else None
+    registration = None
+    if refiner_objective is not None and predictor.card.refiner is not None:
+        own = TiltRegistration.for_instrument(instrument)
+        registration = TiltRegistration(
+            own.pixels_per_deg_omega,
+            own.pixels_per_deg_chi,
+            int(predictor.card.refiner.registration["max_shift"]),
+        )
+        refiner_objective.registration = registration
+    ref_half = None if registration is None else torch.tensor(registration.residual_half_range_deg)
     box = Standardiser.for_instrument(instrument)
     box_centre = torch.tensor(box.centre, dtype=torch.float32)
     box_half = torch.tensor(box.half_range, dtype=torch.float32)
@@ -232,13 +244,10 @@ def adapt_model(
             total = total + _likelihood_term(physics, obs, full, obs_mask, n_out, norm)
             out_sim, target = coarse_objective.outputs_and_targets(member, sim_x, sim_labels, generator)
             total = total + (((out_sim - target) ** 2) * coarse_objective.weights).mean()
-        if refiners and refiner_objective is not None:
-            assert predictor.card.refiner is not None
+        if refiner_objective is not None and registration is not None and ref_half is not None:
             coarse = torch.stack(coarse_means).mean(0)
-            registration = predictor.registration
             rows, cols = registration.shifts(coarse[:, 1], coarse[:, 2])
             base = torch.stack(registration.tilts(rows, cols), 1)
-            ref_half = torch.tensor(predictor.card.refiner.half_range, dtype=torch.float64)
             for refiner in refiners:
                 tilts = refiner(x, rows, cols).double() * ref_half + base
                 full = torch.cat(
@@ -268,6 +277,15 @@ def adapt_model(
     if card.predicts_thickness:  # trained on now: the model's spread about the data's film
         film, spread = thickness_box(instrument, recipe.thickness_spread)
         new_meta["thickness_range_angstrom"] = [film - spread, film + spread]
+    if registration is not None:
+        new_meta["refiner"] = {
+            **metadata["refiner"],
+            "registration": registration.to_dict(),
+            "output_normalisation": {
+                "centre": [0.0, 0.0],
+                "half_range": list(registration.residual_half_range_deg),
+            },
+        }
     new_meta["model_id"] = f"{metadata['model_id']}+adapted"
     adapted = Predictor.from_states(new_states, {**new_meta, "sha256": "unsaved"})
     loss_after = scan_loss(adapted)
