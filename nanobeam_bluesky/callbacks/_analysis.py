@@ -92,6 +92,8 @@ class AnalysisContext:
     hold_s: float
     #: The raw run's stream whose ``num_events`` the stop document is checked against.
     stream_name: str
+    #: Fit each frame's film (a model that predicts it); False: the instrument's film.
+    fit_film: bool = True
     #: time.monotonic() when the document being handled reached the callback (for latency).
     arrival_s: float = 0.0
 
@@ -466,7 +468,11 @@ class RunAnalysis(DocumentRouter):
         try:
             instrument = None if self.plan is None else self.plan.instrument
             result = self.context.predictor.analyse(
-                frames, instrument=instrument, check_instrument=False, pooled=self.pooled
+                frames,
+                instrument=instrument,
+                check_instrument=False,
+                pooled=self.pooled,
+                fit_film=self.context.fit_film,
             )
             self._check_result(result, len(frames))
             rows.mean[readable] = result.values

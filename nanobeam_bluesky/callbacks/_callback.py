@@ -121,6 +121,8 @@ class NanobeamCallback(DocumentRouter):
             many seconds after its raw frame arrived: the model is not keeping pace.
         hold_s: the first rows of a run wait up to this long for enough frames (10) to pool the
             physics check over, so that they carry its verdict (POOLED_MISMATCH) too.
+        fit_film: with a model that predicts the film thickness, fit it per frame (False: the
+            instrument's film is known; see ``Predictor.predict``).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class NanobeamCallback(DocumentRouter):
         validate_pages: bool = False,
         lag_warning_s: float = 10.0,
         hold_s: float = 2.0,
+        fit_film: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -179,6 +182,7 @@ class NanobeamCallback(DocumentRouter):
             validate_pages=validate_pages,
             hold_s=hold_s,
             stream_name=stream_name,
+            fit_film=fit_film,
         )
         self._runs: dict[str, RunAnalysis] = {}
         # Each RunAnalysis fills its own frames (the frame key only, errors flagged per row).
