@@ -10,7 +10,7 @@ import numpy as np
 from .._schema import FLAG_DTYPE, NO_VALUE
 from ..errors import InputError
 from ..physics import Instrument
-from ..training.adapt import MIN_FRAMES, AdaptationResult, adapt_model
+from ..training.adapt import MIN_FRAMES, AdaptationResult, adapt_model, refuse_overwrite
 from ._sources import read_spread
 
 if TYPE_CHECKING:
@@ -49,8 +49,7 @@ def adapt_to_scan(
     """
     from ._sources import ScanSource
 
-    if Path(out).resolve() == Path(model_path).resolve():
-        raise InputError(f"adapt never overwrites its input model: choose another --out than {model_path}")
+    refuse_overwrite(model_path, out)  # before the scan is read
     base = (
         instrument or (frames.instrument if isinstance(frames, ScanSource) else None) or predictor.instrument
     )

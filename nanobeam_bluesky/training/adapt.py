@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..errors import InputError
 from ..inference import Predictor, inpaint
-from ..models import NanobeamMLP, TiltRegistration, build_model, load_model_file, save_model_file
+from ..models import ModelCard, NanobeamMLP, TiltRegistration, build_model, load_model_file, save_model_file
 from ..physics import Instrument
 from ..quality import PhysicsCheck
 from .data import Standardiser, masked_like_predict, noisy_counts, random_parameters, thickness_box
 from .recipes import Recipe
 from .trainer import RegisteredObjective, crlb_reference, crlb_thickness_reference
 
-__all__ = ["ADAPTABLE_FIELDS", "AdaptationResult", "adapt_model", "adaptation_refusal"]
+__all__ = ["ADAPTABLE_FIELDS", "AdaptationResult", "adapt_model", "adaptation_refusal", "refuse_overwrite"]
 
 #: Instrument fields a model may be adapted across: the optics and film, known to a few per cent.
 #: Energy, reflection, lattice, pixel size, ROI, binning and the parameter box change what the
@@ -94,10 +94,15 @@ def adaptation_refusal(model: Instrument, data: Instrument) -> str | None:
     return None
 
 
-def _networks(states: list[dict[str, torch.Tensor]], metadata: dict[str, Any]) -> tuple[list, list]:
-    """Trainable first-stage members and refiners from a model file's states."""
-    predictor = Predictor.from_states(states, metadata)  # validates the card
-    card = predictor.card
+def refuse_overwrite(model_path: str | Path, out: str | Path) -> None:
+    """InputError when ``out`` is the model being adapted: adapt never overwrites its input."""
+    if Path(out).resolve() == Path(model_path).resolve():
+        raise InputError(f"adapt never overwrites its input model: choose another --out than {model_path}")
+
+
+def _networks(states: list[dict[str, torch.Tensor]], card: ModelCard) -> tuple[list, list]:
+    """Trainable first-stage members and refiners from a model file's states (``card``: its
+    validated metadata)."""
     n_ref = card.refiner.n_members if card.refiner else 0
     coarse, fine = states[: len(states) - n_ref], states[len(states) - n_ref :]
 
@@ -159,8 +164,7 @@ def adapt_model(
     instrument at the model's prediction, before and after (the loss adaptation lowers).
     """
     model_path, out = Path(model_path), Path(out)
-    if out.resolve() == model_path.resolve():
-        raise InputError(f"adapt never overwrites its input model: choose another --out than {model_path}")
+    refuse_overwrite(model_path, out)
     states, metadata = load_model_file(model_path)
     predictor = Predictor.from_states(states, metadata)
     refusal = adaptation_refusal(predictor.instrument, instrument)
@@ -172,8 +176,8 @@ def adapt_model(
             f"{len(frames)} usable frames to adapt on; at least {MIN_FRAMES} are needed (scan more points)"
         )
     torch.manual_seed(seed)
-    members, refiners = _networks(states, metadata)
     card = predictor.card
+    members, refiners = _networks(states, card)
     physics = PhysicsCheck.for_instrument(instrument)
     n_out = len(card.outputs)
     centre = torch.tensor(card.output_centre, dtype=torch.float64)
