@@ -16,7 +16,7 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "quickstart: installing nanobeam_bluesky into .venv (torch pinned by constraints.txt)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,databroker]"
     echo "$want" > "$stamp"
 fi
 
