@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         instruments=args.instruments,
         catalog_uri=args.catalog_uri,
         files_catalog_uri=args.files_catalog_uri,
+        derived_catalog_uri=args.derived_catalog_uri,
         tables_uri=args.tables_uri,
         host=args.host,
         port=args.port,
@@ -219,9 +220,9 @@ def _add_serve(sub) -> None:
         "serve",
         help="start a Tiled server: writable run catalog, the library, a directory of scans",
         description="Start a Tiled server (loopback, API key) with a writable SQLite run catalog "
-        "at /runs for TiledWriter, the library at /library, a library simulated on demand at "
-        "/simulated and experimental scan files at /scans. The API key comes from --api-key, "
-        "$NANOBEAM_TILED_API_KEY, or DATA_DIR/api_key (made on first start).",
+        "at /runs for TiledWriter, the derived runs at /derived, the library at /library, a "
+        "library simulated on demand at /simulated and experimental scan files at /scans. The API "
+        "key comes from --api-key, $NANOBEAM_TILED_API_KEY, or DATA_DIR/api_key (made on first start).",
     )
     p.add_argument("--data-dir", default="nanobeam-tiled", help="catalog, arrays, tables, config")
     p.add_argument("--library", default=None, help="library file to serve at /library")
@@ -265,6 +266,11 @@ def _add_serve(sub) -> None:
         "--files-catalog-uri",
         default=None,
         help="database of the /files catalog (default next to the run catalog)",
+    )
+    p.add_argument(
+        "--derived-catalog-uri",
+        default=None,
+        help="database of the /derived catalog of derived runs (default next to the run catalog)",
     )
     p.add_argument(
         "--tables-uri",
@@ -345,13 +351,14 @@ def _predictor(model: str | None, device: str = "cpu"):
 def cmd_replay(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .tiled.catalog import open_catalog, tiled_writer
+    from .tiled.catalog import derived_catalog, open_catalog, tiled_writer
     from .tiled.replay import find_run, replay_run
 
     catalog = open_catalog(args.catalog, api_key=args.api_key)
     run = find_run(catalog, args.run)
     predictor = _predictor(args.model, args.device)
-    subscribers = [] if args.no_write else [tiled_writer(catalog, batch_size=args.page_size)]
+    derived = None if args.no_write else derived_catalog(catalog)
+    subscribers = [] if derived is None else [tiled_writer(derived, batch_size=args.page_size)]
     result = replay_run(
         run,
         predictor,
@@ -364,14 +371,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     data = result.data()
     flagged = int(np.count_nonzero(data["flag"])) if "flag" in data else 0
-    where = "not written (--no-write)" if args.no_write else "written to the catalog"
+    where = "not written (--no-write)" if derived is None else f"written to {derived.uri}"
     print(
         f"replayed raw run {result.raw_uid}: {result.rows} frames in {result.seconds:.1f} s "
         f"with model {predictor.model_id} (sha256 {predictor.sha256[:12]}), {flagged} flagged"
     )
     print(
         f"derived run {result.derived_uid} {where}; find it with "
-        f"runs.search(Key('parent_uid') == '{result.raw_uid}')"
+        f"derived.search(Key('parent_uid') == '{result.raw_uid}')"
     )
     stop = result.stop or {}
     if stop.get("exit_status") not in (None, "success"):
@@ -385,7 +392,8 @@ def _add_replay(sub) -> None:
         "replay",
         help="run a past raw run from Tiled through the model; store the derived run in Tiled",
         description="Read a raw run from Tiled (frames from its arrays), feed it through the "
-        "NanobeamCallback and write the derived strain/tilt run back, linked by parent_uid.",
+        "NanobeamCallback and write the derived strain/tilt run to the derived-run catalog "
+        "(/derived beside /runs on nanobeam serve), linked by parent_uid.",
     )
     p.add_argument(
         "catalog",
@@ -416,11 +424,21 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     predictor = _predictor(args.model, args.device)
     instrument = _instrument(args.instrument) if args.instrument else None
+    store = None
+    stored = ""
+    if args.tiled:
+        from .tiled.catalog import derived_catalog
+        from .tiled.spool import SpooledTiledWriter
+
+        derived = derived_catalog(args.tiled, api_key=args.api_key)
+        store = SpooledTiledWriter(derived, args.spool)
+        stored = f" and to Tiled {derived.uri} (spool {args.spool})"
 
     def ready() -> None:
         print(
             f"nanobeam listen: model {predictor.model_id} ({predictor.sha256[:12]}); raw documents from "
-            f"{args.from_address}, derived runs to {args.to_address} (prefix {args.out_prefix!r}); ready",
+            f"{args.from_address}, derived runs to {args.to_address} (prefix {args.out_prefix!r})"
+            f"{stored}; ready",
             flush=True,
         )
 
@@ -431,6 +449,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         in_prefix=args.in_prefix.encode(),
         out_prefix=args.out_prefix.encode(),
         maps_directory=args.maps,
+        subscribers=[store] if store is not None else [],
         on_ready=ready,
         image_key=args.image_key,
         stream_name=args.stream,
@@ -444,6 +463,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
         f"(mean latency {s.mean_latency_s * 1e3:.1f} ms)",
         flush=True,
     )
+    if store is not None and not store.close(timeout=60):
+        print(
+            f"nanobeam listen: Tiled has not taken every derived document yet; they are safe in "
+            f"{args.spool} and are written by the next listener on that spool",
+            flush=True,
+        )
     return 0
 
 
@@ -476,6 +501,22 @@ def _add_listen(sub) -> None:
     p.add_argument("--in-prefix", default="", help="only analyse documents with this 0MQ prefix")
     p.add_argument("--out-prefix", default="nanobeam", help="0MQ prefix of the derived documents")
     p.add_argument("--maps", default=None, metavar="DIR", help="also save live map PNGs here")
+    p.add_argument(
+        "--tiled",
+        default=None,
+        metavar="CATALOG",
+        help="also store the derived runs in Tiled: the run catalog's URI (http://HOST:8000, its "
+        "derived runs go to /derived beside /runs) or a tiled/databroker profile name",
+    )
+    p.add_argument(
+        "--api-key", default=None, help="Tiled API key (default $TILED_API_KEY or $NANOBEAM_TILED_API_KEY)"
+    )
+    p.add_argument(
+        "--spool",
+        default="nanobeam-listen-spool",
+        metavar="DIR",
+        help="local directory that holds derived documents until Tiled has them (with --tiled)",
+    )
     p.add_argument(
         "--allow-instrument-mismatch",
         action="store_true",

@@ -2,8 +2,8 @@
 
 1. Start an embedded Tiled server (SQLite catalog in ``<out>/tiled``, loopback, API key).
 2. Build the simulated nanoprobe over a Fig. 3-style phantom.
-3. Fly-scan it with the RunEngine, with the NanobeamNN callback, TiledWriter (raw and derived
-   runs), live maps and a progress bar subscribed.
+3. Fly-scan it with the RunEngine, with the NanobeamNN callback, TiledWriters (raw runs to
+   ``/runs``, derived runs to ``/derived``), live maps and a progress bar subscribed.
 4. Read the frames back from Tiled, fit them with the correlation fit (published and ours), and
    write one picture (truth, NN, fits) and a table of errors against the truth.
 
@@ -173,6 +173,7 @@ def run_demo(
     result = DemoResult(tiled_uri=config.runs_url, api_key=server.api_key, data_dir=config.data_dir)
     with server:
         runs = server.client("runs")
+        derived = server.client("derived")
         phantom = fig3_phantom(size, instrument=instrument)
         log(
             f"[2/4] simulated nanoprobe over a {size}x{size} Fig. 3 phantom "
@@ -188,14 +189,15 @@ def run_demo(
                 FrameSimulator(phantom, instrument, seed=seed), stage, directory=detector_dir, name=DETECTOR
             )
         period = exposure_s + dead_time_s
-        # Raw and derived runs go through a local spool: a Tiled outage never stalls the scan.
-        store = SpooledTiledWriter(
-            runs, out / "spool", batch_size=writer_batch_size(size, frame_rate_hz=1 / period)
-        )
+        # Raw and derived runs go through local spools: a Tiled outage never stalls the scan. One
+        # spool directory per catalog, so that a recovered spool file goes back where it belongs.
+        batch_size = writer_batch_size(size, frame_rate_hz=1 / period)
+        store = SpooledTiledWriter(runs, out / "spool" / "runs", batch_size=batch_size)
+        derived_store = SpooledTiledWriter(derived, out / "spool" / "derived", batch_size=batch_size)
         callback = NanobeamCallback(predictor)
         maps = LiveStrainMaps(out / "maps", redraw_period_s=2.0)
         rows: dict[str, list[np.ndarray]] = {}
-        for subscriber in (store, maps, _record_rows(rows)):
+        for subscriber in (derived_store, maps, _record_rows(rows)):
             callback.subscribe(subscriber)
         bar = _ScanProgress(size * size, callback, progress)
         raw_starts: list[str] = []
@@ -219,9 +221,8 @@ def run_demo(
             result,
             raw_starts,
             callback,
-            store,
+            (store, derived_store),
             bar,
-            out / "spool",
             log,
             phantom.description,
         )
@@ -233,7 +234,7 @@ def run_demo(
         result.flagged = {
             name: int(np.count_nonzero(flags & bit)) for name, bit in FLAG_BITS.items() if np.any(flags & bit)
         }
-        starts = list(runs.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
+        starts = list(derived.search(_parent_query(result.raw_uid)).keys()) if result.raw_uid else []
         result.derived_uid = starts[0] if starts else None
         if result.interrupted or not result.raw_uid:
             log(
@@ -264,9 +265,8 @@ def _run_scan(
     result: DemoResult,
     raw_starts: list[str],
     callback: Any,
-    store: Any,
+    stores: tuple[Any, ...],
     bar: _ScanProgress,
-    spool: Path,
     log: Any,
     phantom_description: str,
 ) -> None:
@@ -293,11 +293,12 @@ def _run_scan(
         result.raw_uid = raw_starts[0] if raw_starts else None
         callback.flush(timeout=120)
         callback.close()
-        if not store.close(timeout=120):
-            log(
-                f"Tiled has not taken every document yet; they are safe in {spool} and are "
-                "written by the next writer on that spool"
-            )
+        for store in stores:
+            if not store.close(timeout=120):
+                log(
+                    f"Tiled has not taken every document yet; they are safe in {store.spool_dir} and "
+                    "are written by the next writer on that spool"
+                )
         bar.close()
 
 
@@ -406,6 +407,7 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
 
     port = free_port()  # free now; the demo's own server is gone
     runs = f"http://127.0.0.1:{port}/api/v1/metadata/runs"
+    derived = f"http://127.0.0.1:{port}/api/v1/metadata/derived"
     maps_file = shlex.quote(str(Path(out_dir).resolve() / "maps.nc"))
     lines += [
         "Serve this catalog again, then query, replay and map it (the API key is in "
@@ -413,9 +415,9 @@ def report(result: DemoResult, out_dir: str | Path = "nanobeam-output") -> str:
         f"  {nanobeam} serve --data-dir {data_dir} --readable {detector_dir} --port {port} &",
         f"  export NANOBEAM_TILED_API_KEY=$(cat {data_dir}/api_key)",
         f'  {python} -c "from tiled.client import from_uri; from tiled.queries import Key; '
-        f"runs = from_uri('{runs}', "
+        f"derived = from_uri('{derived}', "
         "api_key=__import__('os').environ['NANOBEAM_TILED_API_KEY']); "
-        f"print(list(runs.search(Key('parent_uid') == '{result.raw_uid}')))\"",
+        f"print(list(derived.search(Key('parent_uid') == '{result.raw_uid}')))\"",
         f"  {nanobeam} replay {runs} {result.raw_uid}",
         f"  {nanobeam} predict {runs}/{result.raw_uid} --out {maps_file} --png",
     ]

@@ -34,8 +34,10 @@ def test_demo_stores_raw_and_derived_runs_in_tiled(demo):
     assert not result.interrupted
     assert result.frames == result.derived_rows == SIZE * SIZE
     with _serve_again(out) as server:  # the demo's catalog, served again after the demo ended
-        runs = server.client("runs")
-        raw, derived = runs[result.raw_uid], runs[result.derived_uid]
+        runs, derived_runs = server.client("runs"), server.client("derived")
+        raw, derived = runs[result.raw_uid], derived_runs[result.derived_uid]
+        # The derived run lives in its own catalog: the latest run in /runs is the scan.
+        assert runs[-1].metadata["start"]["uid"] == result.raw_uid and result.derived_uid not in runs
         assert raw.metadata["stop"]["exit_status"] == "success"
         assert raw.metadata["start"]["sample"].startswith("Fig. 3 phantom")
         assert derived.metadata["start"]["parent_uid"] == result.raw_uid
@@ -110,8 +112,9 @@ def test_ctrl_c_stops_the_demo_cleanly_with_partial_runs_readable(model, tmp_pat
         assert raw.metadata["stop"]["exit_status"] == "abort"
         recorded = raw.metadata["stop"]["num_events"].get("primary", 0)
         assert 0 < recorded < 40 * 40
-        (derived_uid,) = runs.search(_parent(raw_uid)).keys()
-        derived = runs[derived_uid]
+        derived_runs = server.client("derived")
+        (derived_uid,) = derived_runs.search(_parent(raw_uid)).keys()
+        derived = derived_runs[derived_uid]
         # No frame lost: the partial derived run has one row per recorded raw frame.
         assert derived.metadata["stop"]["num_events"]["primary"] == recorded
         assert len(derived["primary"]["strain"].read()) == recorded

@@ -1,4 +1,5 @@
-"""``nanobeam listen`` out of process, through a real bluesky-0MQ-proxy on loopback."""
+"""``nanobeam listen`` out of process, through a real bluesky-0MQ-proxy on loopback, storing the
+derived runs in a real Tiled server's /derived catalog (``--tiled``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ophyd_async.core import init_devices
 
 import nanobeam_bluesky
 from nanobeam_bluesky.devices import FrameSimulator, NanoprobeStage, NanoprobeStepDetector
+from nanobeam_bluesky.tiled.server import ServerConfig, TiledServer, free_port
 
 N = 8
 PIXEL_UM = 0.1
@@ -111,8 +113,16 @@ class DerivedSubscriber:
 
 
 @pytest.fixture
-def proxy_and_listener(model, workdir: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
-    """A bluesky-0MQ-proxy and a ``nanobeam listen`` attached to it (addresses: in, out)."""
+def tiled_server(workdir: Path) -> Iterator[TiledServer]:
+    with TiledServer(ServerConfig(data_dir=workdir / "tiled", port=free_port())) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy_and_listener(
+    model, workdir: Path, tiled_server: TiledServer
+) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """A bluesky-0MQ-proxy and a ``nanobeam listen --tiled`` attached to it (addresses: in, out)."""
     in_port, out_port = _free_ports(2)
     in_address, out_address = f"tcp://127.0.0.1:{in_port}", f"tcp://127.0.0.1:{out_port}"
     proxy_exe = (
@@ -141,6 +151,12 @@ def proxy_and_listener(model, workdir: Path) -> Iterator[tuple[str, str, subproc
         in_address,
         "--maps",
         str(workdir / "maps"),
+        "--tiled",
+        tiled_server.url,
+        "--api-key",
+        tiled_server.api_key,
+        "--spool",
+        str(workdir / "spool"),
     ]
     if model.path is not None:
         command += ["--model", str(model.path)]
@@ -154,7 +170,7 @@ def proxy_and_listener(model, workdir: Path) -> Iterator[tuple[str, str, subproc
 
 
 def test_listen_analyses_scans_through_the_0mq_proxy(
-    model, phantom, proxy_and_listener, workdir: Path
+    model, phantom, proxy_and_listener, tiled_server: TiledServer, workdir: Path
 ) -> None:
     in_address, out_address, listener = proxy_and_listener
     RE = RunEngine({})
@@ -203,5 +219,14 @@ def test_listen_analyses_scans_through_the_0mq_proxy(
 
     output = _stop(listener)
     assert "stopped after" in output, output
+    # --tiled: the derived run is stored in /derived (the listener wrote it before it exited).
+    from nanobeam_bluesky.tiled.catalog import derived_runs
+
+    runs = tiled_server.client("runs")
+    (stored_uid,) = derived_runs(runs, uid)
+    stored = tiled_server.client("derived")[stored_uid]
+    assert stored_uid == start["uid"] and stored.metadata["stop"]["exit_status"] == stop["exit_status"]
+    np.testing.assert_array_equal(stored["primary"]["strain"].read(), rows["strain"])
+    assert len(runs) == 0 and not list((workdir / "spool").glob("*.msgpack"))
     print(f"derived run back after {warmups} warm-up scan(s); listener said: {output.strip()}")
     assert list((workdir / "maps").glob("*-nanobeam-maps.png"))

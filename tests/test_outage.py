@@ -90,8 +90,12 @@ def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model,
 
     runs = server.client("runs")
     writer = SpooledTiledWriter(runs, tmp_path / "spool", probe_interval_s=0.2)
+    # The derived run goes the same way, to its own catalog through its own spool.
+    derived_writer = SpooledTiledWriter(
+        server.client("derived"), tmp_path / "spool-derived", probe_interval_s=0.2
+    )
     callback = NanobeamCallback(model.predictor)
-    callback.subscribe(writer)  # the derived run goes the same way
+    callback.subscribe(derived_writer)
     frames: list[np.ndarray] = []
     RE = RunEngine({})
     RE.subscribe(writer)
@@ -115,18 +119,21 @@ def test_step_scan_through_a_tiled_outage_loses_nothing(server, tmp_path, model,
     if not server.alive():
         server.start()
     assert writer.flush(timeout=120), writer.status()
+    assert derived_writer.flush(timeout=120), derived_writer.status()
     if outage != "short":  # a writer gave up during the outage: the spool wrote its run again
         assert any(s["rewrites"] >= 1 for s in writer.status().values()), writer.status()
-    assert writer.close()
+    assert writer.close() and derived_writer.close()
     runs = server.client("runs")
     stored = runs[uid]
     assert stored.metadata["stop"]["exit_status"] == "success"
     np.testing.assert_array_equal(stored["primary"]["image"].read(), np.stack(frames))  # once each
-    (derived,) = derived_runs(runs, uid)
-    rows = runs[derived]["primary"]["raw_seq_num"].read()
+    (derived,) = derived_runs(runs, uid)  # found in /derived, beside /runs
+    stored_derived = server.client("derived")[derived]
+    rows = stored_derived["primary"]["raw_seq_num"].read()
     np.testing.assert_array_equal(np.sort(rows), np.arange(1, 17))
-    assert runs[derived].metadata["stop"] is not None
-    assert not list((tmp_path / "spool").glob("*.msgpack"))  # spool files go once stored
+    assert stored_derived.metadata["stop"] is not None
+    for spool in ("spool", "spool-derived"):  # spool files go once stored
+        assert not list((tmp_path / spool).glob("*.msgpack"))
     callback.close()
 
 

@@ -8,7 +8,8 @@ tiled client.
 
 The catalogs are SQLite. With ``NANOBEAM_TEST_POSTGRES=user@host:port`` (and ``PGPASSWORD``) the
 same tests run on PostgreSQL, as docs/tiled.md deploys it: empty databases ``nanobeam_runs``,
-``nanobeam_files`` and ``nanobeam_tables`` owned by that user, and ``${PGPASSWORD}`` in the URIs.
+``nanobeam_derived``, ``nanobeam_files`` and ``nanobeam_tables`` owned by that user, and
+``${PGPASSWORD}`` in the URIs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nanobeam_bluesky.phantoms import fig3_phantom
 from nanobeam_bluesky.physics import Instrument, bin_roi, grid_axes, simulate, to_counts, write_library
 from nanobeam_bluesky.scanfile import ScanFileError, inspect_scan_file, simulate_scan_file
 from nanobeam_bluesky.tiled.catalog import (
+    derived_catalog,
     derived_runs,
     open_catalog,
     runs_analysed_by,
@@ -136,7 +138,12 @@ def _postgres_uris() -> dict[str, str]:
         return {}
     user, host = where.split("@")
     uri = f"postgresql://{user}:${{PGPASSWORD}}@{host}/nanobeam_"
-    return {"catalog_uri": uri + "runs", "files_catalog_uri": uri + "files", "tables_uri": uri + "tables"}
+    return {
+        "catalog_uri": uri + "runs",
+        "files_catalog_uri": uri + "files",
+        "derived_catalog_uri": uri + "derived",
+        "tables_uri": uri + "tables",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +156,15 @@ def runs(server):
     return open_catalog(server.url, api_key=server.api_key)
 
 
+@pytest.fixture(scope="module")
+def derived(server):
+    """The derived-run catalog, /derived beside /runs."""
+    return server.client("derived")
+
+
 # ---------------------------------------------------------------------------------- server
 def test_server_serves_declared_trees_on_loopback_with_api_key(server, root):
-    assert list(root) == ["runs", "files", "library", "simulated", "scans"]
+    assert list(root) == ["runs", "derived", "files", "library", "simulated", "scans"]
     assert server.config.host == "127.0.0.1"
     # Without the key nothing is readable.
     response = httpx.get(f"{server.url}/api/v1/metadata/library")
@@ -459,11 +472,12 @@ def test_queries_users_type(runs, raw_run):
     assert uid in runs.search(TimeRange(since="2020-01-01"))
 
 
-def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, raw_run):
+def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, derived, raw_run):
     from event_model import compose_run
 
     sha = "ab" * 32
-    writer = tiled_writer(runs, batch_size=10)
+    assert derived_catalog(runs).uri == derived.uri == derived_catalog(derived).uri
+    writer = tiled_writer(derived_catalog(runs), batch_size=10)
     bundle = compose_run(
         # The keys NanobeamCallback's derived runs carry.
         metadata={
@@ -496,6 +510,60 @@ def test_derived_runs_found_by_parent_uid_and_model_sha256(runs, raw_run):
     np.testing.assert_allclose(found[derived_uid]["primary"]["strain"].read(), [0.0, 0.1, 0.2])
 
 
+def _validated(documents):
+    """Check every (name, doc) against event-model's schemas; return them."""
+    from event_model import DocumentNames, schema_validators
+
+    for name, doc in documents:
+        schema_validators[DocumentNames[name]].validate(doc)
+    return documents
+
+
+def test_runs_minus_one_and_scan_id_mean_the_scan_and_the_analysis_is_in_derived(
+    runs, derived, ophyd_sim, model
+):
+    """A scan analysed live: /runs holds the scan (``runs[-1]``, ``runs[scan_id]``), /derived its
+    analysis, linked by parent_uid and parent_scan_id; ``analysis_stage`` picks either kind."""
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+    from tiled.queries import Key
+
+    from nanobeam_bluesky import mark_raw_runs
+    from nanobeam_bluesky.callbacks import ANALYSIS_STAGE, RAW_STAGE, NanobeamCallback
+
+    x, y = ophyd_sim.SynAxis(name="x"), ophyd_sim.SynAxis(name="y")
+    RE = RunEngine({})
+    mark_raw_runs(RE)
+    RE.md["scan_id"] = 40  # the RunEngine counts on from here
+    raw_docs: list = []
+    derived_docs: list = []
+    callback = NanobeamCallback(model.predictor)
+    callback.subscribe(tiled_writer(derived_catalog(runs), batch_size=12))
+    callback.subscribe(lambda name, doc: derived_docs.append((name, doc)))
+    RE.subscribe(tiled_writer(runs, batch_size=4))
+    RE.subscribe(lambda name, doc: raw_docs.append((name, doc)))
+    RE.subscribe(callback)
+    (uid,) = RE(bp.grid_scan([_frame_detector(ophyd_sim, x, y)], y, -1, 1, 3, x, -1, 1, 4), sample="SIO-B")
+    assert callback.flush(timeout=60)
+    callback.close()
+    _validated(raw_docs)
+    _validated(derived_docs)
+    scan_id = raw_docs[0][1]["scan_id"]
+    assert scan_id == 41
+    assert runs[-1].start["uid"] == uid and runs[scan_id].start["uid"] == uid
+    analysis = derived[-1].start
+    assert analysis["uid"] == derived_docs[0][1]["uid"]
+    assert analysis["parent_uid"] == uid and analysis["parent_scan_id"] == scan_id
+    assert analysis["analysis_stage"] == ANALYSIS_STAGE and analysis["uid"] not in runs
+    assert list(derived_runs(runs, uid)) == [analysis["uid"]]
+    # One key picks raw or derived runs, wherever they are kept.
+    stage = Key("start.analysis_stage")
+    assert uid in runs.search(stage == RAW_STAGE) and len(runs.search(stage == ANALYSIS_STAGE)) == 0
+    assert analysis["uid"] in derived.search(stage == ANALYSIS_STAGE)
+    assert len(derived.search(stage == RAW_STAGE)) == 0
+    assert len(derived[-1]["primary"]["strain"].read()) == 12
+
+
 def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypatch):
     import tiled.profiles
 
@@ -511,17 +579,19 @@ def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------- replay
-def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(server, runs, raw_run, model):
+def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(
+    server, runs, derived, raw_run, model
+):
     from nanobeam_bluesky.cli import main
     from nanobeam_bluesky.tiled.replay import find_run, replay_run
 
     uid, n = raw_run["uid"], raw_run["frames"].shape[0]
-    writer = tiled_writer(runs, batch_size=8)
+    writer = tiled_writer(derived, batch_size=8)
     first = replay_run(
         find_run(runs, uid[:8]), model.predictor, subscribers=[writer], page_size=5, source=server.url
     )
     assert first.rows == n and first.stop["exit_status"] == "success"
-    stored = runs[first.derived_uid]
+    stored = derived[first.derived_uid]
     start = stored.metadata["start"]
     assert start["parent_uid"] == uid and start["nanobeam_replay"]["source"] == server.url
     assert start["nanobeam"]["model_sha256"] == model.predictor.sha256
@@ -537,8 +607,9 @@ def test_replay_stores_a_derived_run_linked_to_its_parent_and_is_reproducible(se
     args = ["replay", server.url, str(raw_run["scan_id"]), "--api-key", server.api_key, "--page-size", "5"]
     assert main(args + (["--model", str(model.path)] if model.path else [])) == 0
     (second,) = set(derived_runs(runs, uid)) - before
+    assert second not in runs  # the command line writes to /derived too
     for key in ("strain", "omega", "chi", "strain_std", "omega_std", "chi_std", "fit_quality", "flag"):
-        np.testing.assert_array_equal(runs[second]["primary"][key].read(), rows[key])
+        np.testing.assert_array_equal(derived[second]["primary"][key].read(), rows[key])
     assert np.isfinite(rows["fit_quality"]).all()
 
 
@@ -595,7 +666,7 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
         np.testing.assert_allclose(rows[key], live_rows[key][order], rtol=1e-5, atol=1e-9)
 
 
-def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, ophyd_sim, model):
+def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, derived, ophyd_sim, model):
     """The film seen at 10.8 keV (the model's instrument says 11.3): each frame alone is explained
     almost as well by other parameters, but the run's pooled thickness test is not, and every
     stored row says so, as does the stop document."""
@@ -621,15 +692,15 @@ def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, ophyd_sim, mo
 
     detector = FrameSignal(func=frame, name="nanobeam_image", labels={"detectors"})
     callback = NanobeamCallback(model.predictor)
-    callback.subscribe(tiled_writer(runs, batch_size=10))
+    callback.subscribe(tiled_writer(derived, batch_size=10))
     RE = RunEngine({})
     RE.subscribe(tiled_writer(runs, batch_size=10))
     RE.subscribe(callback)
     (uid,) = RE(bp.grid_scan([detector], y, -1, 1, 4, x, -1, 1, 6), sample="another film")
     assert callback.flush(timeout=60)
     callback.close()
-    (derived,) = derived_runs(runs, uid)
-    stored = runs[derived]
+    (derived_uid,) = derived_runs(runs, uid)
+    stored = derived[derived_uid]
     flags = stored["primary"]["flag"].read()
     assert len(flags) == 24
     assert np.all(flags & Flag.POOLED_MISMATCH), flags
@@ -643,7 +714,7 @@ def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, ophyd_sim, mo
 
 @pytest.mark.parametrize("damage", ["shortened", "deleted"])
 def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(
-    runs, model, workspace, phantom, damage, monkeypatch
+    runs, derived, model, workspace, phantom, damage, monkeypatch
 ):
     import tiled.client.utils
     from bluesky import RunEngine
@@ -683,7 +754,7 @@ def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(
             )
     else:
         h5_path.unlink()
-    writer = tiled_writer(runs, batch_size=8)
+    writer = tiled_writer(derived, batch_size=8)
     # A missing file is a server error that tiled's client retries for 45 s by default.
     monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 2)
     monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
@@ -699,16 +770,16 @@ def test_replay_accounts_for_every_frame_when_the_detector_file_is_damaged(
     assert stop["exit_status"] == "fail" and stop["num_events"]["primary"] == n * n
     assert "replay could not read frames" in stop["reason"], stop["reason"]
     assert ("rows 6..9" in stop["reason"]) if damage == "shortened" else ("rows 1..9" in stop["reason"])
-    stored = runs[result.derived_uid]  # no orphan: the stored derived run has its stop
+    stored = derived[result.derived_uid]  # no orphan: the stored derived run has its stop
     assert stored.metadata["stop"]["exit_status"] == "fail"
 
 
-def test_replay_refuses_a_derived_run(runs, raw_run, model):
+def test_replay_refuses_a_derived_run(runs, derived, raw_run, model):
     from nanobeam_bluesky.tiled.replay import RunNotFoundError, find_run, replay_run
 
     derived_uid = next(iter(derived_runs(runs, raw_run["uid"])))
     with pytest.raises(ValueError, match="derived run"):
-        replay_run(runs[derived_uid], model.predictor)
+        replay_run(derived[derived_uid], model.predictor)
     with pytest.raises(RunNotFoundError):
         find_run(runs, 999)
 

@@ -3,7 +3,8 @@
 This is how a beamline runs the model on an analysis node (e.g. with a GPU): the RunEngine
 publishes to a ``bluesky-0MQ-proxy``; :func:`listen` subscribes to the proxy and publishes the
 derived documents back to it under their own prefix, where any consumer (plots, TiledWriter) can
-subscribe with ``RemoteDispatcher(..., prefix=b"nanobeam")``.
+subscribe with ``RemoteDispatcher(..., prefix=b"nanobeam")``. ``nanobeam listen --tiled`` also stores
+them in the derived-run catalog (through a local spool: an outage of Tiled never holds the analysis).
 
 Slow joiners: 0MQ drops what is published before a subscriber connects. Runs whose start
 document the listener missed are skipped with a warning, never half-analysed, and runs derived by
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def listen(
     in_prefix: bytes = b"",
     out_prefix: bytes = DERIVED_PREFIX,
     maps_directory: str | Path | None = None,
+    subscribers: Sequence[Callable[[str, dict[str, Any]], Any]] = (),
     on_ready: Callable[[], Any] | None = None,
     **callback_kwargs: Any,
 ) -> NanobeamCallback:
@@ -74,6 +76,8 @@ def listen(
         in_prefix: only analyse documents published with this 0MQ prefix (b"": all).
         out_prefix: the prefix of the derived documents.
         maps_directory: also draw live maps and save PNGs there.
+        subscribers: more callables ``fn(name, doc)`` for the derived documents, e.g. a
+            :class:`~nanobeam_bluesky.tiled.SpooledTiledWriter` on the derived-run catalog.
         on_ready: called once the dispatcher's loop runs (subscriptions made).
         callback_kwargs: passed to :class:`NanobeamCallback` (image_key, stream_name, ...).
 
@@ -86,6 +90,8 @@ def listen(
     callback.subscribe(publisher)
     if maps_directory is not None:
         callback.subscribe(LiveStrainMaps(maps_directory))
+    for subscriber in subscribers:
+        callback.subscribe(subscriber)
     dispatcher = RemoteDispatcher(from_address, prefix=in_prefix)
     dispatcher.subscribe(GuardedCallback(callback))
 

@@ -41,10 +41,13 @@ if TYPE_CHECKING:
         named_instrument,
     )
     from .catalog import (
+        ANALYSIS_STAGE_KEY,
+        DERIVED_CATALOG,
         MODEL_SHA256_KEY,
         PARENT_UID_KEY,
         SAMPLE_KEY,
         SCAN_TYPE_KEY,
+        derived_catalog,
         derived_runs,
         open_catalog,
         runs_analysed_by,
@@ -91,10 +94,13 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "named_instrument",
     ),
     ".catalog": (
+        "ANALYSIS_STAGE_KEY",
+        "DERIVED_CATALOG",
         "MODEL_SHA256_KEY",
         "PARENT_UID_KEY",
         "SAMPLE_KEY",
         "SCAN_TYPE_KEY",
+        "derived_catalog",
         "derived_runs",
         "open_catalog",
         "runs_analysed_by",
@@ -124,7 +130,9 @@ _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [
     "ADAPTERS_BY_MIMETYPE",
+    "ANALYSIS_STAGE_KEY",
     "API_KEY_ENV",
+    "DERIVED_CATALOG",
     "INSTRUMENT_MIMETYPE",
     "LIBRARY_MIMETYPE",
     "LIBRARY_SPEC",
@@ -151,6 +159,7 @@ __all__ = [
     "TiledServer",
     "check_api_key",
     "contained_catalog",
+    "derived_catalog",
     "derived_runs",
     "detect_mimetype",
     "ensure_catalog",

@@ -1,8 +1,11 @@
 """The run catalog from the user's side: open it, write runs into it, and the queries people type.
 
 Raw and derived runs are written by bluesky-tiled-plugins' own ``TiledWriter``; this module only
-chooses its batching. The metadata keys the queries use are the contract with the live callback
-(derived runs) and with the beamline's ``RE.md`` (raw runs):
+chooses its batching. ``nanobeam serve`` keeps the derived runs in their own catalog, ``/derived``,
+beside ``/runs``, so that ``runs[-1]`` and ``runs[scan_id]`` keep meaning the scan;
+:func:`derived_catalog` finds it (or, on a server with one catalog, uses that one). The metadata
+keys the queries use are the contract with the live callback (derived runs) and with the
+beamline's ``RE.md`` (raw runs):
 
 =================  =============================  ==============================================
 query              start-document key             example
@@ -10,6 +13,7 @@ query              start-document key             example
 sample name        ``sample``                     ``RE.md["sample"] = "SrIrO3/LSAT #3"``
 scan type          ``plan_name``                  ``"grid_scan"``, ``"fly_scan"`` (set by plans)
 date               ``time``                       ``TimeRange(since="2025-03-01")``
+raw or derived     ``analysis_stage``             ``"raw"`` (``mark_raw_runs(RE)``), ``"nanobeam_nn"``
 derived runs       ``parent_uid``                 uid of the raw run a derived run analyses
 analysing model    ``nanobeam.model_sha256``      sha256 of the model file (weights and metadata)
 =================  =============================  ==============================================
@@ -17,6 +21,7 @@ analysing model    ``nanobeam.model_sha256``      sha256 of the model file (weig
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import InputError
@@ -25,13 +30,16 @@ from ..errors import InputError
 API_KEY_ENV = "NANOBEAM_TILED_API_KEY"
 
 __all__ = [
+    "ANALYSIS_STAGE_KEY",
     "API_KEY_ENV",
+    "DERIVED_CATALOG",
     "MODEL_SHA256_KEY",
     "PARENT_UID_KEY",
     "SAMPLE_KEY",
     "SCAN_TYPE_KEY",
     "api_key_or_environment",
     "connect",
+    "derived_catalog",
     "derived_runs",
     "open_catalog",
     "runs_analysed_by",
@@ -42,7 +50,12 @@ __all__ = [
     "writer_batch_size",
 ]
 
+logger = logging.getLogger(__name__)
+
 SAMPLE_KEY = "sample"
+ANALYSIS_STAGE_KEY = "analysis_stage"
+#: The name of the derived-run catalog beside the run catalog (``nanobeam serve``'s /derived).
+DERIVED_CATALOG = "derived"
 SCAN_TYPE_KEY = "plan_name"
 PARENT_UID_KEY = "parent_uid"
 MODEL_SHA256_KEY = "nanobeam.model_sha256"
@@ -164,15 +177,55 @@ def runs_between(catalog: Any, since: Any = None, until: Any = None, *, timezone
     return result
 
 
+#: Catalogs already warned about having no derived catalog beside them (their URIs).
+_WARNED_SINGLE: set[str] = set()
+
+
+def derived_catalog(catalog: Any, *, api_key: str | None = None) -> Any:
+    """The catalog that holds the derived runs of the run catalog ``catalog``.
+
+    ``catalog`` is what :func:`open_catalog` takes (a URI, a profile name, a client). On
+    ``nanobeam serve`` this is the ``/derived`` catalog beside ``/runs``; given the derived
+    catalog itself, that. A server without one (a beamline's own Tiled with a single catalog)
+    keeps derived runs with the raw ones: the catalog itself is returned, with a warning logged
+    once, and ``Key("start.analysis_stage") == "raw"`` picks the raw runs there.
+    """
+    runs = open_catalog(catalog, api_key=api_key)
+    path = list(getattr(runs, "path_parts", []) or [])
+    if path[-1:] == [DERIVED_CATALOG]:
+        return runs
+    parent = None
+    if path:  # the root of a server is no run catalog with siblings
+        try:
+            parent = runs.parent
+            sibling = parent[DERIVED_CATALOG] if DERIVED_CATALOG in parent else None
+        except Exception:  # no permission to list the parent, an old server: one catalog
+            sibling = None
+        if sibling is not None:
+            return sibling
+    uri = str(getattr(runs, "uri", catalog))
+    if uri not in _WARNED_SINGLE:
+        _WARNED_SINGLE.add(uri)
+        logger.warning(
+            "%s has no %r catalog beside it: derived runs are kept with the raw runs there "
+            "(runs[-1] may then be an analysis; pick raw runs with Key('start.%s') == 'raw')",
+            uri,
+            DERIVED_CATALOG,
+            ANALYSIS_STAGE_KEY,
+        )
+    return runs
+
+
 def derived_runs(catalog: Any, parent_uid: str) -> Any:
-    """Derived (ε, ω, χ) runs that analyse the raw run ``parent_uid``."""
-    return _search_eq(catalog, PARENT_UID_KEY, parent_uid)
+    """Derived (ε, ω, χ) runs that analyse the raw run ``parent_uid``; ``catalog`` is the run
+    catalog or the derived one (see :func:`derived_catalog`)."""
+    return _search_eq(derived_catalog(catalog), PARENT_UID_KEY, parent_uid)
 
 
 def runs_analysed_by(catalog: Any, sha256: str) -> Any:
     """Derived runs made by the model file with this sha256 (weights and metadata since model
-    format 4; weights only before)."""
-    return _search_eq(catalog, MODEL_SHA256_KEY, sha256)
+    format 4; weights only before); ``catalog`` as for :func:`derived_runs`."""
+    return _search_eq(derived_catalog(catalog), MODEL_SHA256_KEY, sha256)
 
 
 def writer_batch_size(

@@ -61,7 +61,9 @@ class ReplayResult:
 def find_run(catalog: Any, run: str | int) -> Any:
     """A raw run by uid, partial uid (>= 5 characters) or scan_id (an int, or digits).
 
-    Derived runs copy their parent's scan_id, so a scan_id names the latest *raw* run with it.
+    A scan_id names the latest raw run with it. Derived runs have scan_id 0 (and live in their
+    own catalog on ``nanobeam serve``); those written by earlier versions copied their parent's
+    scan_id and are passed over.
     """
     from tiled.queries import Key
 

@@ -4,9 +4,11 @@ The server is plain ``tiled serve config`` with a config this module writes (it 
 data directory, so the same server can be started with tiled's own command). Its tree::
 
     /runs        writable catalog (SQLite by default; PostgreSQL for a facility) that TiledWriter
-                 writes raw and derived Bluesky runs to; event tables in SQLite/DuckDB/PostgreSQL,
+                 writes the raw Bluesky runs to; event tables in SQLite/DuckDB/PostgreSQL,
                  arrays as Zarr in the data directory; detector files (StreamResource) are read
                  from the declared readable directories
+    /derived     writable catalog of the derived (ε, ω, χ) runs, its own database: ``runs[-1]``
+                 and ``runs[scan_id]`` keep meaning the scan, as every Bluesky tool expects
     /files       a catalog for ``tiled register``: experimental files indexed by MIME type
     /library     the simulated library file, if given
     /simulated   a library simulated on demand from an instrument config
@@ -46,7 +48,9 @@ from .catalog import API_KEY_ENV
 
 __all__ = [
     "API_KEY_ENV",
+    "DERIVED_PATH",
     "MIN_API_KEY_LENGTH",
+    "RUNS_PATH",
     "ServerConfig",
     "TiledServer",
     "check_api_key",
@@ -62,6 +66,7 @@ __all__ = [
 MIN_API_KEY_LENGTH = 16
 _LOOPBACK_NAMES = {"localhost"}
 RUNS_PATH = "runs"
+DERIVED_PATH = "derived"
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class ServerConfig:
             from the environment when the server starts, so no password lands in the config.
         files_catalog_uri: database of the /files catalog; default ``files.db`` next to the
             run catalog (for PostgreSQL: database ``nanobeam_files`` on the same server).
+        derived_catalog_uri: database of the /derived catalog (derived runs); default
+            ``derived.db`` next to the run catalog (PostgreSQL: database ``nanobeam_derived``).
         tables_uri: event-table storage; default SQLite in the data directory. Also
             ``duckdb:///...`` or ``postgresql://...``.
         host, port: where to listen; loopback by default.
@@ -107,6 +114,7 @@ class ServerConfig:
     instruments: Path | None = None
     catalog_uri: str | None = None
     files_catalog_uri: str | None = None
+    derived_catalog_uri: str | None = None
     tables_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -144,6 +152,11 @@ class ServerConfig:
         return f"{self.url}/api/v1/metadata/{RUNS_PATH}"
 
     @property
+    def derived_url(self) -> str:
+        """The URI of the derived-run catalog (``nanobeam replay`` and the live callback write there)."""
+        return f"{self.url}/api/v1/metadata/{DERIVED_PATH}"
+
+    @property
     def config_path(self) -> Path:
         return self.data_dir / "config.yml"
 
@@ -153,11 +166,18 @@ class ServerConfig:
 
     def files_database(self) -> str:
         """The database of the /files catalog (next to the run catalog)."""
-        if self.files_catalog_uri:
-            return self.files_catalog_uri
+        return self._sibling_database(self.files_catalog_uri, "files")
+
+    def derived_database(self) -> str:
+        """The database of the /derived catalog (next to the run catalog)."""
+        return self._sibling_database(self.derived_catalog_uri, "derived")
+
+    def _sibling_database(self, given: str | None, name: str) -> str:
+        if given:
+            return given
         if self.catalog_uri and not self.catalog_uri.startswith("sqlite"):
-            return self.catalog_uri.rsplit("/", 1)[0] + "/nanobeam_files"
-        return f"sqlite:///{self.data_dir / 'files.db'}"
+            return self.catalog_uri.rsplit("/", 1)[0] + f"/nanobeam_{name}"
+        return f"sqlite:///{self.data_dir / f'{name}.db'}"
 
     def readable_directories(self) -> list[str]:
         return [str(p) for p in ((self.scans,) if self.scans else ()) + self.readable]
@@ -191,6 +211,8 @@ class ServerConfig:
             args += ["--catalog-uri", self.catalog_uri]
         if self.files_catalog_uri:
             args += ["--files-catalog-uri", self.files_catalog_uri]
+        if self.derived_catalog_uri:
+            args += ["--derived-catalog-uri", self.derived_catalog_uri]
         if self.tables_uri:
             args += ["--tables-uri", self.tables_uri]
         return args
@@ -219,6 +241,20 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
                 "writable_storage": [storage.as_uri(), tables],
                 "readable_storage": readable,
                 # `tiled catalog init` runs once (ensure_catalog); checking on every start costs ~10 s.
+                "init_if_not_exists": False,
+                "specs": [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
+                "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
+                "instrument_dir": instrument_dir,
+            },
+        },
+        {
+            # Derived runs: the same storage (their arrays are small), their own database.
+            "path": f"/{DERIVED_PATH}",
+            "tree": catalog,
+            "args": {
+                "uri": config.derived_database(),
+                "writable_storage": [storage.as_uri(), tables],
+                "readable_storage": readable,
                 "init_if_not_exists": False,
                 "specs": [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
                 "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
@@ -390,6 +426,7 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
     _log_refusals()
     write_server_config(config)
     ensure_catalog(os.path.expandvars(config.catalog_database()))
+    ensure_catalog(os.path.expandvars(config.derived_database()))
     ensure_catalog(os.path.expandvars(config.files_database()))
     os.environ[API_KEY_ENV] = key
     parsed = parse_configs(config.config_path)
@@ -413,7 +450,11 @@ def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: s
 
 def _banner(config: ServerConfig) -> str:
     """What ``nanobeam serve`` prints once it answers: where, what, and where the key is."""
-    served = ["/runs (writable run catalog)", "/files (catalog for `tiled register`)"]
+    served = [
+        "/runs (writable run catalog)",
+        "/derived (derived runs)",
+        "/files (catalog for `tiled register`)",
+    ]
     served += ["/library"] if config.library else []
     served += ["/simulated (library simulated on demand)"] if config.lazy_library else []
     served += [f"/scans ({config.scans})"] if config.scans else []
@@ -421,6 +462,7 @@ def _banner(config: ServerConfig) -> str:
         f"nanobeam Tiled server at {config.url}\n"
         f"  serving: {', '.join(served)}\n"
         f"  runs catalog: {config.runs_url}\n"
+        f"  derived runs: {config.derived_url}\n"
         f"  API key: in {config.data_dir / 'api_key'} or ${API_KEY_ENV} "
         f"(from tiled.client import from_uri; from_uri(URL, api_key=KEY))\n"
         f"  config: {config.config_path}"
