@@ -17,6 +17,7 @@ from ._version import __version__
 from .errors import InputError, NanobeamError
 
 if TYPE_CHECKING:
+    from .callbacks import mark_raw_runs
     from .inference import InstrumentMismatchError, Predictor, load_pretrained
     from .physics import Instrument
     from .quality import Flag
@@ -30,6 +31,7 @@ __all__ = [
     "Predictor",
     "__version__",
     "load_pretrained",
+    "mark_raw_runs",
 ]
 
 _LAZY = {
@@ -38,6 +40,7 @@ _LAZY = {
     "InstrumentMismatchError": ".inference",
     "Predictor": ".inference",
     "load_pretrained": ".inference",
+    "mark_raw_runs": ".callbacks",
 }
 
 

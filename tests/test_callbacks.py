@@ -25,13 +25,16 @@ from event_model import DocumentNames, compose_run, schema_validators
 from ophyd_async.core import init_devices
 
 from nanobeam_bluesky.callbacks import (
+    DeliverDuringScan,
     FrameLayout,
     ImageKeyError,
     LiveStrainMaps,
     NanobeamCallback,
     Storage,
     find_frame_layout,
+    mark_raw_runs,
 )
+from nanobeam_bluesky.callbacks._readers import path_from_uri
 from nanobeam_bluesky.devices import (
     FrameSimulator,
     NanoprobeFlyDetector,
@@ -72,6 +75,9 @@ class Recorder:
     def rows(self) -> dict[str, np.ndarray]:
         pages = self.of("event_page")
         return {k: np.concatenate([p["data"][k] for p in pages]) for k in pages[0]["data"]}
+
+    def event_times(self) -> np.ndarray:
+        return np.concatenate([p["time"] for p in self.of("event_page")])
 
 
 @dataclass
@@ -137,6 +143,11 @@ def check_derived_run(model: ModelUnderTest, raw: Recorder, derived: Recorder, n
     (raw_start,), (start,) = raw.of("start"), derived.of("start")
     assert start["parent_uid"] == raw_start["uid"]
     assert start["analysis_stage"] == "nanobeam_nn"
+    # Bluesky conventions: the scan keeps its scan_id; the analysis names it as its parent.
+    assert start["scan_id"] == 0 and start["parent_scan_id"] == raw_start["scan_id"] >= 1
+    assert start["plan_type"] == "analysis" and start["detectors"] == ["nanobeam"]
+    assert start["plan_name"] == "nanobeam_live_analysis"
+    assert start["parent_plan_name"] == raw_start["plan_name"]
     assert start["nanobeam"]["model_id"] == model.predictor.model_id
     assert start["nanobeam"]["model_sha256"] == model.predictor.sha256
     assert Instrument.from_dict(start["nanobeam"]["instrument"]) == model.predictor.instrument
@@ -145,6 +156,15 @@ def check_derived_run(model: ModelUnderTest, raw: Recorder, derived: Recorder, n
     assert keys["strain"]["units"] == "1" and keys["omega"]["units"] == keys["chi"]["units"] == "deg"
     assert keys["omega_err"]["units"] == "deg" and "expected error" in keys["omega_err"]["description"]
     assert all("dtype_numpy" in k for k in keys.values())
+    # Every value is sent in its declared dtype (TiledWriter stores what it is given).
+    for page in derived.of("event_page"):
+        for key, values in page["data"].items():
+            assert np.asarray(values).dtype == np.dtype(keys[key]["dtype_numpy"]), key
+    # The positions are the dimensions the start hints, not data columns.
+    hinted = descriptor["hints"]
+    assert hinted["nanobeam"]["fields"] == ["strain", "omega", "chi"]
+    dims = [f for fields, stream in start["hints"]["dimensions"] for f in fields]
+    assert all(hinted[k]["fields"] == [] for k in dims)
     rows = derived.rows()
     predicted = (rows["flag"] & (Flag.INVALID | Flag.LOW_COUNTS | Flag.MODEL_ERROR)) == 0
     assert predicted.any() and np.all(np.asarray(rows["chi_err"])[predicted] > 0)
@@ -199,10 +219,18 @@ def test_fly_scan_maps_the_phantom(model: ModelUnderTest, beamline: Beamline) ->
 
     names = bl.raw.names()
     assert names["event"] == names["event_page"] == 0
-    assert names["stream_resource"] == 3 and names["stream_datum"] >= 3
+    # Frames, x, y and the frames' times, each announced by its StreamResource.
+    assert names["stream_resource"] == 4 and names["stream_datum"] >= 4
     check_derived_run(model, bl.raw, derived, N * N)
     rows = derived.rows()
     order = np.argsort(rows["raw_seq_num"])
+    # Each derived row carries its frame's own time (written by the detector beside the frame),
+    # not when the analysis got it: the same live and in a replay.
+    (resource,) = [r for r in bl.raw.of("stream_resource") if r["data_key"] == "flydet-time"]
+    with h5py.File(path_from_uri(resource["uri"]), "r") as f:
+        frame_times = f[resource["parameters"]["dataset"]][()]
+    assert np.array_equal(derived.event_times()[order], frame_times)
+    assert np.all(np.diff(frame_times) > 0)
     # Every frame carries the encoder positions of the raster point it was triggered at.
     assert np.allclose(rows["flydet-x"][order], path.x_um)
     assert np.allclose(rows["flydet-y"][order], path.y_um)
@@ -485,17 +513,146 @@ def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(
     assert ((flags[:3] & Flag.MODEL_ERROR) != 0).all() and (flags[3:] == 0).all()
 
 
-def test_the_lag_warning_names_a_slow_subscriber_not_the_model(model: ModelUnderTest, caplog) -> None:
+def _four_frames(seed: int = 5) -> np.ndarray:
     from nanobeam_bluesky.physics import simulate, to_counts
 
+    return to_counts(simulate([0.0] * 4, [0.01] * 4, [0.0] * 4), 7.0, scale=1.0, rng=seed).astype(np.uint16)
+
+
+def test_a_stuck_subscriber_never_holds_up_the_analysis(model: ModelUnderTest, caplog) -> None:
     callback = NanobeamCallback(model.predictor, lag_warning_s=0.0)
-    callback.subscribe(lambda name, doc: time.sleep(0.5) if name == "event_page" else None)
-    frames = to_counts(simulate([0.0] * 4, [0.01] * 4, [0.0] * 4), 7.0, scale=1.0, rng=5).astype(np.uint16)
-    _raw_run(callback, frames, [0.0, 0.1, 0.2, 0.3])
+    release = threading.Event()
+    stuck = Recorder()
+
+    def stuck_plot(name: str, doc: dict[str, Any]) -> None:
+        if name == "event_page":
+            assert release.wait(60), "test never released the subscriber"
+        stuck(name, doc)
+
+    callback.subscribe(stuck_plot)
+    _raw_run(callback, _four_frames(), [0.0, 0.1, 0.2, 0.3])
+    # The analysis emits every row while the subscriber is stuck on the first page.
+    deadline = time.monotonic() + 60
+    while callback.stats.rows_emitted < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert callback.stats.rows_emitted == 4 and stuck.names()["event_page"] == 0
+    release.set()
     assert callback.flush(timeout=60)
+    assert stuck.names() == {"start": 1, "descriptor": 1, "event_page": 1, "stop": 1}
+    stuck.validate()
     callback.close()
-    (warning,) = [r.getMessage() for r in caplog.records if "behind the scan" in r.getMessage()]
-    assert "subscribers took" in warning and "SpooledTiledWriter" in warning, warning
+    # The subscribers' wait is reported as theirs; the model's lag warning never names them.
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("subscribers are" in m and "not slowed" in m for m in messages), messages
+    assert not any("behind the scan" in m and "subscriber" in m for m in messages), messages
+
+
+def test_main_thread_subscribers_and_emit_get_every_document(model: ModelUnderTest) -> None:
+    main, worker, emitted = Recorder(), Recorder(), Recorder()
+    threads: dict[str, set[str]] = {"main": set(), "worker": set()}
+
+    def on_main(name: str, doc: dict[str, Any]) -> None:
+        threads["main"].add(threading.current_thread().name)
+        main(name, doc)
+
+    def on_worker(name: str, doc: dict[str, Any]) -> None:
+        threads["worker"].add(threading.current_thread().name)
+        worker(name, doc)
+
+    # event-model's DocumentRouter(emit=...) hook (held weakly, so `emitted` stays referenced).
+    callback = NanobeamCallback(model.predictor, emit=emitted)
+    callback.subscribe(on_main, main_thread=True)
+    callback.subscribe(on_worker)
+    _raw_run(callback, _four_frames(), [0.0, 0.1, 0.2, 0.3])
+    # The main thread waits in bluesky's during_task while another thread flushes (as during
+    # RE(plan)); DeliverDuringScan hands the documents over meanwhile.
+    done = threading.Event()
+    flusher = threading.Thread(target=lambda: (callback.flush(timeout=60), done.set()))
+    flusher.start()
+    DeliverDuringScan(callback, period_s=0.01).block(done)
+    flusher.join()
+    expected = {"start": 1, "descriptor": 1, "event_page": 1, "stop": 1}
+    for recorder in (main, worker, emitted):
+        assert recorder.names() == expected
+        recorder.validate()
+    assert [doc["uid"] for _, doc in main.docs if "uid" in doc] == [
+        doc["uid"] for _, doc in worker.docs if "uid" in doc
+    ]
+    assert threads == {"main": {threading.main_thread().name}, "worker": {"nanobeam-subscribers"}}
+    with pytest.raises(RuntimeError, match="main thread"):
+        worker_error: list[BaseException] = []
+        t = threading.Thread(target=lambda: _capture(worker_error, callback.deliver))
+        t.start()
+        t.join()
+        raise worker_error[0]
+    callback.close()
+
+
+def _capture(errors: list[BaseException], func: Any) -> None:
+    try:
+        func()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_standard_callbacks_read_the_derived_run(
+    model: ModelUnderTest, beamline: Beamline, caplog, capsys
+) -> None:
+    """LiveTable, BestEffortCallback with its plots, and LiveGrid, on the derived run of a grid
+    scan, as a beamline would subscribe them (matplotlib on the main thread)."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bluesky.callbacks import LiveGrid, LiveTable
+    from bluesky.callbacks.best_effort import BestEffortCallback
+
+    bl = beamline
+    mark_raw_runs(bl.RE)
+    callback, derived = analyse(model, bl.RE)
+    lines: list[str] = []
+    table = LiveTable(["strain", "omega", "chi"], out=lines.append)
+    figures: list[Any] = []
+
+    def figure(name: str) -> Any:
+        import matplotlib.pyplot as plt
+
+        figures.append(plt.figure(name, layout="constrained"))
+        return figures[-1]
+
+    bec = BestEffortCallback(fig_factory=figure)
+    M = 4  # 16 points: BEC redraws three grids per row (~0.7 s per row here)
+    grid = LiveGrid((M, M), "strain")
+    for consumer in (table, bec, grid):
+        callback.subscribe(consumer, main_thread=True)
+    last = (N - 1) * PIXEL_UM
+    bl.RE(bp.grid_scan([bl.step_detector], bl.stage.y, 0, last, M, bl.stage.x, 0, last, M))
+    assert callback.flush(timeout=60)  # from the main thread: delivers to them too
+    callback.close()
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    (raw_start,), (start,) = bl.raw.of("start"), derived.of("start")
+    assert raw_start["analysis_stage"] == "raw" and start["analysis_stage"] == "nanobeam_nn"
+    # LiveTable: one line per derived row and its closing water mark, naming the scan.
+    rows = [line for line in lines if line.startswith("|") and "strain" not in line and "seq_num" not in line]
+    assert len(rows) == M * M
+    (mark,) = [line for line in lines if "nanobeam_live_analysis" in line]
+    assert mark.startswith("analysis nanobeam_live_analysis") and "(scan num: 0)" in mark
+    # BestEffortCallback: its table on stdout and a 2-D grid plot of each hinted result.
+    printed = capsys.readouterr().out
+    assert "strain" in printed and "omega" in printed
+    (fig,) = figures
+    assert fig.get_label() == "chi omega strain vs stage-x stage-y"  # hinted fields vs dimensions
+    grids = [ax for ax in fig.axes if ax.images]
+    assert len(grids) == 3
+    for ax in grids:
+        assert np.isfinite(np.ma.filled(ax.images[0].get_array(), np.nan)).sum() == M * M
+    # LiveGrid: every raster cell holds the derived strain.
+    image = np.ma.filled(grid.im.get_array(), np.nan)
+    strain = derived.rows()["strain"]
+    assert np.isfinite(image).sum() == M * M
+    assert np.allclose(np.sort(image.ravel()), np.sort(strain))
 
 
 @pytest.mark.unit

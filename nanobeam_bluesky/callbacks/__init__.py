@@ -8,8 +8,16 @@
 
 from ._analysis import CallbackStats, RunAnalysis, StreamPlan
 from ._callback import NanobeamCallback
-from ._derived import ANALYSIS_STAGE, DERIVED_FIELDS, DerivedRun, is_derived_start
-from ._frames import FrameLayout, ImageKeyError, Storage, find_frame_layout, find_position_keys
+from ._delivery import DeliverDuringScan
+from ._derived import ANALYSIS_STAGE, DERIVED_FIELDS, RAW_STAGE, DerivedRun, is_derived_start, mark_raw_runs
+from ._frames import (
+    FrameLayout,
+    ImageKeyError,
+    Storage,
+    find_frame_layout,
+    find_frame_time_key,
+    find_position_keys,
+)
 from ._live_maps import LiveStrainMaps, MapGrid
 from ._readers import AreaDetectorHDF5Handler, StreamReadError, StreamResourceReader
 from ._rows import seq_ranges
@@ -19,8 +27,10 @@ __all__ = [
     "ANALYSIS_STAGE",
     "DERIVED_FIELDS",
     "DERIVED_PREFIX",
+    "RAW_STAGE",
     "AreaDetectorHDF5Handler",
     "CallbackStats",
+    "DeliverDuringScan",
     "DerivedRun",
     "FrameLayout",
     "GuardedCallback",
@@ -34,8 +44,10 @@ __all__ = [
     "StreamReadError",
     "StreamResourceReader",
     "find_frame_layout",
+    "find_frame_time_key",
     "find_position_keys",
     "is_derived_start",
     "listen",
+    "mark_raw_runs",
     "seq_ranges",
 ]

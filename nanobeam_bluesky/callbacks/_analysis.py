@@ -50,9 +50,13 @@ class CallbackStats:
     batches: int = 0
     #: Seconds spent inside the model.
     predict_s: float = 0.0
-    #: Seconds spent in the subscribers (writers, plots) of the derived documents.
+    #: Seconds spent in the subscribers (writers, plots) of the derived documents, on their
+    #: own thread: they never hold up the model.
     emit_s: float = 0.0
-    #: Sum and maximum of (row emitted - raw documents received), seconds.
+    #: Longest a derived document waited for the subscribers, s.
+    subscriber_wait_max_s: float = 0.0
+    #: Sum and maximum of (row emitted - raw documents received), seconds: the analysis alone
+    #: (emitting only queues the row for the subscribers).
     latency_sum_s: float = 0.0
     latency_max_s: float = 0.0
     #: Times the "analysis is behind the scan" warning was logged.
@@ -72,6 +76,8 @@ class StreamPlan:
     position_keys: list[str]
     #: The data's instrument (None: the model's): orientation, mask, saturation, offset.
     instrument: Instrument | None
+    #: The key of each frame's own time (s since the epoch), if the stream has one.
+    time_key: str | None = None
 
 
 @dataclass
@@ -177,6 +183,8 @@ class RunAnalysis(DocumentRouter):
         self.model_error_frames = 0
         self.unreadable_frames = 0
         self.descriptors: set[str] = set()
+        #: The frame stream descriptor's time: the rows' time when nothing better is known.
+        self.descriptor_time = float(start.get("time", 0.0))
         self.closed = False
 
     @property
@@ -202,7 +210,8 @@ class RunAnalysis(DocumentRouter):
             return
         if self.derived is None:
             self.plan = plan
-            self.join = StreamJoin(plan.position_keys)
+            self.descriptor_time = float(doc.get("time", self.descriptor_time))
+            self.join = StreamJoin([*plan.position_keys, *([plan.time_key] if plan.time_key else [])])
             self.derived = DerivedRun(
                 self.start_doc,
                 doc,
@@ -264,10 +273,14 @@ class RunAnalysis(DocumentRouter):
                     bad |= bad_position
         self.unreadable_frames += int(bad.sum())
         flags = np.where(bad, FLAG_DTYPE(Flag.INVALID), FLAG_DTYPE(0)).astype(FLAG_DTYPE)
+        times = np.asarray(doc["time"], dtype=np.float64)
+        if self.plan.time_key is not None and self.plan.time_key in doc["data"]:
+            frame_times, _ = _numbers(doc["data"][self.plan.time_key], n)
+            times = np.where(np.isfinite(frame_times), frame_times, times)
         self.pending.append(
             RowBlock(
                 np.asarray(doc["seq_num"], dtype=np.int64),
-                np.asarray(doc["time"], dtype=np.float64),
+                times,
                 frames,
                 positions,
                 self.context.arrival_s,
@@ -279,6 +292,7 @@ class RunAnalysis(DocumentRouter):
         if self.plan is not None and doc["data_key"] in (
             self.plan.layout.image_key,
             *self.plan.position_keys,
+            self.plan.time_key,
         ):
             self.stream_resources[doc["uid"]] = doc
 
@@ -310,10 +324,19 @@ class RunAnalysis(DocumentRouter):
                 self.unreadable_frames += n
             else:
                 values = values.reshape(n, *self.plan.layout.frame_shape)
-            self.join.add_frames(seq_start, values, n, time.time(), self.context.arrival_s)
+            self.join.add_frames(seq_start, values, n, self.descriptor_time, self.context.arrival_s)
         elif values is not None:
             self.join.add_positions(key, seq_start, values)
-        self.pending.extend(self.join.pop_ready())
+        self.pending.extend(self._timed(self.join.pop_ready()))
+
+    def _timed(self, blocks: list[RowBlock]) -> list[RowBlock]:
+        """Joined blocks with their frames' own times, where the stream carries them."""
+        key = None if self.plan is None else self.plan.time_key
+        for block in blocks:
+            frame_times = block.positions.pop(key, None) if key else None
+            if frame_times is not None:
+                block.times = np.where(np.isfinite(frame_times), frame_times, block.times)
+        return blocks
 
     def resource(self, doc: Resource) -> None:
         self.filler.resource(doc)
@@ -390,7 +413,7 @@ class RunAnalysis(DocumentRouter):
         if self.derived is None:
             return
         if force and self.join is not None:
-            self.pending.extend(self.join.pop_ready(force=True))
+            self.pending.extend(self._timed(self.join.pop_ready(force=True)))
         if self.pending:
             first = not self.held
             self.held.append(self._predict())

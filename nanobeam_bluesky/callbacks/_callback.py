@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import logging
 import math
 import queue
@@ -22,8 +21,9 @@ from ..errors import InputError
 from ..inference import Predictor
 from ..physics import Instrument
 from ._analysis import AnalysisContext, CallbackStats, RunAnalysis, StreamPlan, run_factory
+from ._delivery import SubscriberDelivery
 from ._derived import ANALYSIS_STAGE, is_derived_start
-from ._frames import find_frame_layout, find_position_keys
+from ._frames import find_frame_layout, find_frame_time_key, find_position_keys
 from ._readers import AreaDetectorHDF5Handler
 
 __all__ = ["NanobeamCallback"]
@@ -79,8 +79,13 @@ class NanobeamCallback(DocumentRouter):
     """Turns the diffraction frames of a raw Bluesky run into a derived run of (ε, ω, χ), live.
 
     Subscribe it to a RunEngine (``RE.subscribe(callback)``) or any document source. Derived
-    documents go to the callables registered with :meth:`subscribe`. The model runs on a
-    background thread in batches: the raw documents are never blocked, copied or reordered.
+    documents go to the callables registered with :meth:`subscribe` (and to ``emit``). The model
+    runs on a background thread in batches: the raw documents are never blocked, copied or
+    reordered. The subscribers get the derived documents through bluesky's ``Dispatcher`` on a
+    thread of their own, so slow ones (plots, a TiledWriter while Tiled is slow) never slow the
+    analysis; ``subscribe(func, main_thread=True)`` hands them to the main thread instead (Qt,
+    matplotlib), which takes them in :meth:`deliver`, :meth:`flush`, or during ``RE(plan)`` with
+    ``RunEngine(during_task=DeliverDuringScan(callback))``.
 
     In the shape of bluesky-tiled-plugins' TiledWriter: this router only decides, in the calling
     thread, which documents matter, and queues them; on the analysis thread an event-model
@@ -100,6 +105,11 @@ class NanobeamCallback(DocumentRouter):
           still gets its derived row, and the derived stop document says what happened.
         - A failing subscriber of the derived documents is logged; the others still get them.
 
+    The derived run follows the Bluesky conventions (see ``DerivedRun``): ``plan_type``,
+    ``plan_name``, ``detectors``, ``hints`` with the raw run's dimensions; ``parent_uid`` and
+    ``parent_scan_id`` name the scan (its own ``scan_id`` is 0, so ``catalog[N]`` stays the scan);
+    ``analysis_stage`` is "nanobeam_nn" (:func:`mark_raw_runs` labels raw runs "raw").
+
     Args:
         predictor: a :class:`~nanobeam_bluesky.inference.Predictor` (e.g. ``load_pretrained()``).
         image_key: the data key of the frames; None finds the one key of the model's frame shape
@@ -118,11 +128,20 @@ class NanobeamCallback(DocumentRouter):
             about 0.2 ms per row); by default the first page of each run is validated, and the
             start, descriptor and stop documents always are.
         lag_warning_s: log a warning (at most once a minute) when a derived row is emitted this
-            many seconds after its raw frame arrived: the model is not keeping pace.
+            many seconds after its raw frame arrived (the model is not keeping pace; the
+            subscribers' time does not count), and another when a derived document waited this
+            long for the subscribers.
         hold_s: the first rows of a run wait up to this long for enough frames (10) to pool the
             physics check over, so that they carry its verdict (POOLED_MISMATCH) too.
         fit_film: with a model that predicts the film thickness, fit it per frame (False: the
             instrument's film is known; see ``Predictor.predict``).
+        frame_time_key: the raw key of each frame's own time (s since the epoch); None finds
+            ``<image_key>-time`` (a fly detector's frame timestamps) if the stream has it. The
+            derived rows' ``time`` is the frame's time: from that key, else the raw event's time,
+            else (a fly scan without frame times) the raw descriptor's.
+        emit: event-model's ``DocumentRouter`` hook: a callable ``emit(name, doc)`` given every
+            derived document after the subscribers, on their thread (held by a weak reference,
+            as event-model does).
     """
 
     def __init__(
@@ -142,14 +161,17 @@ class NanobeamCallback(DocumentRouter):
         lag_warning_s: float = 10.0,
         hold_s: float = 2.0,
         fit_film: bool = True,
+        frame_time_key: str | None = None,
+        emit: Callable[[str, Any], Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(emit=emit)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.predictor = predictor
         self.image_key = image_key
         self.stream_name = stream_name
         self.position_keys = None if position_keys is None else list(position_keys)
+        self.frame_time_key = frame_time_key
         self.batch_size = batch_size
         self.instrument = instrument
         self.allow_instrument_mismatch = allow_instrument_mismatch
@@ -170,9 +192,10 @@ class NanobeamCallback(DocumentRouter):
         self._skipped_runs: set[str] = set()
         self._plans: dict[str, StreamPlan] = {}  # frame-stream descriptor uid -> what to do with it
         # Analysis-thread state: one RunAnalysis per raw run, made by the RunRouter's factory.
+        self._delivery = SubscriberDelivery(self.stats, extra=super().emit, warn_after_s=lag_warning_s)
         self._context = AnalysisContext(
             predictor=predictor,
-            emit=self.emit,
+            emit=self._delivery.put,
             report_lag=self._warn_if_behind,
             stats=self.stats,
             plans=self._plans,
@@ -192,18 +215,20 @@ class NanobeamCallback(DocumentRouter):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
-        self._subscribers: dict[int, tuple[DocumentCallback, str]] = {}
-        self._tokens = itertools.count()
 
     # ------------------------------------------------------------------ public API
-    def subscribe(self, func: DocumentCallback, name: str = "all") -> int:
+    def subscribe(self, func: DocumentCallback, name: str = "all", *, main_thread: bool = False) -> int:
         """Send derived documents to ``func(name, doc)``, as ``RunEngine.subscribe`` does.
 
         Args:
             func: the callback; a strong reference is kept until :meth:`unsubscribe`.
             name: a document name ("start", "event_page", ...) to receive only those, or "all".
+            main_thread: hand the documents to the main thread (Qt, matplotlib), which takes them
+                in :meth:`deliver` (also called by :meth:`flush` from the main thread and by
+                ``DeliverDuringScan`` during ``RE(plan)``). Otherwise they run on the
+                subscribers' thread, in order, never holding up the analysis.
 
-        Returns a token for :meth:`unsubscribe`. Callbacks run on the analysis thread.
+        Returns a token for :meth:`unsubscribe`.
         """
         if not callable(func):
             raise TypeError(f"subscribe needs a callable func(name, doc), got {func!r}")
@@ -212,24 +237,39 @@ class NanobeamCallback(DocumentRouter):
             raise InputError(
                 f"name must be one of {sorted(names)} (derived runs have no other documents), got {name!r}"
             )
-        token = next(self._tokens)
-        self._subscribers[token] = (func, name)
-        return token
+        return self._delivery.subscribe(func, name, main_thread=main_thread)
 
     def unsubscribe(self, token: int) -> None:
-        self._subscribers.pop(token, None)
+        self._delivery.unsubscribe(token)
+
+    def deliver(self, timeout: float = 0.0) -> int:
+        """Pass queued derived documents to the ``main_thread=True`` subscribers; call it from the
+        main thread. Waits up to ``timeout`` s for a first one; returns how many were passed."""
+        return self._delivery.deliver(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every frame received so far has its derived row emitted.
 
-        Returns False if ``timeout`` (s) passed first. An analysis thread that died (it should
-        not: it catches everything) is restarted, so flush never waits on a dead thread.
+        Returns False if ``timeout`` (s) passed first. The subscribers have had every document
+        emitted so far (the main-thread ones too, when flush is called from the main thread). An
+        analysis thread that died (it should not: it catches everything) is restarted, so flush
+        never waits on a dead thread.
         """
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if not self._flush_analysis(deadline):
+            return False
+        remaining = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+        if not self._delivery.wait(remaining):
+            return False
+        if threading.current_thread() is threading.main_thread():
+            self._delivery.deliver()
+        return True
+
+    def _flush_analysis(self, deadline: float) -> bool:
         if self._worker is None:
             return True
         done = threading.Event()
         self._queue.put(_Barrier(done))
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
         while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 return False
@@ -243,12 +283,13 @@ class NanobeamCallback(DocumentRouter):
         return True
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Finish queued work and stop the analysis thread."""
+        """Finish queued work, pass it to the subscribers and stop both threads."""
         with self._worker_lock:
             worker, self._worker = self._worker, None
         if worker is not None:
             self._queue.put(_CLOSE)
             worker.join(timeout)
+        self._delivery.close(timeout)
 
     def __enter__(self) -> NanobeamCallback:
         return self
@@ -257,16 +298,8 @@ class NanobeamCallback(DocumentRouter):
         self.close()
 
     def emit(self, name: str, doc: Mapping[str, Any]) -> None:
-        """Pass one derived document to every subscriber (a failing subscriber is logged)."""
-        t0 = time.perf_counter()
-        for func, wanted in list(self._subscribers.values()):
-            if wanted != "all" and wanted != name:
-                continue
-            try:
-                func(name, doc)
-            except Exception:
-                logger.exception("subscriber %r failed on a derived %s document", func, name)
-        self.stats.emit_s += time.perf_counter() - t0
+        """Queue one derived document for the subscribers (and ``emit``); never blocks."""
+        self._delivery.put(name, doc)
 
     # ------------------------------------------------------------------ raw documents (caller thread)
     def _restart_worker(self) -> None:
@@ -307,7 +340,8 @@ class NanobeamCallback(DocumentRouter):
             instrument = Instrument.from_dict(dict(start["nanobeam_instrument"]))
         self.predictor.check_instrument(instrument, allow_mismatch=self.allow_instrument_mismatch)
         self._descriptors[doc["uid"]] = run_uid
-        self._plans[doc["uid"]] = StreamPlan(run_uid, layout, positions, instrument)
+        time_key = find_frame_time_key(doc, layout.image_key, self.frame_time_key)
+        self._plans[doc["uid"]] = StreamPlan(run_uid, layout, positions, instrument, time_key)
         self._put("descriptor", doc)
 
     def event_page(self, doc):
@@ -421,18 +455,6 @@ class NanobeamCallback(DocumentRouter):
             return
         self._last_lag_warning = now
         self.stats.lag_warnings += 1
-        if self.stats.emit_s > self.stats.predict_s:  # the subscribers, not the model, are slow
-            logger.warning(
-                "analysis is %.1f s behind the scan (%d documents queued): the derived documents' "
-                "subscribers took %.1f s, the model %.1f s. No frame is dropped and the scan is not "
-                "slowed, but memory grows: give slow subscribers (a TiledWriter while Tiled is slow or "
-                "down, plots) their own thread, e.g. nanobeam_bluesky.tiled.SpooledTiledWriter.",
-                lag_s,
-                self._queue.qsize(),
-                self.stats.emit_s,
-                self.stats.predict_s,
-            )
-            return
         logger.warning(
             "analysis is %.1f s behind the scan (%d documents queued): no frame is dropped and the "
             "scan is not slowed, but memory grows. The model took %.1f s: use a GPU (device='cuda', "

@@ -9,7 +9,14 @@ from typing import Any
 
 from ..errors import NanobeamError
 
-__all__ = ["FrameLayout", "ImageKeyError", "Storage", "find_frame_layout", "find_position_keys"]
+__all__ = [
+    "FrameLayout",
+    "ImageKeyError",
+    "Storage",
+    "find_frame_layout",
+    "find_frame_time_key",
+    "find_position_keys",
+]
 
 
 class ImageKeyError(NanobeamError, ValueError):
@@ -149,3 +156,33 @@ def find_position_keys(
         if key in data_keys and key not in keys and _is_scalar_number(data_keys[key]):
             keys.append(key)
     return keys
+
+
+#: Suffixes of a per-frame time key beside the frame key (``<image_key>-time``), as a fly
+#: detector writes the start of each exposure (s since the epoch) next to its frames.
+FRAME_TIME_SUFFIXES = ("-time", "-timestamp", "_time", "_timestamp")
+
+
+def find_frame_time_key(
+    descriptor: Mapping[str, Any], image_key: str, frame_time_key: str | None = None
+) -> str | None:
+    """The scalar key that says when each frame was taken (s since the epoch), if the stream has one.
+
+    Fly scans announce frames with StreamDatum documents, which carry no time; a detector that
+    writes each frame's time beside it (``<image_key>-time``, units "s") gives the derived rows
+    the frames' own times, live and in replays alike. Without it, events' ``time`` is used (step
+    scans), or the raw descriptor's time (a fly scan without frame times).
+    """
+    data_keys: Mapping[str, Any] = descriptor["data_keys"]
+    if frame_time_key is not None:
+        if frame_time_key not in data_keys or not _is_scalar_number(data_keys[frame_time_key]):
+            raise ImageKeyError(
+                f"frame_time_key {frame_time_key!r} is not a scalar number key of stream "
+                f"{descriptor.get('name', '?')!r}; pass frame_time_key=None to find it or use event times."
+            )
+        return frame_time_key
+    for suffix in FRAME_TIME_SUFFIXES:
+        key = image_key + suffix
+        if key in data_keys and _is_scalar_number(data_keys[key]) and data_keys[key].get("units") == "s":
+            return key
+    return None

@@ -47,6 +47,7 @@ from ._stage import NanoprobeStage, TriggerPulse
 
 __all__ = [
     "DATA_PATH",
+    "TIME_PATH",
     "X_PATH",
     "Y_PATH",
     "NanoprobeAcquireLogic",
@@ -59,6 +60,8 @@ __all__ = [
 DATA_PATH = "/entry/data/data"
 X_PATH = "/entry/instrument/positions/x_um"
 Y_PATH = "/entry/instrument/positions/y_um"
+#: When each frame's exposure began (s since the epoch), as areaDetector's NDArray timestamps.
+TIME_PATH = "/entry/instrument/timestamps/time_s"
 #: Shortest time between frames the simulated camera supports (readout), s.
 MIN_DEAD_TIME_S = 0.0005
 
@@ -80,12 +83,16 @@ class _FrameFile:
             for path in (X_PATH, Y_PATH)
         )
         self.x.attrs["units"] = self.y.attrs["units"] = "um"
+        self.time = self.file.create_dataset(
+            TIME_PATH, shape=(0,), dtype=np.float64, maxshape=(None,), chunks=(1024,)
+        )
+        self.time.attrs["units"] = "s"
         self.file.swmr_mode = True
         self.frames = 0
 
-    def append(self, frame: np.ndarray, x_um: float, y_um: float) -> None:
+    def append(self, frame: np.ndarray, x_um: float, y_um: float, time_s: float) -> None:
         i = self.frames
-        for dset, value in ((self.x, x_um), (self.y, y_um), (self.data, frame)):
+        for dset, value in ((self.time, time_s), (self.x, x_um), (self.y, y_um), (self.data, frame)):
             dset.resize(i + 1, axis=0)
             dset[i] = value
             dset.flush()
@@ -145,17 +152,17 @@ class NanoprobeDriver(Device):
                 assert self._trigger_input is not None
                 pulse = await self._trigger_input.get()
                 x_um, y_um = pulse.x_um, pulse.y_um
-                exposed = time.monotonic()
+                exposed, exposed_epoch_s = time.monotonic(), time.time()
             else:
                 await asyncio.sleep(max(0.0, start + i * period - time.monotonic()))
                 x_um, y_um = await self.stage_ref().read_position_um()
-                exposed = time.monotonic()
+                exposed, exposed_epoch_s = time.monotonic(), time.time()
             frame = await asyncio.to_thread(self.simulator.frames_at, x_um, y_um, exposure)
             await asyncio.sleep(max(0.0, exposed + exposure - time.monotonic()))
             file = self._file
             if file is None:  # stopped while exposing
                 return
-            file.append(frame[0], x_um, y_um)
+            file.append(frame[0], x_um, y_um, exposed_epoch_s)
             self._set_frames_written(file.frames)
 
     def disarm(self) -> None:
@@ -233,7 +240,8 @@ class _PositionUnitsProvider(StreamResourceDataProvider):
 class NanoprobeDataLogic(DetectorDataLogic):
     """Writes ``<name>.h5`` (SWMR): frames, and the x/y positions (µm) captured with each frame.
 
-    Data keys: ``<name>`` (frames, uint32 counts), ``<name>-x`` and ``<name>-y`` (µm).
+    Data keys: ``<name>`` (frames, uint32 counts), ``<name>-x`` and ``<name>-y`` (µm),
+    ``<name>-time`` (when the frame's exposure began, s since the epoch).
     """
 
     def __init__(self, path_provider: PathProvider, driver: NanoprobeDriver) -> None:
@@ -267,13 +275,25 @@ class NanoprobeDataLogic(DetectorDataLogic):
                 dtype_numpy=np.dtype(np.float64).str,
                 parameters={"dataset": Y_PATH},
             ),
+            StreamResourceInfo(
+                data_key=f"{datakey_name}-time",
+                shape=(),
+                chunk_shape=(1024,),
+                dtype_numpy=np.dtype(np.float64).str,
+                parameters={"dataset": TIME_PATH},
+            ),
         ]
         return _PositionUnitsProvider(
             uri=f"{info.directory_uri}{info.filename}.h5",
             resources=resources,
             mimetype="application/x-hdf5",
             collections_written_signal=self.driver.frames_written,
-            units={datakey_name: "counts", f"{datakey_name}-x": "um", f"{datakey_name}-y": "um"},
+            units={
+                datakey_name: "counts",
+                f"{datakey_name}-x": "um",
+                f"{datakey_name}-y": "um",
+                f"{datakey_name}-time": "s",
+            },
         )
 
     async def stop(self) -> None:
