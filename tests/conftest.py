@@ -100,9 +100,11 @@ def phantom() -> Callable[..., Phantom]:
 #: 0MQ, subprocesses): "integration". Everything else is "unit" (``pytest -m unit``: < 1 minute).
 INTEGRATION_MODULES = {
     "test_callbacks",
+    "test_databroker",
     "test_demo",
     "test_listen",
     "test_outage",
+    "test_readers",
     "test_readme",
     "test_security",
     "test_tiled",

@@ -216,7 +216,7 @@ def validate(docs: list[tuple[str, dict[str, Any]]]) -> None:
 def test_a_missing_ad_hdf5_file_flags_its_rows(model: ModelUnderTest, workdir: Path) -> None:
     """The live callback: the file a resource names is not there: every row INVALID, no exception."""
     run, resource, descriptor = legacy_run(workdir / "never_written.h5", frame_per_point=1)
-    callback = NanobeamCallback(model.predictor)
+    callback = NanobeamCallback(model.predictor, read_timeout_s=1.0)  # waits 1 s for the file
     derived: list[tuple[str, dict[str, Any]]] = []
     callback.subscribe(lambda name, doc: derived.append((name, doc)))
     callback("start", run.start_doc)

@@ -118,6 +118,17 @@ class _Rows:
     film: np.ndarray
 
 
+def _retry_intervals(timeout_s: float) -> list[float]:
+    """The Filler's waits (s) for a frame not yet in its file: doubling from 50 ms, ``timeout_s``
+    in all."""
+    intervals: list[float] = []
+    wait = 0.05
+    while sum(intervals) < timeout_s:
+        intervals.append(min(wait, timeout_s - sum(intervals)))
+        wait *= 2
+    return intervals
+
+
 def _numbers(values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(n,) float64 of a data key's values, and the rows whose value is not a number (NaN there)."""
     try:
@@ -165,7 +176,15 @@ class RunAnalysis(DocumentRouter):
         self.context = context
         # Legacy Resource/Datum frames: filled here, only the frame key, so that an unreadable
         # file flags its rows instead of failing the page.
-        self.filler = Filler(dict(context.handler_registry), inplace=False)
+        # Its handlers are closed with the run (Filler.close drops them unclosed), and it waits
+        # for frames not yet written as long as StreamResource reads do (read_timeout_s).
+        self.handlers: dict[Any, Any] = {}
+        self.filler = Filler(
+            dict(context.handler_registry),
+            inplace=False,
+            handler_cache=self.handlers,
+            retry_intervals=_retry_intervals(context.read_timeout_s),
+        )
         self.derived: DerivedRun | None = None
         self.plan: StreamPlan | None = None
         self.join: StreamJoin | None = None
@@ -401,6 +420,10 @@ class RunAnalysis(DocumentRouter):
         for reader in self.readers.values():
             reader.close()
         self.readers.clear()
+        for handler in self.handlers.values():
+            with contextlib.suppress(Exception):
+                handler.close()
+        self.handlers.clear()
         self.filler.close()
 
     # ------------------------------------------------------------------ the model
