@@ -97,7 +97,8 @@ class SubscriberDelivery:
 
     @property
     def has_main_thread_subscribers(self) -> bool:
-        return any(main for _, main, _ in self._funcs.values())
+        with self._lock:  # read on the worker thread while subscribe() may change it
+            return any(main for _, main, _ in self._funcs.values())
 
     def subscribe(self, func: DocumentCallback, name: str = "all", *, main_thread: bool = False) -> int:
         dispatcher = self._main_dispatcher if main_thread else self._worker_dispatcher
