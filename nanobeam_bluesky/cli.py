@@ -368,6 +368,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         allow_instrument_mismatch=args.allow_instrument_mismatch,
         source=args.catalog,
+        frames=args.frames,
     )
     data = result.data()
     flagged = int(np.count_nonzero(data["flag"])) if "flag" in data else 0
@@ -410,6 +411,13 @@ def _add_replay(sub) -> None:
     p.add_argument("--page-size", type=int, default=512, help="frames read and predicted at a time")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-write", action="store_true", help="analyse only; do not store the derived run")
+    p.add_argument(
+        "--frames",
+        choices=("auto", "arrays", "documents"),
+        default="auto",
+        help="read the frames from the run's Tiled arrays (auto; over HTTP) or its documents() "
+        "(detector files read here)",
+    )
     p.add_argument(
         "--allow-instrument-mismatch",
         action="store_true",
