@@ -834,6 +834,124 @@ def test_replay_refuses_a_derived_run(runs, derived, raw_run, model):
         find_run(runs, 999)
 
 
+# ---------------------------------------------------------------------------------- MongoDB
+MONGO_ENV = "NANOBEAM_TEST_MONGO_URI"
+
+
+@pytest.fixture(scope="module")
+def mongo_catalog(tmp_path_factory):
+    """databroker's MongoDB-backed catalog (``MongoAdapter``) served by a real ``tiled serve``.
+
+    Needs a real MongoDB: ``NANOBEAM_TEST_MONGO_URI=mongodb://HOST:27017/DATABASE`` (an empty,
+    throw-away database). ``databroker.temp()`` is not used: it runs on mongomock, a mock of
+    MongoDB, which proves nothing about a beamline's catalog.
+    """
+    uri = os.environ.get(MONGO_ENV)
+    if not uri:
+        pytest.skip(
+            f"set {MONGO_ENV}=mongodb://HOST:27017/DATABASE to replay from a MongoDB-backed databroker "
+            "catalog: no MongoDB server on this machine (Debian ships none; the pip packages download "
+            "mongod at run time), and databroker.temp() is mongomock, a mock, not used for this claim"
+        )
+    import subprocess
+    import sys
+
+    import yaml
+    from tiled.client import from_uri
+
+    root = tmp_path_factory.mktemp("mongo")
+    key, port = uuid.uuid4().hex, free_port()
+    config = {
+        "authentication": {"single_user_api_key": f"${{{API_KEY_ENV}}}", "allow_anonymous_access": False},
+        "trees": [
+            {"path": "/", "tree": "databroker.mongo_normalized:MongoAdapter.from_uri", "args": {"uri": uri}}
+        ],
+        "uvicorn": {"host": "127.0.0.1", "port": port},
+    }
+    (root / "config.yml").write_text(yaml.safe_dump(config))
+    log = open(root / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tiled", "serve", "config", str(root / "config.yml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, API_KEY_ENV: key},
+    )
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (root / "server.log").read_text()
+            time.sleep(0.25)
+        yield from_uri(f"http://127.0.0.1:{port}", api_key=key)
+    finally:
+        server.terminate()
+        server.wait(20)
+        log.close()
+
+
+def replay_from_a_mongodb_layout_catalog(catalog, predictor, directory: Path, phantom) -> None:
+    """A step scan whose frames an area detector wrote to HDF5 (AD_HDF5 Resource/Datum, the
+    layout of a MongoDB-backed databroker), written through databroker's own document route,
+    then replayed given as the v2 run and as the v1 Header, frames from the server's handlers
+    (arrays) and from documents() (read here): the direct predictions, every document valid."""
+    from event_model import compose_run
+
+    from nanobeam_bluesky.devices import FrameSimulator
+    from nanobeam_bluesky.tiled.replay import replay_run
+
+    n = 6
+    frames = FrameSimulator(phantom(4), seed=3).frames_at(np.arange(n) * 0.05, np.zeros(n), 0.01)
+    path = directory / f"{uuid.uuid4().hex}.h5"
+    with h5py.File(path, "w") as f:
+        f["/entry/data/data"] = frames  # (N, H, W); the handler gives a point's (1, H, W)
+    bundle = compose_run(metadata={"plan_name": "count", "scan_id": 7, "analysis_stage": "raw"})
+    resource = bundle.compose_resource(
+        spec="AD_HDF5", root="/", resource_path=str(path).lstrip("/"), resource_kwargs={"frame_per_point": 1}
+    )
+    keys = {
+        "cam_image": {
+            "source": "cam",
+            "dtype": "array",
+            "shape": [1, *frames.shape[1:]],
+            "dtype_numpy": np.dtype(frames.dtype).str,
+            "external": "FILESTORE:",
+        },
+        "x": {"source": "x", "dtype": "number", "shape": [], "dtype_numpy": "<f8"},
+    }
+    descriptor = bundle.compose_descriptor(name="primary", data_keys=keys)
+    documents = [("start", bundle.start_doc), ("descriptor", descriptor.descriptor_doc)]
+    documents.append(("resource", resource.resource_doc))
+    for i in range(n):
+        datum = resource.compose_datum(datum_kwargs={"point_number": i})
+        event = descriptor.compose_event(
+            data={"cam_image": datum["datum_id"], "x": 0.05 * i},
+            timestamps=dict.fromkeys(keys, time.time()),
+            filled={"cam_image": False},
+        )
+        documents += [("datum", datum), ("event", event)]
+    documents.append(("stop", bundle.compose_stop()))
+    for name, doc in _validated(documents):
+        catalog.post_document(name, doc)
+    uid = bundle.start_doc["uid"]
+    direct = predictor.predict(frames)
+    for given in (catalog[uid], catalog.v1[uid]):
+        for source in ("documents", "arrays"):
+            result = replay_run(given, predictor, page_size=4, frames=source)
+            _validated(result.documents)
+            rows = result.data()
+            assert result.rows == n and result.stop["exit_status"] == "success", result.stop
+            np.testing.assert_array_equal(rows["raw_seq_num"], np.arange(1, n + 1))
+            for p in ("strain", "omega", "chi"):
+                np.testing.assert_allclose(rows[p], direct[p].values, rtol=1e-5, atol=1e-9)
+
+
+def test_replay_from_a_mongodb_backed_databroker_catalog(mongo_catalog, model, workspace, phantom):
+    replay_from_a_mongodb_layout_catalog(mongo_catalog, model.predictor, workspace["detector"], phantom)
+
+
 # ---------------------------------------------------------------------------------- CLI, files
 def test_simulate_scan_cli_writes_the_documented_layout(tmp_path):
     from nanobeam_bluesky.cli import main
