@@ -166,15 +166,10 @@ def runs_by_scan_type(catalog: Any, plan_name: str) -> Any:
 def runs_between(catalog: Any, since: Any = None, until: Any = None, *, timezone: str | None = None) -> Any:
     """Runs started in [since, until): dates as timestamps, datetimes or "2025-03-01 14:00"."""
     from bluesky_tiled_plugins.queries import TimeRange
-    from tiled.queries import Comparison
 
-    query = TimeRange(since=since, until=until, timezone=timezone)
-    result = catalog
-    if query.since is not None:
-        result = result.search(Comparison("ge", "start.time", query.since))
-    if query.until is not None:
-        result = result.search(Comparison("lt", "start.time", query.until))
-    return result
+    if since is None and until is None:
+        return catalog
+    return catalog.search(TimeRange(since=since, until=until, timezone=timezone))
 
 
 #: Catalogs already warned about having no derived catalog beside them (their URIs).
