@@ -154,7 +154,7 @@ def run_demo(
     from bluesky import RunEngine
     from ophyd_async.core import init_devices
 
-    from .callbacks import LiveStrainMaps, NanobeamCallback
+    from .callbacks import LiveStrainMaps, NanobeamCallback, mark_raw_runs
     from .devices import FrameSimulator, NanoprobeFlyDetector, NanoprobeStage, RasterPath, fly_raster_scan
     from .tiled.catalog import writer_batch_size
     from .tiled.server import ServerConfig, TiledServer, free_port
@@ -183,6 +183,7 @@ def run_demo(
         )
         in_main_thread = threading.current_thread() is threading.main_thread()
         RE = RunEngine({}, context_managers=[_StopOnSigint] if in_main_thread else [])
+        mark_raw_runs(RE)  # analysis_stage: "raw" in the scan's start document
         with init_devices():
             stage = NanoprobeStage(name="stage")
             detector = NanoprobeFlyDetector(

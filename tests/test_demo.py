@@ -41,6 +41,8 @@ def test_demo_stores_raw_and_derived_runs_in_tiled(demo):
         assert raw.metadata["stop"]["exit_status"] == "success"
         assert raw.metadata["start"]["sample"].startswith("Fig. 3 phantom")
         assert derived.metadata["start"]["parent_uid"] == result.raw_uid
+        assert raw.metadata["start"]["analysis_stage"] == "raw"
+        assert derived.metadata["start"]["analysis_stage"] == "nanobeam_nn"
         # Every raw frame has exactly one derived row.
         assert derived.metadata["stop"]["num_events"]["primary"] == SIZE * SIZE
         rows = derived["primary"].read()

@@ -562,6 +562,11 @@ def test_runs_minus_one_and_scan_id_mean_the_scan_and_the_analysis_is_in_derived
     assert analysis["uid"] in derived.search(stage == ANALYSIS_STAGE)
     assert len(derived.search(stage == RAW_STAGE)) == 0
     assert len(derived[-1]["primary"]["strain"].read()) == 12
+    # Stored in the dtypes the descriptor declares (flag bits as uint16, not int64).
+    stored = derived[-1]["primary"]
+    for key in ("flag", "raw_seq_num", "strain"):
+        declared = np.dtype(stored.metadata["data_keys"][key]["dtype_numpy"])
+        assert stored[key].read().dtype == declared, key
 
 
 def test_catalog_given_by_profile_name(server, runs, raw_run, tmp_path, monkeypatch):
@@ -689,6 +694,8 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
     pages = [doc for name, doc in live_docs if name == "event_page"]
     live_rows = {k: np.concatenate([p["data"][k] for p in pages]) for k in pages[0]["data"]}
     order = np.argsort(live_rows["raw_seq_num"])
+    live_times = np.concatenate([p["time"] for p in pages])[order]
+    assert np.all(np.diff(live_times) > 0)  # frame times, not one arrival time per page
     # From Tiled's arrays (over HTTP), and from documents() (StreamResource/StreamDatum: the
     # detector file is read here).
     for frames in ("arrays", "documents"):
@@ -700,6 +707,9 @@ def test_fly_scan_replayed_from_tiled_arrays_matches_the_live_analysis(runs, mod
         np.testing.assert_allclose(rows["detector-x"], path.x_um)
         for key in ("strain", "omega", "chi"):  # batches differ (live: as frames came), numbers agree
             np.testing.assert_allclose(rows[key], live_rows[key][order], rtol=1e-5, atol=1e-9)
+        # Each row's time is its frame's (the detector's frame time), the same live and replayed.
+        replay_times = np.concatenate([doc["time"] for name, doc in replay.documents if name == "event_page"])
+        np.testing.assert_array_equal(replay_times, live_times)
 
 
 def test_a_scan_of_another_material_shows_its_flags_in_tiled(runs, derived, ophyd_sim, model):
