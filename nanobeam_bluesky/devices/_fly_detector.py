@@ -261,26 +261,15 @@ class NanoprobeDataLogic(DetectorDataLogic):
                 dtype_numpy=np.dtype(np.uint32).str,
                 parameters={"dataset": DATA_PATH},
             ),
-            StreamResourceInfo(
-                data_key=f"{datakey_name}-x",
-                shape=(),
-                chunk_shape=(1024,),
-                dtype_numpy=np.dtype(np.float64).str,
-                parameters={"dataset": X_PATH},
-            ),
-            StreamResourceInfo(
-                data_key=f"{datakey_name}-y",
-                shape=(),
-                chunk_shape=(1024,),
-                dtype_numpy=np.dtype(np.float64).str,
-                parameters={"dataset": Y_PATH},
-            ),
-            StreamResourceInfo(
-                data_key=f"{datakey_name}-time",
-                shape=(),
-                chunk_shape=(1024,),
-                dtype_numpy=np.dtype(np.float64).str,
-                parameters={"dataset": TIME_PATH},
+            *(
+                StreamResourceInfo(
+                    data_key=f"{datakey_name}-{suffix}",
+                    shape=(),
+                    chunk_shape=(1024,),
+                    dtype_numpy=np.dtype(np.float64).str,
+                    parameters={"dataset": dataset},
+                )
+                for suffix, dataset in (("x", X_PATH), ("y", Y_PATH), ("time", TIME_PATH))
             ),
         ]
         return _PositionUnitsProvider(

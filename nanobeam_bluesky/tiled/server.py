@@ -232,12 +232,14 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
         if config.instrument
         else {"instrument": None}
     )
-    trees: list[dict[str, Any]] = [
-        {
-            "path": f"/{RUNS_PATH}",
+
+    def run_catalog(path: str, database: str) -> dict[str, Any]:
+        # Raw and derived runs: the same storage (derived arrays are small), each its own database.
+        return {
+            "path": f"/{path}",
             "tree": catalog,
             "args": {
-                "uri": config.catalog_database(),
+                "uri": database,
                 "writable_storage": [storage.as_uri(), tables],
                 "readable_storage": readable,
                 # `tiled catalog init` runs once (ensure_catalog); checking on every start costs ~10 s.
@@ -246,21 +248,11 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
                 "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
                 "instrument_dir": instrument_dir,
             },
-        },
-        {
-            # Derived runs: the same storage (their arrays are small), their own database.
-            "path": f"/{DERIVED_PATH}",
-            "tree": catalog,
-            "args": {
-                "uri": config.derived_database(),
-                "writable_storage": [storage.as_uri(), tables],
-                "readable_storage": readable,
-                "init_if_not_exists": False,
-                "specs": [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
-                "adapters_by_mimetype": dict(ADAPTERS_BY_MIMETYPE),
-                "instrument_dir": instrument_dir,
-            },
-        },
+        }
+
+    trees: list[dict[str, Any]] = [
+        run_catalog(RUNS_PATH, config.catalog_database()),
+        run_catalog(DERIVED_PATH, config.derived_database()),
         {
             "path": "/files",
             "tree": catalog,
