@@ -632,6 +632,8 @@ def test_standard_callbacks_read_the_derived_run(
     callback.close()
 
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    bl.raw.validate()
+    derived.validate()
     (raw_start,), (start,) = bl.raw.of("start"), derived.of("start")
     assert raw_start["analysis_stage"] == "raw" and start["analysis_stage"] == "nanobeam_nn"
     # LiveTable: one line per derived row and its closing water mark, naming the scan.
