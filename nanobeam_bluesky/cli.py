@@ -210,6 +210,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tables_uri=args.tables_uri,
         host=args.host,
         port=args.port,
+        stream_cache=args.stream_cache,
+        redis_sentinels=tuple(args.redis_sentinel or ()),
+        redis_service=args.redis_service,
+        start_redis=args.start_redis,
+        stream_ttl_s=args.stream_ttl,
     )
     run_server(config, args.api_key, log_level="info" if args.verbose else "warning")
     return 0
@@ -280,6 +285,32 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None, help="API key (prefer $NANOBEAM_TILED_API_KEY)")
+    p.add_argument(
+        "--stream-cache",
+        default="memory",
+        metavar="memory|redis://HOST:PORT/DB|none",
+        help="where the run catalogs publish each write to live subscribers (nanobeam watch, the "
+        "browser view): in this process (default), a Redis several server processes share, or off",
+    )
+    p.add_argument(
+        "--redis-sentinel",
+        action="append",
+        metavar="HOST:PORT",
+        help="a Redis Sentinel of the facility (repeatable; with --redis-service) for the stream cache",
+    )
+    p.add_argument("--redis-service", default=None, metavar="NAME", help="the primary the Sentinels monitor")
+    p.add_argument(
+        "--start-redis",
+        action="store_true",
+        help="start a local redis-server (Debian package) for the stream cache; it stops with the server",
+    )
+    p.add_argument(
+        "--stream-ttl",
+        type=int,
+        default=3600,
+        metavar="S",
+        help="seconds the stream cache keeps a write for subscribers that reconnect (default 3600)",
+    )
     p.add_argument("--verbose", action="store_true", help="log every request")
     _add_instrument(p)
     p.set_defaults(func=cmd_serve)

@@ -25,6 +25,8 @@ is off (see ``nanobeam_bluesky.tiled.adapters._guard``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
 import ipaddress
 import logging
@@ -59,6 +61,7 @@ __all__ = [
     "resolve_api_key",
     "run_server",
     "server_config",
+    "stream_cache_config",
     "write_server_config",
 ]
 
@@ -98,6 +101,16 @@ class ServerConfig:
         tables_uri: event-table storage; default SQLite in the data directory. Also
             ``duckdb:///...`` or ``postgresql://...``.
         host, port: where to listen; loopback by default.
+        stream_cache: where the run catalogs publish every write for live subscribers
+            (``node.subscribe()``, ``nanobeam watch``, the browser view): ``"memory"`` (default:
+            in the server process; one process only), ``"redis://HOST:PORT/DB"`` (a Redis that
+            several server processes share), or ``"none"`` (no streaming).
+        redis_sentinels, redis_service: a facility's Redis Sentinels (``"HOST:PORT"``) and the
+            name of the primary they monitor, instead of a ``redis://`` stream cache.
+        start_redis: start a local ``redis-server`` (the Debian package) on a free loopback port
+            for the stream cache, its working directory ``data_dir/redis``; it stops with the server.
+        stream_ttl_s: how long the stream cache keeps a write for subscribers that reconnect
+            (seconds; the catalog keeps it for good).
     """
 
     data_dir: Path
@@ -118,8 +131,15 @@ class ServerConfig:
     tables_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    stream_cache: str = "memory"
+    redis_sentinels: tuple[str, ...] = ()
+    redis_service: str | None = None
+    start_redis: bool = False
+    stream_ttl_s: int = 3600
 
     def __post_init__(self) -> None:
+        _check_stream_cache(self)
+        object.__setattr__(self, "redis_sentinels", tuple(self.redis_sentinels))
         for name in ("data_dir", "library", "instrument", "scans", "instruments"):
             value = getattr(self, name)
             if value is not None:
@@ -215,7 +235,79 @@ class ServerConfig:
             args += ["--derived-catalog-uri", self.derived_catalog_uri]
         if self.tables_uri:
             args += ["--tables-uri", self.tables_uri]
+        if self.stream_cache != "memory" and not self.redis_sentinels:
+            args += ["--stream-cache", self.stream_cache]
+        for sentinel in self.redis_sentinels:
+            args += ["--redis-sentinel", sentinel]
+        if self.redis_service:
+            args += ["--redis-service", self.redis_service]
+        if self.start_redis:
+            args += ["--start-redis"]
+        if self.stream_ttl_s != 3600:
+            args += ["--stream-ttl", str(self.stream_ttl_s)]
         return args
+
+    def streams_to_redis(self) -> bool:
+        return bool(self.redis_sentinels) or self.start_redis or self.stream_cache.startswith(_REDIS_SCHEMES)
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_stream_cache(config: ServerConfig) -> None:
+    """InputError naming the fix for a stream-cache option that cannot work."""
+    given = config.stream_cache
+    if given not in ("memory", "none") and not given.startswith(_REDIS_SCHEMES):
+        raise InputError(f"--stream-cache {given!r}: give memory (default), none, or redis://HOST:PORT/DB")
+    if config.redis_sentinels:
+        if not config.redis_service:
+            raise InputError(
+                "--redis-sentinel needs --redis-service NAME (the primary the Sentinels monitor)"
+            )
+        if given.startswith(_REDIS_SCHEMES) or config.start_redis:
+            raise InputError(
+                "give either --redis-sentinel or a redis:// --stream-cache / --start-redis, not both"
+            )
+        for sentinel in config.redis_sentinels:
+            host, _, port = sentinel.rpartition(":")
+            if not host or not port.isdigit():
+                raise InputError(f"--redis-sentinel {sentinel!r}: give HOST:PORT (e.g. sentinel1:26379)")
+    elif config.redis_service:
+        raise InputError("--redis-service names the primary of --redis-sentinel; give the Sentinels too")
+    if config.start_redis and given.startswith(_REDIS_SCHEMES):
+        raise InputError("--start-redis starts its own Redis: leave out --stream-cache redis://...")
+    if config.stream_ttl_s < 1:
+        raise InputError(f"--stream-ttl {config.stream_ttl_s}: give a positive number of seconds")
+
+
+def stream_cache_config(config: ServerConfig, namespace: str) -> dict[str, Any] | None:
+    """The ``cache_config`` of one run catalog (tiled's streaming cache), or None without streaming.
+
+    ``namespace`` keeps the catalog's keys apart from the other catalogs' in a shared Redis.
+    """
+    if config.stream_cache == "none" and not config.redis_sentinels:
+        return None
+    if not config.streams_to_redis():
+        # tiled's in-memory store (TTLCacheDatastore); maxsize counts writes over all nodes.
+        return {"uri": "memory", "data_ttl": config.stream_ttl_s, "seq_ttl": 30 * 86400, "maxsize": 100_000}
+    from .adapters._streaming import DATASTORE_NAME
+
+    redis: dict[str, Any] = (
+        {"redis_sentinels": list(config.redis_sentinels), "service_name": config.redis_service}
+        if config.redis_sentinels
+        else {"redis_uri": config.stream_cache}
+    )
+    return {
+        "datastore": DATASTORE_NAME,
+        **redis,
+        "namespace": namespace,
+        # tiled's defaults (StreamingCacheConfig); its Redis store reads every one of these.
+        "data_ttl": config.stream_ttl_s,
+        "seq_ttl": 30 * 86400,
+        "socket_timeout": 86400,
+        "socket_connect_timeout": 10,
+        "health_check_interval": 10,
+    }
 
 
 def server_config(config: ServerConfig) -> dict[str, Any]:
@@ -235,10 +327,13 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
 
     def run_catalog(path: str, database: str) -> dict[str, Any]:
         # Raw and derived runs: the same storage (derived arrays are small), each its own database.
+        # Both publish their writes to the stream cache (namespaced by database: node ids repeat).
+        namespace = f"nanobeam:{path}:{hashlib.sha256(database.encode()).hexdigest()[:12]}"
         return {
             "path": f"/{path}",
             "tree": catalog,
             "args": {
+                "cache_config": stream_cache_config(config, namespace),
                 "uri": database,
                 "writable_storage": [storage.as_uri(), tables],
                 "readable_storage": readable,
@@ -408,14 +503,26 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(config: ServerConfig, api_key: str | None = None, *, log_level: str = "warning") -> None:
-    """Write the config, initialise the catalog if new, and serve until interrupted."""
+    """Write the config, initialise the catalog if new, and serve until interrupted (with its
+    own ``redis-server`` for the stream cache if ``config.start_redis``)."""
+    _check_port_free(config.host, config.port)
+    key = check_api_key(resolve_api_key(config.data_dir, api_key))
+    _log_refusals()
+    with contextlib.ExitStack() as stack:
+        if config.start_redis:
+            # Our own Redis for the stream cache, stopped with the server (and dies with it).
+            from ._redis import RedisServer
+
+            redis = stack.enter_context(RedisServer(config.data_dir / "redis", port=free_port()))
+            config = dataclasses.replace(config, stream_cache=redis.uri, start_redis=False)
+        _serve(config, key, log_level)
+
+
+def _serve(config: ServerConfig, key: str, log_level: str) -> None:
     import uvicorn
     from tiled.config import parse_configs
     from tiled.server.app import build_app_from_config
 
-    _check_port_free(config.host, config.port)
-    key = check_api_key(resolve_api_key(config.data_dir, api_key))
-    _log_refusals()
     write_server_config(config)
     ensure_catalog(os.path.expandvars(config.catalog_database()))
     ensure_catalog(os.path.expandvars(config.derived_database()))
@@ -455,10 +562,28 @@ def _banner(config: ServerConfig) -> str:
         f"  serving: {', '.join(served)}\n"
         f"  runs catalog: {config.runs_url}\n"
         f"  derived runs: {config.derived_url}\n"
+        f"  live stream: {_stream_description(config)}\n"
         f"  API key: in {config.data_dir / 'api_key'} or ${API_KEY_ENV} "
         f"(from tiled.client import from_uri; from_uri(URL, api_key=KEY))\n"
         f"  config: {config.config_path}"
     )
+
+
+def _stream_description(config: ServerConfig) -> str:
+    if config.redis_sentinels:
+        return f"Redis via Sentinels {', '.join(config.redis_sentinels)} ({config.redis_service})"
+    if config.stream_cache == "none":
+        return "off (--stream-cache none)"
+    if config.stream_cache == "memory":
+        return "in this process (subscribe: node.subscribe(); nanobeam watch URL)"
+    return f"Redis at {_without_password(config.stream_cache)}"
+
+
+def _without_password(uri: str) -> str:
+    scheme, sep, rest = uri.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
 
 
 def _log_refusals() -> None:

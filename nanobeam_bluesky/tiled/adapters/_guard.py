@@ -327,6 +327,8 @@ def contained_catalog(
     """
     from tiled.catalog import from_uri
 
+    from . import _streaming  # noqa: F401  registers the namespaced Redis stream store (cache_config)
+
     if isinstance(writable_storage, dict):  # tiled's older form: {name: uri}
         writable = list(writable_storage.values())
     elif isinstance(writable_storage, str):
