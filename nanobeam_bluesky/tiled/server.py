@@ -177,6 +177,11 @@ class ServerConfig:
         return f"{self.url}/api/v1/metadata/{DERIVED_PATH}"
 
     @property
+    def live_url(self) -> str:
+        """The live-maps page (a browser; ``#key=KEY`` gives it the API key)."""
+        return f"{self.url}/custom/live/"
+
+    @property
     def config_path(self) -> Path:
         return self.data_dir / "config.yml"
 
@@ -401,7 +406,8 @@ def server_config(config: ServerConfig) -> dict[str, Any]:
         "media_types": {
             "BlueskyRun": {"application/json-seq": "bluesky_tiled_plugins.exporters:json_seq_exporter"}
         },
-        "routers": ["bluesky_tiled_plugins.routers.validator:router"],
+        # ... and the live-maps page (nanobeam_bluesky.tiled.web, at /custom/live/).
+        "routers": ["bluesky_tiled_plugins.routers.validator:router", "nanobeam_bluesky.tiled.web:router"],
         "expose_raw_assets": False,
         "uvicorn": {"host": config.host, "port": config.port},
     }
@@ -557,12 +563,15 @@ def _banner(config: ServerConfig) -> str:
     served += ["/library"] if config.library else []
     served += ["/simulated (library simulated on demand)"] if config.lazy_library else []
     served += [f"/scans ({config.scans})"] if config.scans else []
+    streams = config.stream_cache != "none" or bool(config.redis_sentinels)
+    live = f"  live maps: {config.live_url}#key=<API key> (in a browser)\n" if streams else ""
     return (
         f"nanobeam Tiled server at {config.url}\n"
         f"  serving: {', '.join(served)}\n"
         f"  runs catalog: {config.runs_url}\n"
         f"  derived runs: {config.derived_url}\n"
         f"  live stream: {_stream_description(config)}\n"
+        f"{live}"
         f"  API key: in {config.data_dir / 'api_key'} or ${API_KEY_ENV} "
         f"(from tiled.client import from_uri; from_uri(URL, api_key=KEY))\n"
         f"  config: {config.config_path}"
