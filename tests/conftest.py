@@ -99,6 +99,7 @@ def phantom() -> Callable[..., Phantom]:
 #: Test modules that run real processes and services (a Tiled server, the RunEngine with devices,
 #: 0MQ, subprocesses): "integration". Everything else is "unit" (``pytest -m unit``: < 1 minute).
 INTEGRATION_MODULES = {
+    "test_browser",
     "test_callbacks",
     "test_databroker",
     "test_demo",

@@ -67,6 +67,13 @@
     el.message.hidden = true;
     el.message.textContent = "";
   }
+  // The status once a stream is (back) open: live, complete, or waiting for a run.
+  function liveStatus() {
+    const view = state.view;
+    if (!view) setStatus("live", "waiting for a derived run…");
+    else if (view.finished && view.complete()) setStatus("live", "complete");
+    else setStatus("live", "live");
+  }
 
   // ------------------------------------------------------------------ HTTP
   class HttpError extends Error {
@@ -215,9 +222,13 @@
 
   function describeLoss(code, reason, delay) {
     const seconds = (delay / 1000).toFixed(1);
-    if (code === 1012) {
-      return `The server lost its live feed (${reason || "its stream store went away: Redis?"}). ` +
-        `Reconnecting in ${seconds} s; the maps keep what they have, missing rows are read when it is back.`;
+    if (code === 1012 && /subscription lost/i.test(reason || "")) { // tiled: its Redis went away
+      return `The server lost its live feed (${reason}: its Redis?). Reconnecting in ${seconds} s; ` +
+        "the maps keep what they have, missing rows are read when it is back.";
+    }
+    if (code === 1012 || code === 1001) {
+      return `The server is shutting down or restarting. Reconnecting in ${seconds} s; ` +
+        "the maps keep what they have and resume where they left off.";
     }
     if (code === 1006) {
       return `The server at ${location.host} does not answer. Reconnecting in ${seconds} s; ` +
@@ -443,7 +454,7 @@
       this.buildFigures();
       const table = new Stream(nodePath(...runPath, "primary", "internal"), {
         open: (schema, resumed) => {
-          setStatus("live", this.finished ? "complete" : "live");
+          liveStatus();
           clearMessage();
           // Rows the stream no longer holds are read from the table (once).
           this.scheduleCheck(resumed ? 300 : 1500);
@@ -569,8 +580,9 @@
         this.catchingUp = this.readTable().finally(() => (this.catchingUp = null));
         await this.catchingUp;
       }
+      if (this.stop && this.complete()) this.finished = true; // also when the stream no longer holds its end
       this.renderHeader();
-      if (this.finished && this.complete()) setStatus("live", "complete");
+      if (this.finished && this.complete() && state.view === this) liveStatus();
     }
 
     async readTable() {
@@ -875,6 +887,7 @@
     state.runsStream = new Stream(CATALOG, {
       open: (schema, resumed) => {
         clearMessage();
+        liveStatus();
         if (resumed) loadRunList().catch(() => {});
       },
       message: (msg) => {
@@ -955,7 +968,7 @@
     } else {
       const newest = sortedRuns()[0];
       if (newest) await select(newest[0]);
-      else setStatus("live", "waiting for a derived run…");
+      else liveStatus();
     }
   }
 
