@@ -316,6 +316,47 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+# ------------------------------------------------------------------ watch
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .tiled.watch import watch
+
+    watch(
+        args.uri,
+        api_key=args.api_key,
+        run=args.run,
+        follow=args.latest,
+        plot=not args.no_plot,
+        give_up_s=args.give_up,
+    )
+    return 0
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="follow a derived run live from any machine: progress and ε/ω/χ maps as rows arrive",
+        description="Subscribe through Tiled's stream to the newest derived run (or --run UID) of the "
+        "nanobeam serve at URI and show its progress and maps as its rows arrive; needs only the "
+        "URI and the API key. It reconnects after a server restart and reads what it missed.",
+    )
+    p.add_argument("uri", help="the Tiled server, e.g. http://beamline-ws:8000 (or its /derived URI)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", default=None, metavar="UID", help="a derived run, or a raw run's uid")
+    which.add_argument(
+        "--latest", action="store_true", help="follow the newest run, and each new one after it ends"
+    )
+    p.add_argument("--api-key", default=None, help="the server's API key (or $NANOBEAM_TILED_API_KEY)")
+    p.add_argument("--no-plot", action="store_true", help="progress lines only, no map window")
+    p.add_argument(
+        "--give-up",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop with an error when the server stays unreachable this long (default: keep trying)",
+    )
+    p.set_defaults(func=cmd_watch)
+
+
 # ------------------------------------------------------------------ simulate-scan
 def cmd_simulate_scan(args: argparse.Namespace) -> int:
     import time
@@ -1102,6 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_simulate_scan,
         _add_replay,
         _add_listen,
+        _add_watch,
     ):
         add(sub)
     return parser

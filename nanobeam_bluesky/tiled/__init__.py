@@ -6,7 +6,10 @@
 - :mod:`.server`: ``nanobeam serve`` (the tiled config it writes, :class:`TiledServer`);
 - :mod:`.catalog`: open the run catalog, write runs into it, the queries people type;
 - :mod:`.spool`: :class:`SpooledTiledWriter`, writing runs without blocking or losing them;
-- :mod:`.replay`: a past raw run through the live callback, the derived run back to Tiled.
+- :mod:`.replay`: a past raw run through the live callback, the derived run back to Tiled;
+- :mod:`.watch`: ``nanobeam watch``, a derived run followed live through Tiled's stream
+  (:class:`DerivedRunWatcher`); ``nanobeam serve`` streams every write (``RedisServer``: a
+  local ``redis-server`` for its stream cache).
 
 The adapters' errors (:class:`DataError`, :class:`RefusedError`) become HTTP errors in one
 place, ``_http``. The names below are imported on first use (PEP 562): the adapters import torch
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._errors import DataError, RefusedError
+    from ._redis import RedisServer
     from .adapters import (
         ADAPTERS_BY_MIMETYPE,
         INSTRUMENT_MIMETYPE,
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
         write_server_config,
     )
     from .spool import RunSpool, SpooledTiledWriter
+    from .watch import DerivedRunWatcher, LiveRun, StreamLostError, WatchEvent, watch
 
 #: The re-exported names by the module that defines them.
 _MODULES: dict[str, tuple[str, ...]] = {
@@ -125,6 +130,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "write_server_config",
     ),
     ".spool": ("RunSpool", "SpooledTiledWriter"),
+    ".watch": ("DerivedRunWatcher", "LiveRun", "StreamLostError", "WatchEvent", "watch"),
+    "._redis": ("RedisServer",),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -146,8 +153,11 @@ __all__ = [
     "SCAN_SUFFIXES",
     "SCAN_TYPE_KEY",
     "DataError",
+    "DerivedRunWatcher",
     "ExperimentalScanAdapter",
     "LazyLibraryAdapter",
+    "LiveRun",
+    "RedisServer",
     "RefusedError",
     "ReplayResult",
     "RunNotFoundError",
@@ -156,7 +166,9 @@ __all__ = [
     "ServerConfig",
     "SimulatedLibraryAdapter",
     "SpooledTiledWriter",
+    "StreamLostError",
     "TiledServer",
+    "WatchEvent",
     "check_api_key",
     "contained_catalog",
     "derived_catalog",
@@ -176,6 +188,7 @@ __all__ = [
     "runs_by_scan_type",
     "server_config",
     "tiled_writer",
+    "watch",
     "write_server_config",
     "writer_batch_size",
 ]
