@@ -765,6 +765,7 @@
         ctx.putImageData(image, 0, 0);
       }
       this.renderLegend(present);
+      this.renderHeader(); // the row counts
     }
 
     renderLegend(present) {
