@@ -43,6 +43,7 @@ from nanobeam_bluesky.devices import (
     RasterPath,
     fly_raster_scan,
 )
+from nanobeam_bluesky.errors import InputError
 from nanobeam_bluesky.inference import Flag, InstrumentMismatchError, Predictor
 from nanobeam_bluesky.phantoms import Phantom
 from nanobeam_bluesky.physics import Instrument
@@ -671,3 +672,21 @@ def test_stream_join_blocks_carry_flags_from_the_start() -> None:
         assert block.flags.dtype == FLAG_DTYPE and len(block.flags) == len(block)
     assert np.all(readable.flags == 0)
     assert np.all(unreadable.flags == Flag.INVALID)
+
+
+@pytest.mark.unit
+def test_cached_simulator_frames_are_the_simulated_ones(phantom) -> None:
+    """FrameSimulator(cache_frames=...) keeps noise-free frames by the sample's values: the same
+    expected counts (float32 rounding of the exposure scaling), filled in one batch by prepare."""
+    sample = phantom(8, PIXEL_UM)
+    x = np.linspace(0, 0.7, 8)
+    y = np.full(8, 0.3)
+    plain = FrameSimulator(sample)
+    cached = FrameSimulator(sample, cache_frames=4)
+    with pytest.raises(InputError, match="cache_frames"):
+        plain.prepare(x, y)
+    cached.prepare(x[:4], y[:4])
+    np.testing.assert_allclose(
+        cached.expected_counts(x, y, 0.01), plain.expected_counts(x, y, 0.01), rtol=3e-7, atol=0
+    )
+    assert len(cached._cache) == 4  # the oldest evicted beyond cache_frames
