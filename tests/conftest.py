@@ -108,6 +108,7 @@ INTEGRATION_MODULES = {
     "test_readers",
     "test_readme",
     "test_security",
+    "test_streaming",
     "test_tiled",
 }
 

@@ -407,10 +407,16 @@ class DerivedRunWatcher:
                 yield from self._maintain()
             except (InputError, StreamLostError):
                 raise
-            except Exception as exc:  # the server went away between two calls: retried later
+            except Exception as exc:
+                if self._is_missing(exc):
+                    # the run or its table is being written anew (a spool's rewrite after an
+                    # outage): subscribe again once it is back
+                    self._drop_table()
+                    self._retry_at["table"] = time.monotonic() + _RETRY_MIN_S
+                    continue
                 if not self._is_connection_error(exc):
                     raise
-                yield from self._lost("catalog", exc)
+                yield from self._lost("catalog", exc)  # the server went away: retried later
             if self.run is not None and self.run.finished and not self.follow:
                 return
 
@@ -541,6 +547,11 @@ class DerivedRunWatcher:
         return isinstance(exc, httpx.TransportError | ConnectionError | OSError) or (
             isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
         )
+
+    @staticmethod
+    def _is_missing(exc: BaseException) -> bool:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return isinstance(exc, KeyError) or status == 404
 
     @staticmethod
     def _is_refusal(exc: BaseException) -> bool:
