@@ -169,6 +169,11 @@ def run_demo(
 
     config = ServerConfig(data_dir=out / "tiled", readable=(detector_dir,), port=port or free_port())
     log(f"[1/4] starting Tiled on {config.url} (SQLite catalog in {config.data_dir})")
+    # `nanobeam serve` streams every write (the in-memory store): the analysis can be followed
+    log(
+        f"      follow the analysis live from another shell: NANOBEAM_TILED_API_KEY=$(cat "
+        f"{config.data_dir / 'api_key'}) nanobeam watch {config.url}"
+    )
     server = TiledServer(config)
     result = DemoResult(tiled_uri=config.runs_url, api_key=server.api_key, data_dir=config.data_dir)
     with server:
