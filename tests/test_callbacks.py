@@ -257,7 +257,7 @@ def test_model_error_mid_scan_is_flagged_and_the_scan_finishes(
     bl = beamline
     flaky = copy.copy(model.predictor)
     flaky.__class__ = FlakyPredictor
-    callback = NanobeamCallback(flaky, batch_size=4)
+    callback = NanobeamCallback(flaky, batch_size=4, warm_up=False)  # counts model calls
     derived = Recorder()
     callback.subscribe(derived)
     bl.RE.subscribe(callback)
@@ -293,7 +293,7 @@ def test_a_stalled_model_never_holds_the_scan_and_loses_nothing(
     bl = beamline
     stalled = copy.copy(model.predictor)
     stalled.__class__ = StalledPredictor
-    callback = NanobeamCallback(stalled, batch_size=4, lag_warning_s=0.0)
+    callback = NanobeamCallback(stalled, batch_size=4, lag_warning_s=0.0, warm_up=False)
     derived = Recorder()
     callback.subscribe(derived)
     bl.RE.subscribe(callback)
@@ -497,7 +497,7 @@ def test_a_base_exception_from_the_model_flags_the_rows_and_the_thread_lives_on(
 
     aborting = copy.copy(model.predictor)
     aborting.__class__ = AbortingPredictor
-    callback = NanobeamCallback(aborting)
+    callback = NanobeamCallback(aborting, warm_up=False)  # counts model calls
     derived = Recorder()
     callback.subscribe(derived)
     frames = to_counts(simulate([0.0] * 3, [0.01] * 3, [0.0] * 3), 7.0, scale=1.0, rng=4).astype(np.uint16)
@@ -690,3 +690,26 @@ def test_cached_simulator_frames_are_the_simulated_ones(phantom) -> None:
         cached.expected_counts(x, y, 0.01), plain.expected_counts(x, y, 0.01), rtol=3e-7, atol=0
     )
     assert len(cached._cache) == 4  # the oldest evicted beyond cache_frames
+
+
+class CountingPredictor(Predictor):
+    """The real model, counting its calls."""
+
+    calls = 0
+
+    def analyse(self, frames, **kwargs):
+        type(self).calls += 1
+        return super().analyse(frames, **kwargs)
+
+
+def test_the_model_is_warmed_up_before_the_first_scan(model: ModelUnderTest) -> None:
+    """The model's first call (kernels, physics check: ~1 s) is made on the analysis thread at
+    construction, not when the first scan's frames arrive."""
+    counting = copy.copy(model.predictor)
+    counting.__class__ = CountingPredictor
+    callback = NanobeamCallback(counting)
+    assert callback.flush(timeout=60)  # the warm-up was queued first
+    assert CountingPredictor.calls == 1 and callback.stats.frames_received == 0
+    callback.close()
+    NanobeamCallback(counting, warm_up=False).close()
+    assert CountingPredictor.calls == 1

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 from event_model import DocumentRouter, Filler, RunRouter
 from event_model.documents import EventPage
 
@@ -50,6 +51,9 @@ class _Barrier:
 
 
 _CLOSE = object()
+#: Queued first at construction: the model's first call (building its kernels and physics check,
+#: ~1.3 s here) happens before the first scan's frames, not during them.
+_WARM_UP = object()
 
 
 class _Unfilled(DocumentRouter):
@@ -142,6 +146,9 @@ class NanobeamCallback(DocumentRouter):
         emit: event-model's ``DocumentRouter`` hook: a callable ``emit(name, doc)`` given every
             derived document after the subscribers, on their thread (held by a weak reference,
             as event-model does).
+        warm_up: start the analysis thread now and make the model's first call on it (its
+            kernels and physics check are built then, ~1 s), so that the first scan's rows are
+            not held up by it.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class NanobeamCallback(DocumentRouter):
         fit_film: bool = True,
         frame_time_key: str | None = None,
         emit: Callable[[str, Any], Any] | None = None,
+        warm_up: bool = True,
     ) -> None:
         super().__init__(emit=emit)
         if batch_size < 1:
@@ -215,6 +223,9 @@ class NanobeamCallback(DocumentRouter):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        if warm_up:
+            self._ensure_worker()
+            self._queue.put(_WARM_UP)
 
     # ------------------------------------------------------------------ public API
     def subscribe(self, func: DocumentCallback, name: str = "all", *, main_thread: bool = False) -> int:
@@ -429,6 +440,9 @@ class NanobeamCallback(DocumentRouter):
     def _handle(self, item: Any) -> None:
         if item is None:
             return
+        if item is _WARM_UP:
+            self._warm_up()
+            return
         if isinstance(item, _Barrier):
             self._analyse_all(force=True)
             item.done.set()
@@ -442,6 +456,16 @@ class NanobeamCallback(DocumentRouter):
                     self._runs.pop(run_uid, None)
                     for uid in [u for u, plan in list(self._plans.items()) if plan.run_uid == run_uid]:
                         del self._plans[uid]
+
+    def _warm_up(self) -> None:
+        f = self.predictor.frame_pixels
+        try:
+            self.predictor.physics_check(self.instrument)
+            self.predictor.analyse(
+                np.zeros((2, f, f), dtype=np.float32), instrument=self.instrument, check_instrument=False
+            )
+        except Exception:  # a real frame will meet the same error, flagged there
+            logger.debug("NanobeamCallback: warming up the model failed", exc_info=True)
 
     def _analyse_all(self, force: bool = False) -> None:
         for run in list(self._runs.values()):
