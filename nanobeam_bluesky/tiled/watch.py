@@ -468,6 +468,12 @@ class DerivedRunWatcher:
             yield from self._lost(source, detail)
         elif kind == "ended":
             self._stream_ok[source] = False
+            if source == "table" and run is not None and not run.finished and self._check_stop():
+                # TiledWriter closes the table's stream after it writes the stop document: the
+                # close may come before the catalog's update says so (two sockets)
+                self._table_sub = None
+                yield from self._finish()
+                return
             if source == "catalog":
                 self._catalog_sub = None
             elif self._table_sub is not None:
