@@ -318,9 +318,9 @@ def _add_serve(sub) -> None:
 
 # ------------------------------------------------------------------ watch
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .tiled.watch import watch
+    from .tiled.watch import watch_run
 
-    watch(
+    watch_run(
         args.uri,
         api_key=args.api_key,
         run=args.run,

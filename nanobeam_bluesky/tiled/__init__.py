@@ -76,7 +76,7 @@ if TYPE_CHECKING:
         write_server_config,
     )
     from .spool import RunSpool, SpooledTiledWriter
-    from .watch import DerivedRunWatcher, LiveRun, StreamLostError, WatchEvent, watch
+    from .watch import DerivedRunWatcher, LiveRun, StreamLostError, WatchEvent, watch_run
 
 #: The re-exported names by the module that defines them.
 _MODULES: dict[str, tuple[str, ...]] = {
@@ -130,7 +130,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "write_server_config",
     ),
     ".spool": ("RunSpool", "SpooledTiledWriter"),
-    ".watch": ("DerivedRunWatcher", "LiveRun", "StreamLostError", "WatchEvent", "watch"),
+    ".watch": ("DerivedRunWatcher", "LiveRun", "StreamLostError", "WatchEvent", "watch_run"),
     "._redis": ("RedisServer",),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
@@ -188,7 +188,7 @@ __all__ = [
     "runs_by_scan_type",
     "server_config",
     "tiled_writer",
-    "watch",
+    "watch_run",
     "write_server_config",
     "writer_batch_size",
 ]

@@ -33,7 +33,7 @@ from .._schema import RESULT_UNITS
 from ..errors import InputError, NanobeamError
 from .catalog import PARENT_UID_KEY, derived_catalog
 
-__all__ = ["DerivedRunWatcher", "LiveRun", "Rows", "StreamLostError", "WatchEvent", "as_rows", "watch"]
+__all__ = ["DerivedRunWatcher", "LiveRun", "Rows", "StreamLostError", "WatchEvent", "as_rows", "watch_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -626,7 +626,7 @@ class _Maps:
         return True
 
 
-def watch(
+def watch_run(
     uri: str,
     *,
     api_key: str | None = None,
