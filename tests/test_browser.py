@@ -247,3 +247,45 @@ def test_after_a_server_restart_the_page_keeps_its_maps_and_follows_the_next_run
         lambda: page.view("selectedRun()") == uid and page.view("complete()"), 60, "follow the next run"
     )
     assert page.filled() == N * N
+
+
+def test_redis_going_away_mid_scan_is_said_on_the_page_and_storage_is_unaffected(
+    driver: Any, tmp_path: Path, model, phantom
+):
+    """A server whose stream goes through a real redis-server: Redis is killed halfway through the
+    scan. The page says it lost the live feed and keeps its maps; every row is still stored."""
+    from nanobeam_bluesky.errors import InputError
+    from nanobeam_bluesky.tiled import RedisServer
+    from nanobeam_bluesky.tiled._redis import find_redis_server
+
+    try:
+        find_redis_server()
+    except InputError as exc:  # CI installs it (.ci/run)
+        pytest.skip(f"redis-server not installed: {exc}")
+    with RedisServer(tmp_path / "redis", port=free_port()) as redis:
+        config = ServerConfig(
+            data_dir=tmp_path / "tiled", port=free_port(), lazy_library=False, stream_cache=redis.uri
+        )
+        with TiledServer(config) as server:
+            page = Page(driver, config.live_url)
+            page.open(f"key={server.api_key}")
+            _wait_for(lambda: page.view("status()") == "live", 60, "connect")
+
+            def kill_redis() -> Any:
+                # Midway, once the page shows rows of this run: the feed goes away.
+                _wait_for(lambda: page.filled() > 0, 60, "show the first rows")
+                redis.kill()
+                yield from ()
+
+            uid = _scan(server, model, phantom, midway=kill_redis)
+            _wait_for(lambda: page.view("status()") != "live", 60, "notice the lost feed")
+            message = page.view("message()")
+            # The server itself still answers: the page says the stream is what is down.
+            _wait_for(lambda: "live stream does not" in page.view("message()"), 30, "say the stream is down")
+            message = page.view("message()")
+            assert "Redis" in message and "maps keep what they have" in message, message
+            assert 0 < page.filled() <= N * N and page.view("selectedRun()") == uid
+            driver.save_screenshot(str(tmp_path / "redis-lost.png"))
+            # Storage unaffected: every raw frame has its stored derived row.
+            stored = server.client("derived")[uid]["primary"].read()
+            assert sorted(np.asarray(stored["raw_seq_num"]).tolist()) == list(range(1, N * N + 1))

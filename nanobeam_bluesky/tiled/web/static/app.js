@@ -237,6 +237,23 @@
     return `The live stream closed (${code}${reason ? ": " + reason : ""}). Reconnecting in ${seconds} s.`;
   }
 
+  // A stream that cannot connect (1006) may be a server that is down, or one that answers but
+  // whose stream cache (Redis) is gone: ask its health endpoint and say which.
+  function showLoss(code, reason, delay) {
+    showMessage(describeLoss(code, reason, delay));
+    if (code !== 1006) return;
+    fetch("/healthz", { cache: "no-store" })
+      .then((response) => {
+        if (!response.ok) return;
+        const seconds = (delay / 1000).toFixed(1);
+        showMessage(
+          `The server answers, but its live stream does not (its stream cache, e.g. Redis, may be down). ` +
+            `Reconnecting in ${seconds} s; the maps keep what they have, missing rows are read when it is back.`,
+        );
+      })
+      .catch(() => {}); // down indeed: the message above stands
+  }
+
   // ------------------------------------------------------------------ formatting
   function unitName(units) {
     if (units === undefined || units === null) return "";
@@ -467,7 +484,7 @@
         },
         lost: (code, reason, delay) => {
           setStatus("reconnecting", "reconnecting…");
-          showMessage(describeLoss(code, reason, delay));
+          showLoss(code, reason, delay);
         },
       }, 1);
       this.streams.push(table.open());
@@ -483,7 +500,7 @@
             }
           },
           end: () => resolve(),
-          lost: (code, reason, delay) => showMessage(describeLoss(code, reason, delay)),
+          lost: (code, reason, delay) => showLoss(code, reason, delay),
         }, 1);
         this.streams.push(stream.open());
         setStatus("waiting", `waiting for the run's ${key === "internal" ? "first rows" : "stream"}…`);
@@ -905,7 +922,7 @@
       },
       lost: (code, reason, delay) => {
         setStatus("reconnecting", "reconnecting…");
-        showMessage(describeLoss(code, reason, delay));
+        showLoss(code, reason, delay);
       },
     });
     state.runsStream.open();
