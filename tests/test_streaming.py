@@ -65,6 +65,38 @@ def redis_server(tmp_path_factory, redis):
         yield server
 
 
+@pytest.fixture(scope="module")
+def sentinel_server(tmp_path_factory, redis):
+    """The stream through Redis Sentinel, as a facility runs it: a real sentinel process
+    (``redis-server --sentinel``) watching the Redis above as service "nanobeam"."""
+    directory = tmp_path_factory.mktemp("sentinel")
+    port = free_port()
+    conf = directory / "sentinel.conf"  # the sentinel rewrites its config: a file of its own
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor nanobeam 127.0.0.1 {redis.port} 1\n"
+        "sentinel down-after-milliseconds nanobeam 60000\n"
+    )
+    sentinel = subprocess.Popen(
+        [find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        probe = RedisServer(directory, port=port)  # only its PING
+        deadline = time.monotonic() + 20
+        while not probe.ping():
+            assert sentinel.poll() is None and time.monotonic() < deadline, "redis sentinel did not start"
+            time.sleep(0.05)
+        with _server(
+            tmp_path_factory.mktemp("stream-sentinel"),
+            redis_sentinels=(f"127.0.0.1:{port}",),
+            redis_service="nanobeam",
+        ) as server:
+            yield server
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+
+
 def _detector(x, y):
     import ophyd.sim
 
@@ -171,7 +203,7 @@ def _assert_rows_are_the_stored_ones(watching: _Watching, server: TiledServer) -
     assert run.n_flagged == int(np.count_nonzero(stored["flag"].read()))
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", "redis", "sentinel"])
 def test_derived_rows_reach_a_watcher_as_they_are_written(store, request, model):
     server = request.getfixturevalue(f"{store}_server")
     # follow: the module's server may hold earlier runs; the newest then is one of those
@@ -193,6 +225,15 @@ def test_derived_rows_reach_a_watcher_as_they_are_written(store, request, model)
     (finished,) = [e for e in watching.events if e.kind == "finished"]
     assert "lost" not in watching.kinds() and watching.kinds()[0] == "run"
     assert "16/16 rows" in finished.message and "deg" in finished.message
+    if store != "memory":  # the rows went through the Redis (found via the sentinel there)
+        import hashlib
+
+        import redis as redis_client
+
+        database = server.config.derived_database()
+        namespace = f"nanobeam:derived:{hashlib.sha256(database.encode()).hexdigest()[:12]}"
+        port = request.getfixturevalue("redis").port
+        assert redis_client.Redis(port=port).keys(f"*{namespace}:*"), namespace
 
 
 def test_watch_command_prints_progress_and_the_end(memory_server, model):
