@@ -78,6 +78,26 @@ def _add_preview(sub) -> None:
 
 
 # ------------------------------------------------------------------ train
+def _recipe_changes(args: argparse.Namespace, *, plan_fields: bool = True) -> dict[str, Any]:
+    """The recipe fields the command line sets (``plan_fields``: epochs, frames and pool too)."""
+    values = {
+        "thickness_spread": args.thickness_spread,
+        "background_max": args.background_max,
+        "mask_fraction": args.mask_fraction,
+        "batch_size": args.batch_size,
+    }
+    if plan_fields:
+        values |= {
+            "epochs": args.epochs,
+            "frames_per_epoch": args.frames_per_epoch,
+            "pool_size": args.pool_size,
+        }
+    changes: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+    if args.hidden:
+        changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
+    return changes
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
@@ -85,27 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .training import RECIPES, train_ensemble
 
-    recipe = RECIPES[args.recipe]
-    changes = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "frames_per_epoch": args.frames_per_epoch,
-            "pool_size": args.pool_size,
-            "batch_size": args.batch_size,
-            "thickness_spread": args.thickness_spread,
-            "background_max": args.background_max,
-            "mask_fraction": args.mask_fraction,
-        }.items()
-        if v is not None
-    }
-    if args.hidden:
-        changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
-    recipe = recipe.replace(**changes)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but torch sees no CUDA device")
-    members = args.members if args.members is not None else (1 if recipe.name == "paper" else 4)
+    # No --recipe: both stages in one file, unless --base names a coarse model (then as before:
+    # the default recipe, which refuses a base).
+    recipe_name = args.recipe or ("default" if args.base else "two-stage")
     command = "nanobeam " + " ".join(shlex.quote(a) for a in args.argv)
+    if recipe_name == "two-stage":
+        return _train_two_stage(args, command)
+    if args.time_budget is not None:
+        raise InputError(
+            f"--time-budget plans both stages: leave out --recipe {recipe_name} (or give --recipe two-stage)"
+        )
+    recipe = RECIPES[recipe_name].replace(**_recipe_changes(args))
+    members = args.members if args.members is not None else (1 if recipe.name == "paper" else 4)
     sha, meta = train_ensemble(
         recipe,
         members,
@@ -118,29 +131,108 @@ def cmd_train(args: argparse.Namespace) -> int:
         command=command,
         base=args.base,
     )
-    ens = meta["metrics"]["ensemble"]
     what = f"{members} refining members on {args.base}" if "refiner" in meta else f"{members} members"
     print(f"wrote {args.out} ({what}, sha256 {sha[:12]})")
+    _print_test_rmse(meta["metrics"]["ensemble"])
+    return 0
+
+
+def _print_test_rmse(ens: dict[str, Any]) -> None:
     film = f", film {ens['rmse_thickness']:.3g} A" if "rmse_thickness" in ens else ""
     print(
         "test RMSE of the networks: strain {rmse_strain:.3g}, omega {rmse_omega:.3g} deg, chi {rmse_chi:.3g} "
         "deg{film}".format(**ens, film=film)
     )
+
+
+def _train_two_stage(args: argparse.Namespace, command: str) -> int:
+    """``nanobeam train --instrument X --out Y [--time-budget 60m]``: both stages, one file."""
+    import dataclasses
+    from pathlib import Path
+
+    from .training import DEFAULT_RECIPE, REGISTERED_RECIPE
+    from .training.plan import check_roi_holds, load_plan, parse_duration, plan_two_stage, train_two_stage
+
+    if args.base:
+        raise InputError(
+            "--base is for --recipe registered; the two-stage training makes its own coarse stage"
+        )
+    if args.library:
+        raise InputError("--library is for --recipe paper; the two-stage training simulates its frames")
+    budget_s = parse_duration(args.time_budget or "60m")
+    instrument = _instrument(args.instrument)
+    check_roi_holds(instrument)
+    workdir = Path(args.workdir) if args.workdir else Path(f"{args.out}.work")
+    plan = load_plan(workdir, budget_s, instrument, args.seed)
+    if plan is None:
+        changes = _recipe_changes(args, plan_fields=False)
+        print(f"timing a few training steps of each stage on {args.device} ...", flush=True)
+        plan = plan_two_stage(
+            budget_s,
+            instrument,
+            coarse=DEFAULT_RECIPE.replace(**changes),
+            refiner=REGISTERED_RECIPE.replace(**changes),
+            device=args.device,
+        )
+        # Explicit --members / --epochs / --frames-per-epoch / --pool-size override the plan's.
+        overrides = {
+            k: v
+            for k, v in {
+                "epochs": args.epochs,
+                "frames_per_epoch": args.frames_per_epoch,
+                "pool_size": args.pool_size,
+            }.items()
+            if v is not None
+        }
+        if overrides or args.members is not None:
+            members = {"coarse_members": args.members, "refiner_members": args.members}
+            if args.members is None:
+                members = {}
+            plan = dataclasses.replace(
+                plan,
+                coarse=plan.coarse.replace(**overrides),
+                refiner=plan.refiner.replace(**overrides),
+                **members,
+            )
+    print(plan.describe(), flush=True)
+    sha, meta = train_two_stage(
+        plan, args.out, instrument, workdir=workdir, seed=args.seed, device=args.device, command=command
+    )
+    print(
+        f"wrote {args.out} (two stages: {plan.coarse_members} coarse + {plan.refiner_members} refining "
+        f"members, sha256 {sha[:12]}; checkpoints in {workdir})"
+    )
+    _print_test_rmse(meta["metrics"]["ensemble"])
     return 0
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an ensemble (paper, default or registered recipe) into a file")
+    p = sub.add_parser(
+        "train", help="train a model for an instrument (both stages, or one recipe's ensemble) into a file"
+    )
     p.add_argument(
         "--recipe",
-        choices=["default", "paper", "registered"],
-        default="default",
-        help="registered: the refining stage for the --base model (see README)",
+        choices=["two-stage", "default", "paper", "registered"],
+        default=None,
+        help="two-stage (when no --recipe is given): the coarse ensemble and its refining stage in one "
+        "file, planned to --time-budget; default: the coarse ensemble alone; registered: the refining "
+        "stage for the --base model (see README)",
+    )
+    p.add_argument(
+        "--time-budget",
+        default=None,
+        help="two-stage: wall-clock time to plan both stages for, e.g. 90s, 45m, 1h, 1.5h (default 60m)",
     )
     p.add_argument("--base", default=None, help="coarse model file the registered recipe refines")
-    p.add_argument("--members", type=int, default=None, help="ensemble size (default 4; paper 1)")
+    p.add_argument(
+        "--members", type=int, default=None, help="ensemble size (default 4; paper 1; two-stage: planned)"
+    )
     p.add_argument("--out", required=True, help="model file to write (.pt)")
-    p.add_argument("--workdir", default=None, help="checkpoints and metrics logs; resumes from it")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="checkpoints and metrics logs; the same command resumes from it (two-stage default: OUT.work)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
     p.add_argument(
         "--frames-per-epoch",

@@ -110,6 +110,7 @@ INTEGRATION_MODULES = {
     "test_security",
     "test_streaming",
     "test_tiled",
+    "test_train_command",
 }
 
 

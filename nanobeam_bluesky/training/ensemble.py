@@ -98,6 +98,7 @@ def train_ensemble(
     progress: bool = True,
     command: str | None = None,
     base: str | Path | None = None,
+    pbar: Any = None,
 ) -> tuple[str, dict[str, Any]]:
     """Train ``n_members`` networks (seeds seed, seed+1, ...) and save them as one model file.
 
@@ -106,7 +107,8 @@ def train_ensemble(
     is not retrained.
 
     The ``registered`` recipe trains a refining stage for the coarse ensemble in the model file
-    ``base`` (same instrument); the file written holds both stages.
+    ``base`` (same instrument); the file written holds both stages. ``pbar``: one progress bar
+    over all members (and whatever else shares it), advanced by each member's steps.
     """
     import torch
 
@@ -139,6 +141,8 @@ def train_ensemble(
             saved = torch.load(done, weights_only=True)
             states.append(saved["state_dict"])
             member_metrics.append(json.loads(saved["metrics"]))
+            if pbar is not None:
+                pbar.update(recipe.epochs * -(-recipe.frames_per_epoch // recipe.batch_size))
             continue
         result = train_member(
             recipe,
@@ -148,6 +152,7 @@ def train_ensemble(
             device=device,
             library=library,
             progress=progress,
+            pbar=pbar,
         )
         states.append(result.state_dict)
         member_metrics.append(result.metrics)

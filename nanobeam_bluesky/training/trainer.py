@@ -321,11 +321,15 @@ def train_member(
     library: str | None = None,
     progress: bool = True,
     resume: bool = True,
+    pbar: Any = None,
 ) -> MemberResult:
     """Train one network; returns the best-validation weights and its metrics.
 
     With ``workdir``, writes ``metrics.csv`` (one row per epoch) and ``checkpoint.pt`` after every
     epoch, and resumes from that checkpoint when it matches this recipe and seed.
+
+    ``pbar``: a progress bar shared with other members (one ETA over a whole plan); it advances by
+    this member's ``epochs`` x steps per epoch in all, resumed, trained or stopped early.
     """
     torch.manual_seed(seed)
     bar = tqdm if progress else None
@@ -350,13 +354,18 @@ def train_member(
         state = _Progress.resume(workdir / "checkpoint.pt", identity, model, optimiser, device)
 
     steps_per_epoch = data.steps_per_epoch()
-    pbar = tqdm(
-        total=recipe.epochs * steps_per_epoch,
-        initial=(state.epoch + 1) * steps_per_epoch,
-        desc=f"{recipe.name} seed {seed}",
-        disable=not progress,
-        unit="step",
-    )
+    shared = pbar is not None
+    if pbar is None:
+        pbar = tqdm(
+            total=recipe.epochs * steps_per_epoch,
+            initial=(state.epoch + 1) * steps_per_epoch,
+            desc=f"{recipe.name} seed {seed}",
+            disable=not progress,
+            unit="step",
+        )
+    else:
+        pbar.set_description(f"{recipe.name} seed {seed}")
+        pbar.update((state.epoch + 1) * steps_per_epoch)
     start_time = time.perf_counter()
     stopped_early = False
     for epoch in range(state.epoch + 1, recipe.epochs):
@@ -381,7 +390,10 @@ def train_member(
         if _should_stop(recipe, epoch, state.since_best):
             stopped_early = True
             break
-    pbar.close()
+    if shared:  # the steps an early stop skipped: the shared bar's total counts them
+        pbar.update((recipe.epochs - 1 - max(state.epoch, -1)) * steps_per_epoch)
+    else:
+        pbar.close()
     return _best_member(recipe, seed, state, model, objective, data, device, stopped_early)
 
 

@@ -1,0 +1,443 @@
+"""One command for both stages: the coarse ensemble, then its refining stage, within a time budget.
+
+:func:`plan_two_stage` times a few real training steps of each stage on this machine and splits
+the budget into members, epochs and frames per epoch; :func:`train_two_stage` runs the plan, with
+one progress bar (and its ETA) over all of it, resumable from its ``workdir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..models import build_model
+from ..physics import Instrument, simulate
+from .data import OnTheFlyData
+from .recipes import DEFAULT_RECIPE, REGISTERED_RECIPE, Recipe
+from .trainer import objective_for
+
+__all__ = [
+    "MIN_COARSE_EPOCHS",
+    "MIN_FRAMES_PER_EPOCH",
+    "MIN_REFINER_EPOCHS",
+    "StageRates",
+    "TwoStagePlan",
+    "check_roi_holds",
+    "load_plan",
+    "measure_rates",
+    "parse_duration",
+    "plan_two_stage",
+    "train_two_stage",
+]
+
+#: The share of the budget given to the coarse stage (the shipped default spent 84 % there: 2 x 33
+#: min coarse, 2 x 6 min refining).
+COARSE_SHARE = 0.8
+#: The smallest plan worth training: 3 coarse epochs (warm-up, then a cosine decay to converge on)
+#: and 2 refining epochs, each of at least this many frames. Below that a member sees fewer frames
+#: than the 41^3 grid library holds once, and the coarse stage's error is too large to register on.
+MIN_COARSE_EPOCHS = 3
+MIN_REFINER_EPOCHS = 2
+MIN_FRAMES_PER_EPOCH = 20_000
+#: Epochs aimed for when the budget allows (the shipped default's: 14 coarse, 3 refining).
+TARGET_COARSE_EPOCHS = 14
+TARGET_REFINER_EPOCHS = 3
+#: Budget from which each stage trains two members (ensemble spread, 2 % better strain).
+TWO_MEMBERS_FROM_S = 20 * 60
+#: The ROI must hold at least this fraction of a frame's intensity at every edge of the box.
+MIN_INTENSITY_IN_ROI = 0.7
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``45m``, ``1h``, ``1.5h`` (a bare number is minutes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*", text)
+    if match is None:
+        raise InputError(f"time budget {text!r}: give a duration such as 90s, 45m, 1h or 1.5h")
+    unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 60}[match.group(2)]
+    seconds = float(match.group(1)) * unit
+    if seconds <= 0:
+        raise InputError(f"time budget {text!r} must be positive")
+    return seconds
+
+
+def check_roi_holds(instrument: Instrument, min_fraction: float = MIN_INTENSITY_IN_ROI) -> None:
+    """Refuse an instrument whose diffraction falls off the model's ROI at the box's edges.
+
+    Simulates the box's corners, edge and face centres on a ROI twice as wide (same binning) and
+    measures the share of each frame's intensity that the instrument's ROI holds.
+    """
+    wide = dataclasses.replace(instrument, roi_pixels=2 * instrument.roi_pixels)
+    side = instrument.frame_pixels
+    ranges = list(instrument.parameter_ranges.values())
+    points = np.array(list(itertools.product(*[(lo, (lo + hi) / 2, hi) for lo, hi in ranges])))
+    frames = simulate(points[:, 0], points[:, 1], points[:, 2], wide, upsample=2).astype(np.float64)
+    lo = side // 2
+    total = frames.sum(axis=(1, 2))
+    inside = frames[:, lo : lo + side, lo : lo + side].sum(axis=(1, 2))
+    share = np.where(total > 0, inside / np.where(total > 0, total, 1), 0.0)
+    worst = int(np.argmin(share))
+    if share[worst] >= min_fraction:
+        return
+    strain, omega, chi = points[worst]
+    frame = frames[worst]
+    where = ""
+    if total[worst] > 0:
+        rows, cols = np.nonzero(frame > 1e-3 * frame.max())
+        where = (
+            f"; its lit pixels span rows {rows.min() - lo}..{rows.max() - lo} and columns "
+            f"{cols.min() - lo}..{cols.max() - lo} of the ROI's 0..{side - 1}"
+        )
+    raise InputError(
+        f"the {side}x{side} ROI cannot hold this instrument's frames: at the box edge strain "
+        f"{strain:.4g}, omega {omega:.4g} deg, chi {chi:.4g} deg only {100 * share[worst]:.0f} % of the "
+        f"frame's intensity lands in the ROI (at least {100 * min_fraction:.0f} % needed){where}. Use "
+        f"a larger ROI or more binning (roi_pixels {instrument.roi_pixels}, binning {instrument.binning}), "
+        "a shorter detector distance, or a smaller parameter box"
+    )
+
+
+@dataclass(frozen=True)
+class StageRates:
+    """Measured on this machine: seconds per training step and per simulated frame."""
+
+    step_s: float
+    frame_s: float
+
+    def member_seconds(self, recipe: Recipe) -> float:
+        """Estimated time of one member: its pool, its refreshes, its steps, its held-out frames."""
+        steps = recipe.epochs * math.ceil(recipe.frames_per_epoch / recipe.batch_size)
+        refreshed = recipe.pool_size * (1 + recipe.pool_refresh_fraction * (recipe.epochs - 1))
+        simulated = refreshed + 2 * recipe.validation_frames
+        evaluation = recipe.epochs * recipe.validation_frames / recipe.batch_size * self.step_s / 3
+        return steps * self.step_s + simulated * self.frame_s + evaluation
+
+
+def measure_rates(
+    recipe: Recipe, instrument: Instrument, device: str = "cpu", steps: int = 6, frames: int = 512
+) -> StageRates:
+    """Times ``frames`` simulated frames and ``steps`` training steps (after one warm-up step)."""
+    probe = recipe.replace(
+        pool_size=frames, pool_refresh_fraction=1.0, frames_per_epoch=(steps + 1) * recipe.batch_size
+    )
+    data = OnTheFlyData(instrument, probe, seed=12_345, device=device)
+    data.prepare(0)
+    # The first simulations in a process are several times slower (caches): the fastest of two more.
+    timings = []
+    for epoch in (1, 2):
+        start = time.perf_counter()
+        data.prepare(epoch)
+        timings.append(time.perf_counter() - start)
+    frame_s = min(timings) / frames
+    objective = objective_for(probe, instrument)
+    kwargs = {**probe.architecture_kwargs, **objective.model_kwargs}
+    model = build_model(probe.architecture, **kwargs).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=probe.learning_rate)
+    weights = objective.weights.to(device)
+    generators = (torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(1))
+    timed = 0.0
+    for i, (x, y) in enumerate(data.batches(0, generators, device)):
+        start = time.perf_counter()
+        out, target = objective.outputs_and_targets(model, x, y, generators[1])
+        loss = (((out - target) ** 2) * weights).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        loss.item()
+        if i > 0:  # the first step warms up the allocator and kernels
+            timed += time.perf_counter() - start
+    # The batches' noise is drawn inside the iterator, outside the timed span: add it by timing one.
+    start = time.perf_counter()
+    next(iter(data.batches(0, generators, device)))
+    noise_s = time.perf_counter() - start
+    return StageRates(step_s=timed / steps + noise_s, frame_s=frame_s)
+
+
+@dataclass(frozen=True)
+class TwoStagePlan:
+    """What a time budget buys: each stage's recipe and members, and the time they should take."""
+
+    coarse: Recipe
+    coarse_members: int
+    refiner: Recipe
+    refiner_members: int
+    coarse_rates: StageRates
+    refiner_rates: StageRates
+    budget_s: float
+
+    @property
+    def estimate_s(self) -> float:
+        return self.coarse_members * self.coarse_rates.member_seconds(
+            self.coarse
+        ) + self.refiner_members * self.refiner_rates.member_seconds(self.refiner)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(
+            members * recipe.epochs * math.ceil(recipe.frames_per_epoch / recipe.batch_size)
+            for recipe, members in ((self.coarse, self.coarse_members), (self.refiner, self.refiner_members))
+        )
+
+    def describe(self) -> str:
+        def stage(name: str, recipe: Recipe, members: int, rates: StageRates) -> str:
+            return (
+                f"{name}: {members} member(s) x {recipe.epochs} epochs x {recipe.frames_per_epoch:,} frames "
+                f"(pool {recipe.pool_size:,}; {1 / rates.step_s:.0f} steps/s of {recipe.batch_size}, "
+                f"~{members * rates.member_seconds(recipe) / 60:.1f} min)"
+            )
+
+        return "\n".join(
+            [
+                f"time budget {self.budget_s / 60:.1f} min, estimated {self.estimate_s / 60:.1f} min:",
+                "  " + stage("coarse", self.coarse, self.coarse_members, self.coarse_rates),
+                "  " + stage("refining", self.refiner, self.refiner_members, self.refiner_rates),
+            ]
+        )
+
+
+def _fit_stage(
+    recipe: Recipe, rates: StageRates, seconds: float, target_epochs: int, min_epochs: int
+) -> Recipe | None:
+    """The recipe whose member fits ``seconds``: most epochs up to ``target_epochs`` (more when the
+    frames per epoch reach the recipe's), frames per epoch to fill the rest; None if none fits."""
+    validation = recipe.validation_frames if seconds >= 10 * 60 else 1024
+    for epochs in range(target_epochs, min_epochs - 1, -1):
+        lo, hi = MIN_FRAMES_PER_EPOCH, recipe.frames_per_epoch
+        if _member_s(recipe, rates, epochs, lo, validation) > seconds:
+            continue
+        while hi - lo > recipe.batch_size:  # the most frames per epoch that fit
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _member_s(recipe, rates, epochs, mid, validation) <= seconds else (lo, mid)
+        frames = -(-lo // recipe.batch_size) * recipe.batch_size
+        if frames >= recipe.frames_per_epoch - recipe.batch_size and epochs == target_epochs:
+            # Time to spare at the recipe's frames per epoch: more epochs, up to the recipe's.
+            while epochs < recipe.epochs and (
+                _member_s(recipe, rates, epochs + 1, recipe.frames_per_epoch, validation) <= seconds
+            ):
+                epochs += 1
+            frames = recipe.frames_per_epoch
+        return recipe.replace(
+            epochs=epochs,
+            frames_per_epoch=frames,
+            pool_size=_pool(recipe, frames),
+            validation_frames=validation,
+        )
+    return None
+
+
+def _pool(recipe: Recipe, frames_per_epoch: int) -> int:
+    # A pool larger than an epoch's frames is simulated but never seen whole.
+    return max(4096, min(recipe.pool_size, frames_per_epoch))
+
+
+def _member_s(recipe: Recipe, rates: StageRates, epochs: int, frames: int, validation: int) -> float:
+    trial = recipe.replace(
+        epochs=epochs, frames_per_epoch=frames, pool_size=_pool(recipe, frames), validation_frames=validation
+    )
+    return rates.member_seconds(trial)
+
+
+def plan_two_stage(
+    budget_s: float,
+    instrument: Instrument,
+    *,
+    coarse: Recipe = DEFAULT_RECIPE,
+    refiner: Recipe = REGISTERED_RECIPE,
+    device: str = "cpu",
+    rates: tuple[StageRates, StageRates] | None = None,
+) -> TwoStagePlan:
+    """Members, epochs and frames per epoch of both stages that fit ``budget_s`` seconds.
+
+    ``rates`` (coarse, refining): measured with :func:`measure_rates` when not given. Raises
+    InputError when the budget cannot buy the smallest useful plan.
+    """
+    if rates is None:
+        rates = (measure_rates(coarse, instrument, device), measure_rates(refiner, instrument, device))
+    coarse_rates, refiner_rates = rates
+    members = 2 if budget_s >= TWO_MEMBERS_FROM_S else 1
+    # The smallest useful member of each stage; a short budget gives the refining stage at least
+    # that, the coarse stage the rest (it is where the accuracy is made).
+    coarse_min = _member_s(coarse, coarse_rates, MIN_COARSE_EPOCHS, MIN_FRAMES_PER_EPOCH, 1024)
+    refiner_min = _member_s(refiner, refiner_rates, MIN_REFINER_EPOCHS, MIN_FRAMES_PER_EPOCH, 1024)
+    refiner_s = max((1 - COARSE_SHARE) * budget_s / members, refiner_min)
+    coarse_s = budget_s / members - refiner_s
+    fitted_coarse = _fit_stage(coarse, coarse_rates, coarse_s, TARGET_COARSE_EPOCHS, MIN_COARSE_EPOCHS)
+    fitted_refiner = _fit_stage(refiner, refiner_rates, refiner_s, TARGET_REFINER_EPOCHS, MIN_REFINER_EPOCHS)
+    if fitted_coarse is None or fitted_refiner is None:
+        smallest = math.ceil(coarse_min + refiner_min)
+        raise InputError(
+            f"a time budget of {budget_s:.0f} s is too short for a useful model: the smallest (1 coarse "
+            f"member x {MIN_COARSE_EPOCHS} epochs and 1 refining member x {MIN_REFINER_EPOCHS} epochs, each "
+            f"of {MIN_FRAMES_PER_EPOCH:,} frames, the fewest that train a coarse stage to register on, at "
+            f"the measured {1 / coarse_rates.step_s:.0f} and {1 / refiner_rates.step_s:.0f} steps/s) needs "
+            f"about {smallest} s here; give --time-budget {smallest}s or more"
+        )
+    return TwoStagePlan(
+        fitted_coarse, members, fitted_refiner, members, coarse_rates, refiner_rates, budget_s
+    )
+
+
+def train_two_stage(
+    plan: TwoStagePlan,
+    out: str | Path,
+    instrument: Instrument,
+    *,
+    workdir: str | Path,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    command: str | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[str, dict[str, Any]]:
+    """Train the plan's coarse ensemble into ``workdir/coarse.pt``, then its refining stage into
+    ``out`` (one file, both stages). Re-running with the same ``workdir`` resumes: finished
+    members and a finished coarse stage are reused, an interrupted member resumes from its
+    last epoch's checkpoint."""
+    from .ensemble import train_ensemble
+
+    workdir = Path(workdir)
+    coarse_file = workdir / "coarse.pt"
+    plan_file = workdir / "plan.json"
+    _resume_note(workdir, plan, say)
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(_plan_identity(plan, instrument, seed))
+    bar = tqdm(total=plan.total_steps, desc="training (both stages)", unit="step", disable=not progress)
+    try:
+        if coarse_file.exists():
+            bar.update(plan.coarse_members * plan.coarse.epochs * _steps(plan.coarse))
+        else:
+            partial = workdir / "coarse.partial.pt"
+            train_ensemble(
+                plan.coarse,
+                plan.coarse_members,
+                partial,
+                instrument,
+                seed=seed,
+                workdir=workdir / "coarse",
+                device=device,
+                progress=progress,
+                command=command,
+                pbar=bar,
+            )
+            partial.replace(coarse_file)
+        refiner = _refiner_for(plan.refiner, coarse_file)
+        return train_ensemble(
+            refiner,
+            plan.refiner_members,
+            out,
+            instrument,
+            seed=seed,
+            workdir=workdir / "refiner",
+            device=device,
+            progress=progress,
+            command=command,
+            base=coarse_file,
+            pbar=bar,
+        )
+    finally:
+        bar.close()
+
+
+def _refiner_for(recipe: Recipe, coarse_file: Path) -> Recipe:
+    """The refining recipe trained on the coarse stage's own error: its registration jitter is
+    twice the coarse ensemble's test RMSE of (omega, chi), never below the recipe's."""
+    from ..models import load_model_file
+
+    _, meta = load_model_file(coarse_file)
+    ensemble = meta["metrics"]["ensemble"]
+    jitter = tuple(
+        max(default, 2 * float(ensemble[f"rmse_{name}"]))
+        for default, name in zip(recipe.registration_jitter_deg, ("omega", "chi"), strict=True)
+    )
+    return recipe.replace(registration_jitter_deg=jitter)
+
+
+def _steps(recipe: Recipe) -> int:
+    return math.ceil(recipe.frames_per_epoch / recipe.batch_size)
+
+
+def _plan_identity(plan: TwoStagePlan, instrument: Instrument, seed: int) -> str:
+    return json.dumps(
+        {
+            "coarse": plan.coarse.to_dict(),
+            "coarse_members": plan.coarse_members,
+            "refiner": plan.refiner.to_dict(),
+            "refiner_members": plan.refiner_members,
+            "coarse_rates": dataclasses.asdict(plan.coarse_rates),
+            "refiner_rates": dataclasses.asdict(plan.refiner_rates),
+            "budget_s": plan.budget_s,
+            "instrument": instrument.to_dict(),
+            "seed": seed,
+        },
+        sort_keys=True,
+        default=list,
+    )
+
+
+def _recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """A recipe read back from JSON (its tuples came back as lists)."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    values = {}
+    for key, value in data.items():
+        if key == "architecture_kwargs":
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        elif isinstance(value, list) and key in fields:
+            value = tuple(value)
+        values[key] = value
+    return Recipe(**values)
+
+
+def load_plan(workdir: str | Path, budget_s: float, instrument: Instrument, seed: int) -> TwoStagePlan | None:
+    """The plan an earlier run with this budget, instrument and seed saved in ``workdir``, if any:
+    a resumed run keeps its plan (a re-measured one would differ, and start afresh)."""
+    path = Path(workdir) / "plan.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    same = json.dumps(instrument.to_dict(), sort_keys=True, default=list) == json.dumps(
+        saved["instrument"], sort_keys=True, default=list
+    )
+    if not same or saved["seed"] != seed or not math.isclose(saved["budget_s"], budget_s):
+        return None
+    return TwoStagePlan(
+        _recipe_from_dict(saved["coarse"]),
+        int(saved["coarse_members"]),
+        _recipe_from_dict(saved["refiner"]),
+        int(saved["refiner_members"]),
+        StageRates(**saved["coarse_rates"]),
+        StageRates(**saved["refiner_rates"]),
+        float(saved["budget_s"]),
+    )
+
+
+def _resume_note(workdir: Path, plan: TwoStagePlan, say: Callable[[str], None]) -> None:
+    """One line saying what a re-run finds in ``workdir`` and reuses."""
+    if not workdir.exists():
+        return
+    done = sorted(workdir.glob("*/member-*/member.pt"))
+    started = sorted(workdir.glob("*/member-*/checkpoint.pt"))
+    if not done and not started:
+        return
+    parts = []
+    if (workdir / "coarse.pt").exists():
+        parts.append("the coarse stage is done")
+    if done:
+        parts.append(f"{len(done)} finished member(s) reused")
+    interrupted = [c for c in started if not (c.parent / "member.pt").exists()]
+    if interrupted:
+        ckpt = torch.load(interrupted[0], map_location="cpu", weights_only=True)
+        stage = interrupted[0].parent.parent.name
+        parts.append(f"{stage} {interrupted[0].parent.name} continues after epoch {int(ckpt['epoch']) + 1}")
+    say(f"resuming from {workdir}: " + ", ".join(parts))

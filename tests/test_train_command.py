@@ -1,0 +1,153 @@
+"""``nanobeam train --instrument X --out Y --time-budget T``: both stages in one command.
+
+One real training (tiny: 1 member per stage, 3 epochs of 4,096 frames) is interrupted after its
+first coarse epoch, re-run, and must resume rather than restart; the model it writes holds both
+stages and its refining stage beats its coarse stage on fresh simulated frames. The refusals (a
+ROI that cannot hold the frames, a budget too short) come before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nanobeam_bluesky.cli import main
+from nanobeam_bluesky.errors import InputError
+from nanobeam_bluesky.inference import Predictor
+from nanobeam_bluesky.physics import Instrument, simulate
+from nanobeam_bluesky.training import trainer
+from nanobeam_bluesky.training.data import random_parameters
+from nanobeam_bluesky.training.plan import (
+    MIN_FRAMES_PER_EPOCH,
+    StageRates,
+    check_roi_holds,
+    parse_duration,
+    plan_two_stage,
+)
+
+EPOCHS = 3
+TINY = ["--epochs", str(EPOCHS), "--frames-per-epoch", "4096", "--pool-size", "4096", "--members", "1"]
+
+
+@dataclasses.dataclass
+class Trained:
+    out: Path
+    first_calls: int
+    resumed_calls: int
+    resumed_output: str
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    """The tiny two-stage training, interrupted after one coarse epoch, then re-run to the end."""
+    tmp = tmp_path_factory.mktemp("train")
+    out, work = tmp / "model.pt", tmp / "work"
+    argv = ["train", "--out", str(out), "--time-budget", "3m", "--workdir", str(work), *TINY]
+    original = trainer._train_epoch
+    calls = {"n": 0}
+
+    def counting(*args: Any, interrupt_at: int | None = None, **kwargs: Any) -> tuple[float, float]:
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-epoch
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "_train_epoch", lambda *a, **k: counting(*a, interrupt_at=2, **k))
+        assert main(argv) == 130  # "interrupted", as after Ctrl-C
+    first = calls["n"]
+    assert (work / "coarse" / "member-0" / "checkpoint.pt").exists()
+    assert not out.exists()
+
+    calls["n"] = 0
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buffer):
+        mp.setattr(trainer, "_train_epoch", lambda *a, **k: counting(*a, **k))
+        assert main(argv) == 0
+    yield Trained(out, first, calls["n"], buffer.getvalue())
+
+
+def test_rerun_resumes_the_interrupted_member(trained: Trained) -> None:
+    # First run: epoch 0 finished (checkpointed), epoch 1 interrupted.
+    assert trained.first_calls == 2
+    assert "resuming from" in trained.resumed_output
+    assert "coarse member-0 continues after epoch 1" in trained.resumed_output
+    # The re-run trains the coarse stage's remaining epochs (1, 2) and the refining stage's, no more;
+    # it did not time the steps again (the saved plan is reused).
+    assert trained.resumed_calls == (EPOCHS - 1) + EPOCHS
+    assert "timing a few training steps" not in trained.resumed_output
+
+
+def test_one_command_writes_both_stages_and_refining_beats_coarse(trained: Trained) -> None:
+    predictor = Predictor.from_file(trained.out)
+    assert predictor.card.refiner is not None  # the card says: two stages
+    instrument = predictor.instrument
+    rng = np.random.default_rng(2024)  # fresh frames, none of the training's seeds
+    params = random_parameters(instrument, 1000, rng)
+    counts = rng.poisson(simulate(*params.T, instrument) * 7.0).astype(np.float32)
+    rmse = {
+        refine: np.sqrt(((predictor.predict_arrays(counts, refine=refine).mean - params) ** 2).mean(axis=0))
+        for refine in (False, True)
+    }
+    # Measured: the refining stage is 5-6x better in omega and chi than this tiny coarse stage;
+    # asked: better by at least a third.
+    for i, name in ((1, "omega"), (2, "chi")):
+        assert rmse[True][i] < 0.67 * rmse[False][i], (name, rmse)
+
+
+def test_roi_that_cannot_hold_the_frames_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    far = tmp_path / "far.yaml"
+    far.write_text("detector_distance_m: 1.2\n")
+    assert main(["train", "--instrument", str(far), "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "64x64 ROI cannot hold" in err and "% of the frame's intensity" in err
+    assert "larger ROI or more binning" in err and "smaller parameter box" in err
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.pt.work").exists()
+    check_roi_holds(Instrument())  # the shipped instrument's frames fit
+
+
+def test_budget_too_short_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.pt"
+    assert main(["train", "--out", str(out), "--time-budget", "5s"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "5 s is too short for a useful model" in err and "give --time-budget" in err
+    assert not out.exists() and not Path(f"{out}.work").exists()
+
+
+def test_plan_fits_the_budget_and_grows_with_it() -> None:
+    rates = (StageRates(step_s=1 / 30, frame_s=3e-4), StageRates(step_s=1 / 30, frame_s=3e-4))
+    short = plan_two_stage(300, Instrument(), rates=rates)
+    hour = plan_two_stage(3600, Instrument(), rates=rates)
+    for plan in (short, hour):
+        assert plan.estimate_s <= plan.budget_s * 1.01
+        assert plan.coarse.frames_per_epoch >= MIN_FRAMES_PER_EPOCH
+        assert plan.refiner.architecture == "registered_mlp"
+    assert (short.coarse_members, hour.coarse_members) == (1, 2)
+    assert (
+        hour.coarse.epochs * hour.coarse.frames_per_epoch
+        > short.coarse.epochs * short.coarse.frames_per_epoch
+    )
+    with pytest.raises(InputError, match="too short for a useful model"):
+        plan_two_stage(20, Instrument(), rates=rates)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("45m", 2700), ("1h", 3600), ("1.5h", 5400)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_duration_refuses_nonsense() -> None:
+    with pytest.raises(InputError, match=r"90s, 45m, 1h or 1\.5h"):
+        parse_duration("an hour")
