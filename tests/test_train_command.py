@@ -1,6 +1,7 @@
 """``nanobeam train --instrument X --out Y --time-budget T``: both stages in one command.
 
-One real training (tiny: 1 member per stage, 3 epochs of 4,096 frames) is interrupted after its
+One real training (tiny: 1 member per stage, 3 epochs of 4,096 frames, overriding what the 10 min
+budget plans; the machine's measured rate decides the smallest budget) is interrupted after its
 first coarse epoch, re-run, and must resume rather than restart; the model it writes holds both
 stages and its refining stage beats its coarse stage on fresh simulated frames. The refusals (a
 ROI that cannot hold the frames, a budget too short) come before any training.
@@ -26,8 +27,10 @@ from nanobeam_bluesky.training.plan import (
     MIN_FRAMES_PER_EPOCH,
     StageRates,
     check_roi_holds,
+    load_plan,
     parse_duration,
     plan_two_stage,
+    save_plan,
 )
 
 EPOCHS = 3
@@ -47,7 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     """The tiny two-stage training, interrupted after one coarse epoch, then re-run to the end."""
     tmp = tmp_path_factory.mktemp("train")
     out, work = tmp / "model.pt", tmp / "work"
-    argv = ["train", "--out", str(out), "--time-budget", "3m", "--workdir", str(work), *TINY]
+    argv = ["train", "--out", str(out), "--time-budget", "10m", "--workdir", str(work), *TINY]
     original = trainer._train_epoch
     calls = {"n": 0}
 
@@ -141,6 +144,18 @@ def test_plan_fits_the_budget_and_grows_with_it() -> None:
     )
     with pytest.raises(InputError, match="too short for a useful model"):
         plan_two_stage(20, Instrument(), rates=rates)
+
+
+def test_workdir_of_another_run_is_refused_not_mixed(tmp_path: Path) -> None:
+    rates = (StageRates(step_s=1 / 30, frame_s=3e-4), StageRates(step_s=1 / 30, frame_s=3e-4))
+    plan = plan_two_stage(300, Instrument(), rates=rates)
+    assert load_plan(tmp_path, 300, Instrument(), seed=0) is None
+    save_plan(tmp_path, plan, Instrument(), seed=0)
+    assert load_plan(tmp_path, 300, Instrument(), seed=0) == plan  # the same command resumes its plan
+    with pytest.raises(InputError, match=r"a time budget of 300 s, not 600 s.*another --workdir"):
+        load_plan(tmp_path, 600, Instrument(), seed=0)
+    with pytest.raises(InputError, match=r"another instrument, seed 0, not 1"):
+        load_plan(tmp_path, 300, dataclasses.replace(Instrument(), energy_kev=10.0), seed=1)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("45m", 2700), ("1h", 3600), ("1.5h", 5400)])

@@ -40,6 +40,7 @@ __all__ = [
     "measure_rates",
     "parse_duration",
     "plan_two_stage",
+    "save_plan",
     "train_two_stage",
 ]
 
@@ -126,7 +127,7 @@ class StageRates:
 
 
 def measure_rates(
-    recipe: Recipe, instrument: Instrument, device: str = "cpu", steps: int = 6, frames: int = 512
+    recipe: Recipe, instrument: Instrument, device: str = "cpu", steps: int = 6, frames: int = 256
 ) -> StageRates:
     """Times ``frames`` simulated frames and ``steps`` training steps (after one warm-up step)."""
     probe = recipe.replace(
@@ -134,9 +135,10 @@ def measure_rates(
     )
     data = OnTheFlyData(instrument, probe, seed=12_345, device=device)
     data.prepare(0)
-    # The first simulations in a process are several times slower (caches): the fastest of two more.
+    # The first few large simulations in a process can be 10x slower than the steady state (fresh
+    # memory): the fastest of three more.
     timings = []
-    for epoch in (1, 2):
+    for epoch in (1, 2, 3):
         start = time.perf_counter()
         data.prepare(epoch)
         timings.append(time.perf_counter() - start)
@@ -309,10 +311,8 @@ def train_two_stage(
 
     workdir = Path(workdir)
     coarse_file = workdir / "coarse.pt"
-    plan_file = workdir / "plan.json"
     _resume_note(workdir, plan, say)
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan_file.write_text(_plan_identity(plan, instrument, seed))
+    save_plan(workdir, plan, instrument, seed)
     bar = tqdm(total=plan.total_steps, desc="training (both stages)", unit="step", disable=not progress)
     try:
         if coarse_file.exists():
@@ -399,18 +399,39 @@ def _recipe_from_dict(data: dict[str, Any]) -> Recipe:
     return Recipe(**values)
 
 
+def save_plan(workdir: str | Path, plan: TwoStagePlan, instrument: Instrument, seed: int) -> None:
+    """Writes ``workdir/plan.json``, which a re-run of the same command trains on."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "plan.json").write_text(_plan_identity(plan, instrument, seed))
+
+
 def load_plan(workdir: str | Path, budget_s: float, instrument: Instrument, seed: int) -> TwoStagePlan | None:
-    """The plan an earlier run with this budget, instrument and seed saved in ``workdir``, if any:
-    a resumed run keeps its plan (a re-measured one would differ, and start afresh)."""
+    """The plan an earlier run of the same command saved in ``workdir``, or None if there is none:
+    a resumed run keeps its plan (a re-measured one would differ, and start afresh).
+
+    Raises InputError when ``workdir`` holds a run for another budget, instrument or seed: its
+    finished members and coarse stage would be reused for a plan they were not trained for.
+    """
     path = Path(workdir) / "plan.json"
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    same = json.dumps(instrument.to_dict(), sort_keys=True, default=list) == json.dumps(
+    differences = []
+    same_instrument = json.dumps(instrument.to_dict(), sort_keys=True, default=list) == json.dumps(
         saved["instrument"], sort_keys=True, default=list
     )
-    if not same or saved["seed"] != seed or not math.isclose(saved["budget_s"], budget_s):
-        return None
+    if not same_instrument:
+        differences.append("another instrument")
+    if saved["seed"] != seed:
+        differences.append(f"seed {saved['seed']}, not {seed}")
+    if not math.isclose(saved["budget_s"], budget_s):
+        differences.append(f"a time budget of {saved['budget_s']:.0f} s, not {budget_s:.0f} s")
+    if differences:
+        raise InputError(
+            f"{workdir} holds a training for {', '.join(differences)}: re-run that command to resume it, "
+            "or give another --workdir (or remove this one) to start afresh"
+        )
     return TwoStagePlan(
         _recipe_from_dict(saved["coarse"]),
         int(saved["coarse_members"]),
