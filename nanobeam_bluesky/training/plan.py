@@ -178,12 +178,16 @@ class TwoStagePlan:
     coarse_rates: StageRates
     refiner_rates: StageRates
     budget_s: float
+    #: Seconds outside the members' training: the step timing, scoring the stored ensembles.
+    overhead_s: float = 0.0
 
     @property
     def estimate_s(self) -> float:
-        return self.coarse_members * self.coarse_rates.member_seconds(
-            self.coarse
-        ) + self.refiner_members * self.refiner_rates.member_seconds(self.refiner)
+        return (
+            self.overhead_s
+            + self.coarse_members * self.coarse_rates.member_seconds(self.coarse)
+            + self.refiner_members * self.refiner_rates.member_seconds(self.refiner)
+        )
 
     @property
     def total_steps(self) -> int:
@@ -265,20 +269,27 @@ def plan_two_stage(
     ``rates`` (coarse, refining): measured with :func:`measure_rates` when not given. Raises
     InputError when the budget cannot buy the smallest useful plan.
     """
+    spent = 0.0
     if rates is None:
+        start = time.perf_counter()
         rates = (measure_rates(coarse, instrument, device), measure_rates(refiner, instrument, device))
+        spent = time.perf_counter() - start
     coarse_rates, refiner_rates = rates
     members = 2 if budget_s >= TWO_MEMBERS_FROM_S else 1
+    # Outside the members: the timing just done, and each stage's scoring of the stored ensemble
+    # (its test frames) and the refining stage's quantisation correction (4,096 frames).
+    overhead = spent + coarse_rates.frame_s * 2 * coarse.validation_frames + refiner_rates.frame_s * 4096
+    planned_s = budget_s - overhead
     # The smallest useful member of each stage; a short budget gives the refining stage at least
     # that, the coarse stage the rest (it is where the accuracy is made).
     coarse_min = _member_s(coarse, coarse_rates, MIN_COARSE_EPOCHS, MIN_FRAMES_PER_EPOCH, 1024)
     refiner_min = _member_s(refiner, refiner_rates, MIN_REFINER_EPOCHS, MIN_FRAMES_PER_EPOCH, 1024)
-    refiner_s = max((1 - COARSE_SHARE) * budget_s / members, refiner_min)
-    coarse_s = budget_s / members - refiner_s
+    refiner_s = max((1 - COARSE_SHARE) * planned_s / members, refiner_min)
+    coarse_s = planned_s / members - refiner_s
     fitted_coarse = _fit_stage(coarse, coarse_rates, coarse_s, TARGET_COARSE_EPOCHS, MIN_COARSE_EPOCHS)
     fitted_refiner = _fit_stage(refiner, refiner_rates, refiner_s, TARGET_REFINER_EPOCHS, MIN_REFINER_EPOCHS)
     if fitted_coarse is None or fitted_refiner is None:
-        smallest = math.ceil(coarse_min + refiner_min)
+        smallest = math.ceil(coarse_min + refiner_min + overhead)
         raise InputError(
             f"a time budget of {budget_s:.0f} s is too short for a useful model: the smallest (1 coarse "
             f"member x {MIN_COARSE_EPOCHS} epochs and 1 refining member x {MIN_REFINER_EPOCHS} epochs, each "
@@ -287,7 +298,7 @@ def plan_two_stage(
             f"about {smallest} s here; give --time-budget {smallest}s or more"
         )
     return TwoStagePlan(
-        fitted_coarse, members, fitted_refiner, members, coarse_rates, refiner_rates, budget_s
+        fitted_coarse, members, fitted_refiner, members, coarse_rates, refiner_rates, budget_s, overhead
     )
 
 
@@ -378,6 +389,7 @@ def _plan_identity(plan: TwoStagePlan, instrument: Instrument, seed: int) -> str
             "coarse_rates": dataclasses.asdict(plan.coarse_rates),
             "refiner_rates": dataclasses.asdict(plan.refiner_rates),
             "budget_s": plan.budget_s,
+            "overhead_s": plan.overhead_s,
             "instrument": instrument.to_dict(),
             "seed": seed,
         },
@@ -440,6 +452,7 @@ def load_plan(workdir: str | Path, budget_s: float, instrument: Instrument, seed
         StageRates(**saved["coarse_rates"]),
         StageRates(**saved["refiner_rates"]),
         float(saved["budget_s"]),
+        float(saved.get("overhead_s", 0.0)),
     )
 
 
