@@ -82,7 +82,7 @@ def test_rerun_resumes_the_interrupted_member(trained: Trained) -> None:
     # First run: epoch 0 finished (checkpointed), epoch 1 interrupted.
     assert trained.first_calls == 2
     assert "resuming from" in trained.resumed_output
-    assert "coarse member-0 continues after epoch 1" in trained.resumed_output
+    assert f"coarse member-0 resumes at epoch 2 of {EPOCHS}" in trained.resumed_output
     # The re-run trains the coarse stage's remaining epochs (1, 2) and the refining stage's, no more;
     # it did not time the steps again (the saved plan is reused).
     assert trained.resumed_calls == (EPOCHS - 1) + EPOCHS

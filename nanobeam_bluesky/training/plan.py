@@ -473,5 +473,8 @@ def _resume_note(workdir: Path, plan: TwoStagePlan, say: Callable[[str], None]) 
     if interrupted:
         ckpt = torch.load(interrupted[0], map_location="cpu", weights_only=True)
         stage = interrupted[0].parent.parent.name
-        parts.append(f"{stage} {interrupted[0].parent.name} continues after epoch {int(ckpt['epoch']) + 1}")
+        epochs = plan.coarse.epochs if stage == "coarse" else plan.refiner.epochs
+        parts.append(
+            f"{stage} {interrupted[0].parent.name} resumes at epoch {int(ckpt['epoch']) + 2} of {epochs}"
+        )
     say(f"resuming from {workdir}: " + ", ".join(parts))
