@@ -166,3 +166,15 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses_nonsense() -> None:
     with pytest.raises(InputError, match=r"90s, 45m, 1h or 1\.5h"):
         parse_duration("an hour")
+
+
+def test_one_stage_recipes_keep_their_meaning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "coarse.pt"
+    tiny = ["--members", "1", "--epochs", "1", "--frames-per-epoch", "512", "--pool-size", "512"]
+    assert main(["train", "--recipe", "default", "--out", str(out), *tiny]) == 0
+    assert Predictor.from_file(out).card.refiner is None  # the coarse ensemble alone, as before
+    assert main(["train", "--recipe", "default", "--time-budget", "1h", "--out", str(out)]) == 2
+    assert "--time-budget plans both stages" in capsys.readouterr().err
+    # --base without --recipe: as before, the default recipe, which refuses it
+    assert main(["train", "--base", str(out), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "base is only for the registered recipe" in capsys.readouterr().err
