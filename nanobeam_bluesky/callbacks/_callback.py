@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..inference import Predictor
 from ..physics import Instrument
 from ._analysis import AnalysisContext, CallbackStats, RunAnalysis, StreamPlan, run_factory
-from ._delivery import SubscriberDelivery
+from ._delivery import DocumentCallback, SubscriberDelivery
 from ._derived import ANALYSIS_STAGE, is_derived_start
 from ._frames import find_frame_layout, find_frame_time_key, find_position_keys
 from ._readers import AreaDetectorHDF5Handler
@@ -30,10 +30,6 @@ from ._readers import AreaDetectorHDF5Handler
 __all__ = ["NanobeamCallback"]
 
 logger = logging.getLogger(__name__)
-
-#: A subscriber ``func(name, doc)``. The doc is an event-model document: a dict at run time, a
-#: TypedDict to event-model and a plain dict to bluesky's callbacks, hence Any.
-DocumentCallback = Callable[[str, Any], Any]
 
 
 @dataclass
@@ -459,8 +455,7 @@ class NanobeamCallback(DocumentRouter):
 
     def _warm_up(self) -> None:
         f = self.predictor.frame_pixels
-        try:
-            self.predictor.physics_check(self.instrument)
+        try:  # analyse() builds the physics check for the instrument too
             self.predictor.analyse(
                 np.zeros((2, f, f), dtype=np.float32), instrument=self.instrument, check_instrument=False
             )

@@ -25,7 +25,7 @@ from event_model import DocumentNames
 if TYPE_CHECKING:
     from ._analysis import CallbackStats
 
-__all__ = ["DeliverDuringScan", "SubscriberDelivery"]
+__all__ = ["DeliverDuringScan", "DocumentCallback", "SubscriberDelivery"]
 
 logger = logging.getLogger(__name__)
 
