@@ -13,7 +13,9 @@ Two arms, trained on this machine one after the other (never at the same time):
   copied: the model at time t is the members finished by then plus the running member's best
   epoch so far (coarse stage alone until the refining stage has a member).
 * **new**: ``nanobeam train --time-budget Tm`` (both stages planned for T, the compiled noise), one
-  run per time T; the point is plotted at the time the command really took.
+  run per time T; the point is plotted at the time the command really took. ``--device cuda``
+  (with ``--arms new``): the same on a GPU, the training pool simulated there, stored as
+  ``new-cuda``.
 
 Every model is scored the same way, the networks alone (``predict(check=False)``: what training
 makes; the likelihood step of ``predict()`` would hide it), on fresh off-grid frames of the
@@ -261,7 +263,9 @@ def run_today(instrument_path: str, minutes: list[float], workdir: Path, n: int)
 
 
 # --- the "new" arm --------------------------------------------------------------------------------
-def run_new(instrument_path: str, minutes: list[float], workdir: Path, n: int) -> dict[str, dict]:
+def run_new(
+    instrument_path: str, minutes: list[float], workdir: Path, n: int, device: str = "cpu"
+) -> dict[str, dict]:
     instrument = Instrument.load(instrument_path)
     results = {}
     for t in minutes:
@@ -270,7 +274,7 @@ def run_new(instrument_path: str, minutes: list[float], workdir: Path, n: int) -
         out.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "nanobeam_bluesky.cli", "train", "--instrument", instrument_path,
-            "--out", str(out), "--workdir", str(work), "--time-budget", f"{t:g}m",
+            "--out", str(out), "--workdir", str(work), "--time-budget", f"{t:g}m", "--device", device,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(command, check=True)
@@ -332,7 +336,7 @@ def report(stored: dict, shipped: dict, instrument_name: str) -> None:
         return f"{arm:<8}{minutes:>6}{wall_text}  {cells}"
 
     print(row("shipped", "", None, shipped))
-    for arm in ("today", "new"):
+    for arm in [a for a in stored if a != "shipped"]:
         for minutes, result in sorted(stored.get(arm, {}).items(), key=lambda kv: float(kv[0])):
             print(row(arm, minutes, result["wall_min"], result["scores"]))
             worst = max(
@@ -354,7 +358,7 @@ def draw(stored: dict, shipped: dict, instrument_name: str, png: Path) -> None:
     for r, kind in enumerate(("ideal", "departures")):
         for c, p in enumerate(PARAMETERS):
             ax = axes[r, c]
-            for arm, style in (("today", "o--"), ("new", "s-")):
+            for arm, style in (("today", "o--"), ("new", "s-"), ("new-cuda", "^-")):
                 points = sorted((v["wall_min"], v["scores"][kind][p]) for v in stored.get(arm, {}).values())
                 if points:
                     ax.plot(*zip(*points, strict=True), style, label=f"{arm} recipe")
@@ -383,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "training-curves.png")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--skip-step-rate", action="store_true")
+    parser.add_argument("--device", default="cpu", help="the new arm's --device (cuda: the GPU path)")
     parser.add_argument("--today-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.today_worker:
@@ -400,9 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     mine = stored.setdefault(name, {})
     shipped = mine["shipped"] = score(load_pretrained(), Instrument(), args.frames)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nanobeam-training-bench-"))
+    if args.device != "cpu" and args.arms != ["new"]:
+        parser.error("--device is for the new arm alone: give --arms new")
     for arm in args.arms:
-        run = run_today if arm == "today" else run_new
-        mine.setdefault(arm, {}).update(run(args.instrument, args.minutes, workdir, args.frames))
+        if arm == "today":
+            results = run_today(args.instrument, args.minutes, workdir, args.frames)
+        else:
+            results = run_new(args.instrument, args.minutes, workdir, args.frames, args.device)
+        key = arm if args.device == "cpu" else f"{arm}-{args.device}"
+        mine.setdefault(key, {}).update(results)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(stored, indent=1))  # after each arm: a long run keeps its part
     report(mine, shipped, name)
