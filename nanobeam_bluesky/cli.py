@@ -151,7 +151,14 @@ def _train_two_stage(args: argparse.Namespace, command: str) -> int:
     from pathlib import Path
 
     from .training import DEFAULT_RECIPE, REGISTERED_RECIPE
-    from .training.plan import check_roi_holds, load_plan, parse_duration, plan_two_stage, train_two_stage
+    from .training.plan import (
+        check_resume_overrides,
+        check_roi_holds,
+        load_plan,
+        parse_duration,
+        plan_two_stage,
+        train_two_stage,
+    )
 
     if args.base:
         raise InputError(
@@ -164,7 +171,18 @@ def _train_two_stage(args: argparse.Namespace, command: str) -> int:
     check_roi_holds(instrument)
     workdir = Path(args.workdir) if args.workdir else Path(f"{args.out}.work")
     plan = load_plan(workdir, budget_s, instrument, args.seed)
-    if plan is None:
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "frames_per_epoch": args.frames_per_epoch,
+            "pool_size": args.pool_size,
+        }.items()
+        if v is not None
+    }
+    if plan is not None:
+        check_resume_overrides(plan, overrides, args.members, workdir)
+    else:
         changes = _recipe_changes(args, plan_fields=False)
         print(f"timing a few training steps of each stage on {args.device} ...", flush=True)
         plan = plan_two_stage(
@@ -175,15 +193,6 @@ def _train_two_stage(args: argparse.Namespace, command: str) -> int:
             device=args.device,
         )
         # Explicit --members / --epochs / --frames-per-epoch / --pool-size override the plan's.
-        overrides = {
-            k: v
-            for k, v in {
-                "epochs": args.epochs,
-                "frames_per_epoch": args.frames_per_epoch,
-                "pool_size": args.pool_size,
-            }.items()
-            if v is not None
-        }
         if overrides or args.members is not None:
             members = {"coarse_members": args.members, "refiner_members": args.members}
             if args.members is None:

@@ -26,6 +26,7 @@ from nanobeam_bluesky.training.data import random_parameters
 from nanobeam_bluesky.training.plan import (
     MIN_FRAMES_PER_EPOCH,
     StageRates,
+    check_resume_overrides,
     check_roi_holds,
     load_plan,
     parse_duration,
@@ -156,6 +157,22 @@ def test_workdir_of_another_run_is_refused_not_mixed(tmp_path: Path) -> None:
         load_plan(tmp_path, 600, Instrument(), seed=0)
     with pytest.raises(InputError, match=r"another instrument, seed 0, not 1"):
         load_plan(tmp_path, 300, dataclasses.replace(Instrument(), energy_kev=10.0), seed=1)
+
+
+def test_resume_refuses_flags_that_would_change_its_plan(tmp_path: Path) -> None:
+    """Resuming keeps the saved plan: --epochs or --members that differ are refused, not ignored."""
+    rates = (StageRates(step_s=1 / 30, frame_s=3e-4), StageRates(step_s=1 / 30, frame_s=3e-4))
+    plan = dataclasses.replace(
+        plan_two_stage(300, Instrument(), rates=rates),
+        coarse=plan_two_stage(300, Instrument(), rates=rates).coarse.replace(epochs=3),
+    )
+    plan = dataclasses.replace(plan, refiner=plan.refiner.replace(epochs=3))
+    check_resume_overrides(plan, {"epochs": 3}, plan.coarse_members, tmp_path)  # the same: resumes
+    check_resume_overrides(plan, {}, None, tmp_path)  # no flags: resumes
+    with pytest.raises(InputError, match=r"--epochs 5 \(saved: 3\).*re-run without these flags"):
+        check_resume_overrides(plan, {"epochs": 5}, None, tmp_path)
+    with pytest.raises(InputError, match=r"--members 4 \(saved: 1 and 1\)"):
+        check_resume_overrides(plan, {}, 4, tmp_path)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("45m", 2700), ("1h", 3600), ("1.5h", 5400)])

@@ -35,6 +35,7 @@ __all__ = [
     "MIN_REFINER_EPOCHS",
     "StageRates",
     "TwoStagePlan",
+    "check_resume_overrides",
     "check_roi_holds",
     "load_plan",
     "measure_rates",
@@ -457,6 +458,26 @@ def load_plan(workdir: str | Path, budget_s: float, instrument: Instrument, seed
         float(saved["budget_s"]),
         float(saved.get("overhead_s", 0.0)),
     )
+
+
+def check_resume_overrides(
+    plan: TwoStagePlan, overrides: dict[str, int], members: int | None, workdir: str | Path
+) -> None:
+    """Refuse explicit ``--epochs`` / ``--frames-per-epoch`` / ``--pool-size`` / ``--members`` that
+    differ from the plan saved in ``workdir``: resuming keeps that plan, so they would be ignored."""
+    flags = {"epochs": "--epochs", "frames_per_epoch": "--frames-per-epoch", "pool_size": "--pool-size"}
+    differ = []
+    for key, value in overrides.items():
+        saved = {getattr(plan.coarse, key), getattr(plan.refiner, key)}
+        if saved != {value}:
+            differ.append(f"{flags[key]} {value} (saved: {' and '.join(str(v) for v in sorted(saved))})")
+    if members is not None and {plan.coarse_members, plan.refiner_members} != {members}:
+        differ.append(f"--members {members} (saved: {plan.coarse_members} and {plan.refiner_members})")
+    if differ:
+        raise InputError(
+            f"{workdir} holds a plan this run would not change: {'; '.join(differ)}; re-run without these "
+            "flags to resume it, or give another --workdir to train the new plan"
+        )
 
 
 def _resume_note(workdir: Path, plan: TwoStagePlan, say: Callable[[str], None]) -> None:
