@@ -328,7 +328,11 @@ def train_two_stage(
     coarse_file = workdir / "coarse.pt"
     _resume_note(workdir, plan, say)
     save_plan(workdir, plan, instrument, seed)
-    bar = tqdm(total=plan.total_steps, desc="training (both stages)", unit="step", disable=not progress)
+    # smoothing=0: the ETA from the mean rate since the start; the pool refreshes and validations
+    # between epochs made the default moving average swing from minutes to hours.
+    bar = tqdm(
+        total=plan.total_steps, desc="training (both stages)", unit="step", disable=not progress, smoothing=0
+    )
     try:
         if coarse_file.exists():
             bar.update(plan.coarse_members * plan.coarse.epochs * _steps(plan.coarse))
