@@ -53,11 +53,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanobeam_bluesky.inference import Predictor, inpaint_tensor, load_pretrained
+from nanobeam_bluesky.inference import Predictor, load_pretrained
 from nanobeam_bluesky.physics import PARAMETERS, Instrument, simulate
 from nanobeam_bluesky.training import DEFAULT_RECIPE, REGISTERED_RECIPE
 from nanobeam_bluesky.training import data as training_data
-from nanobeam_bluesky.training.data import masked_like_predict, masks_from_draws
+from nanobeam_bluesky.training.data import fill_masked_frames, masked_like_predict, masks_from_draws
 from nanobeam_bluesky.training.ensemble import _refined_metadata, model_metadata
 from nanobeam_bluesky.training.trainer import crlb_reference
 
@@ -104,12 +104,7 @@ def _today_masked_like_predict(counts, fraction, generator):
     draws = torch.rand((len(counts), 8), generator=generator)
     masks = masks_from_draws(draws, fraction, counts.shape[-1])
     chosen = torch.nonzero(masks.flatten(1).any(1)).flatten()
-    if not len(chosen):
-        return counts
-    out = counts.clone()
-    picked = masks[chosen]
-    out[chosen] = inpaint_tensor(torch.where(picked, torch.zeros_like(out[chosen]), out[chosen]), picked)
-    return out
+    return fill_masked_frames(counts, masks, chosen) if len(chosen) else counts
 
 
 def use_todays_noise() -> None:
