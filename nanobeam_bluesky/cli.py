@@ -201,6 +201,7 @@ def _train_two_stage(args: argparse.Namespace, command: str) -> int:
                 plan,
                 coarse=plan.coarse.replace(**overrides),
                 refiner=plan.refiner.replace(**overrides),
+                limits=None if overrides else plan.limits,  # sizes given: not re-planned
                 **members,
             )
     print(plan.describe(), flush=True)

@@ -253,7 +253,8 @@ def test_redis_going_away_mid_scan_is_said_on_the_page_and_storage_is_unaffected
     driver: Any, tmp_path: Path, model, phantom
 ):
     """A server whose stream goes through a real redis-server: Redis is killed halfway through the
-    scan. The page says it lost the live feed and keeps its maps; every row is still stored."""
+    scan. The page says it lost the live feed and keeps its maps; every row is still stored. (The
+    waits are generous caps: a CI machine shared with other jobs took over a minute to notice.)"""
     from nanobeam_bluesky.errors import InputError
     from nanobeam_bluesky.tiled import RedisServer
     from nanobeam_bluesky.tiled._redis import find_redis_server
@@ -269,19 +270,19 @@ def test_redis_going_away_mid_scan_is_said_on_the_page_and_storage_is_unaffected
         with TiledServer(config) as server:
             page = Page(driver, config.live_url)
             page.open(f"key={server.api_key}")
-            _wait_for(lambda: page.view("status()") == "live", 60, "connect")
+            _wait_for(lambda: page.view("status()") == "live", 180, "connect")
 
             def kill_redis() -> Any:
                 # Midway, once the page shows rows of this run: the feed goes away.
-                _wait_for(lambda: page.filled() > 0, 60, "show the first rows")
+                _wait_for(lambda: page.filled() > 0, 180, "show the first rows")
                 redis.kill()
                 yield from ()
 
             uid = _scan(server, model, phantom, midway=kill_redis)
-            _wait_for(lambda: page.view("status()") != "live", 60, "notice the lost feed")
+            _wait_for(lambda: page.view("status()") != "live", 180, "notice the lost feed")
             message = page.view("message()")
             # The server itself still answers: the page says the stream is what is down.
-            _wait_for(lambda: "live stream does not" in page.view("message()"), 30, "say the stream is down")
+            _wait_for(lambda: "live stream does not" in page.view("message()"), 180, "say the stream is down")
             message = page.view("message()")
             assert "Redis" in message and "maps keep what they have" in message, message
             assert 0 < page.filled() <= N * N and page.view("selectedRun()") == uid

@@ -26,11 +26,13 @@ from nanobeam_bluesky.training.data import random_parameters
 from nanobeam_bluesky.training.plan import (
     MIN_FRAMES_PER_EPOCH,
     StageRates,
+    TwoStagePlan,
     check_resume_overrides,
     check_roi_holds,
     load_plan,
     parse_duration,
     plan_two_stage,
+    replan,
     save_plan,
 )
 
@@ -51,7 +53,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     """The tiny two-stage training, interrupted after one coarse epoch, then re-run to the end."""
     tmp = tmp_path_factory.mktemp("train")
     out, work = tmp / "model.pt", tmp / "work"
-    argv = ["train", "--out", str(out), "--time-budget", "10m", "--workdir", str(work), *TINY]
+    # 60m: TINY overrides the plan; a budget well above the smallest plan's keeps a slow machine
+    # (whose timed rate sets that smallest) from refusing it.
+    argv = ["train", "--out", str(out), "--time-budget", "60m", "--workdir", str(work), *TINY]
     original = trainer._train_epoch
     calls = {"n": 0}
 
@@ -145,6 +149,94 @@ def test_plan_fits_the_budget_and_grows_with_it() -> None:
     )
     with pytest.raises(InputError, match="too short for a useful model"):
         plan_two_stage(20, Instrument(), rates=rates)
+
+
+def _member_s(plan: TwoStagePlan, stage: str, k: int, scale: float = 1.0) -> float:
+    rates = plan.coarse_rates if stage == "coarse" else plan.refiner_rates
+    return scale * rates.member_seconds(plan.recipe_for(stage, k))
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.3])
+def test_replan_fills_what_is_left_of_the_budget_at_the_rate_sustained(scale: float) -> None:
+    """The first member ran at ``scale`` x the timed estimate (measured: 0.74x in a 60 min run,
+    1.08x in a 15 min one): the members still to train are re-fitted so that, at that rate, the
+    whole run ends within 3 % of the budget, not 26 % early or 8 % late."""
+    rates = (StageRates(step_s=1 / 30, frame_s=4e-4), StageRates(step_s=1 / 25, frame_s=4e-4))
+    plan = plan_two_stage(3600, Instrument(), rates=rates)
+    assert plan.coarse_members == 2
+    # What the plan would take, every member at ``scale``, with no re-plan:
+    unplanned = plan.overhead_s + sum(_member_s(plan, s, k, scale) for s, k in plan.members())
+    first = _member_s(plan, "coarse", 0, scale)
+    after, line = replan(plan, "coarse", 0, first)
+    assert line is not None and "coarse member 0 took" in line and f"{scale:.2f}x the timed estimate" in line
+    assert after.recipe_for("coarse", 0) == plan.recipe_for("coarse", 0)  # finished: unchanged
+    total = after.overhead_s + first + sum(_member_s(after, s, k, scale) for s, k in after.members()[1:])
+    assert 0.9 * 3600 <= total <= 3600, (total, unplanned)
+    assert abs(total - 3600) < abs(unplanned - 3600)
+    grew = after.recipe_for("coarse", 1).epochs * after.recipe_for("coarse", 1).frames_per_epoch
+    was = plan.coarse.epochs * plan.coarse.frames_per_epoch
+    assert (grew > was) if scale < 1 else (grew < was)
+    # Every member stays within the stage recipe it was cut from.
+    for stage, k in after.members():
+        recipe, limit = after.recipe_for(stage, k), after.limits[stage == "refiner"]
+        assert recipe.frames_per_epoch <= limit.frames_per_epoch and recipe.epochs <= limit.epochs
+        assert recipe.architecture == limit.architecture
+    assert after.spent_s == pytest.approx(first)
+
+
+def test_replan_keeps_sizes_that_were_given_and_survives_a_resume(tmp_path: Path) -> None:
+    rates = (StageRates(step_s=1 / 30, frame_s=4e-4), StageRates(step_s=1 / 25, frame_s=4e-4))
+    plan = plan_two_stage(3600, Instrument(), rates=rates)
+    given = dataclasses.replace(plan, limits=None)  # --epochs / --frames-per-epoch were given
+    kept, line = replan(given, "coarse", 0, 0.5 * _member_s(plan, "coarse", 0))
+    assert line is None and kept.replanned == () and kept.members() == given.members()
+    after, _ = replan(plan, "coarse", 0, 0.7 * _member_s(plan, "coarse", 0))
+    save_plan(tmp_path, after, Instrument(), seed=0)  # what train_two_stage writes after each member
+    assert load_plan(tmp_path, 3600, Instrument(), seed=0) == after
+    # The last member re-plans nothing.
+    last, line = replan(after, "refiner", after.refiner_members - 1, 60.0)
+    assert line is None and last.replanned == after.replanned
+
+
+def test_training_re_plans_after_each_member_and_the_file_says_what_each_had(tmp_path: Path) -> None:
+    """A real (tiny) two-stage training whose timed rates were 20x too slow: after the first coarse
+    member the rest are re-fitted to the budget at the rate really sustained, plan.json keeps the
+    re-plan for a resume, and the model file records each member's epochs and frames."""
+    from nanobeam_bluesky.models import load_model_file
+    from nanobeam_bluesky.training import DEFAULT_RECIPE, REGISTERED_RECIPE
+    from nanobeam_bluesky.training.plan import train_two_stage
+
+    tiny = {"epochs": 3, "frames_per_epoch": 3072, "pool_size": 2048, "validation_frames": 256}
+    limits = (DEFAULT_RECIPE.replace(**tiny), REGISTERED_RECIPE.replace(**tiny))
+    slow = StageRates(step_s=1.0, frame_s=1e-2)  # about 20x slower than any machine trains
+    plan = TwoStagePlan(
+        limits[0].replace(epochs=2, frames_per_epoch=1024),
+        2,
+        limits[1].replace(epochs=2, frames_per_epoch=1024),
+        1,
+        slow,
+        slow,
+        budget_s=2 * 3 * slow.member_seconds(limits[0]),  # room for the limits at the slow rate
+        limits=limits,
+    )
+    lines: list[str] = []
+    out = tmp_path / "model.pt"
+    train_two_stage(plan, out, Instrument(), workdir=tmp_path / "work", progress=False, say=lines.append)
+    saved = load_plan(tmp_path / "work", plan.budget_s, Instrument(), seed=0)
+    assert saved is not None and saved.finished == 3 and saved.spent_s > 0
+    assert saved.rate_scale is not None and saved.rate_scale < 0.5  # it ran faster than timed
+    # Time to spare: the members after the first grew to the limits (the recipe cut from).
+    assert any(line.startswith("re-planned: coarse member 0 took") for line in lines), lines
+    assert saved.recipe_for("coarse", 1) == limits[0]
+    assert saved.recipe_for("refiner", 0).epochs == 3
+    _, meta = load_model_file(out)
+    refiner_members = meta["refiner"]["metrics"]["members"]
+    assert [(m["epochs"], m["frames_per_epoch"]) for m in refiner_members] == [(3, 3072)]
+    _, coarse_meta = load_model_file(tmp_path / "work" / "coarse.pt")
+    assert [(m["epochs"], m["frames_per_epoch"]) for m in coarse_meta["metrics"]["members"]] == [
+        (2, 1024),
+        (3, 3072),
+    ]
 
 
 def test_workdir_of_another_run_is_refused_not_mixed(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +101,8 @@ def train_ensemble(
     command: str | None = None,
     base: str | Path | None = None,
     pbar: Any = None,
+    recipe_for: Callable[[int], Recipe] | None = None,
+    member_done: Callable[[int, float], None] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Train ``n_members`` networks (seeds seed, seed+1, ...) and save them as one model file.
 
@@ -109,6 +113,10 @@ def train_ensemble(
     The ``registered`` recipe trains a refining stage for the coarse ensemble in the model file
     ``base`` (same instrument); the file written holds both stages. ``pbar``: one progress bar
     over all members (and whatever else shares it), advanced by each member's steps.
+
+    ``recipe_for(k)``: member ``k``'s recipe when the members differ in size (a re-planned
+    budget; asked just before the member trains), else ``recipe``; ``recipe`` describes the
+    file. ``member_done(k, seconds)``: called after member ``k`` has trained in this call.
     """
     import torch
 
@@ -135,6 +143,7 @@ def train_ensemble(
             raise InstrumentMismatchError(f"the base model {base} is for another instrument ({detail})")
     states, member_metrics = [], []
     for k in range(n_members):
+        member_recipe = recipe if recipe_for is None else recipe_for(k)
         member_dir = Path(workdir) / f"member-{k}" if workdir else None
         done = member_dir / "member.pt" if member_dir else None
         if done is not None and done.exists():
@@ -142,10 +151,13 @@ def train_ensemble(
             states.append(saved["state_dict"])
             member_metrics.append(json.loads(saved["metrics"]))
             if pbar is not None:
-                pbar.update(recipe.epochs * -(-recipe.frames_per_epoch // recipe.batch_size))
+                pbar.update(
+                    member_recipe.epochs * -(-member_recipe.frames_per_epoch // member_recipe.batch_size)
+                )
             continue
+        started = time.perf_counter()
         result = train_member(
-            recipe,
+            member_recipe,
             instrument,
             seed=seed + k,
             workdir=member_dir,
@@ -154,10 +166,18 @@ def train_ensemble(
             progress=progress,
             pbar=pbar,
         )
+        metrics = {
+            **result.metrics,
+            "epochs": member_recipe.epochs,
+            "frames_per_epoch": member_recipe.frames_per_epoch,
+            "train_s": round(time.perf_counter() - started, 1),
+        }
         states.append(result.state_dict)
-        member_metrics.append(result.metrics)
+        member_metrics.append(metrics)
         if done is not None:
-            torch.save({"state_dict": result.state_dict, "metrics": json.dumps(result.metrics)}, done)
+            torch.save({"state_dict": result.state_dict, "metrics": json.dumps(metrics)}, done)
+        if member_done is not None:
+            member_done(k, time.perf_counter() - started)
 
     # Stored compactly (float16, large matrices as int8 rows): score the weights as shipped.
     weight_dtype, int8_rows = torch.float16, True

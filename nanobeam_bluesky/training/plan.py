@@ -41,6 +41,7 @@ __all__ = [
     "measure_rates",
     "parse_duration",
     "plan_two_stage",
+    "replan",
     "save_plan",
     "train_two_stage",
 ]
@@ -63,6 +64,9 @@ TWO_MEMBERS_FROM_S = 20 * 60
 #: three), and sustained training on the 2-core CPU ran 12-15 % slower (a 2 min budget took 2 min
 #: 17 s, another 2 min 18 s), so the plan leaves that margin.
 SUSTAINED_SHARE = 0.88
+#: The share of what is left of the budget that a re-plan fills: its rate is the one a finished
+#: member sustained, which the next one repeats to within a few per cent.
+REPLAN_SHARE = 0.97
 #: The ROI must hold at least this fraction of a frame's intensity at every edge of the box.
 MIN_INTENSITY_IN_ROI = 0.7
 
@@ -185,36 +189,128 @@ class TwoStagePlan:
     budget_s: float
     #: Seconds outside the members' training: the step timing, scoring the stored ensembles.
     overhead_s: float = 0.0
+    #: The stage recipes the plan was cut from (the most epochs, frames and pool a member may
+    #: have): a re-plan re-fits within them. None: the sizes were given (``--epochs`` ...) and stay.
+    limits: tuple[Recipe, Recipe] | None = None
+    #: Members re-fitted after a finished one measured the sustained rate: (stage, k, recipe),
+    #: stage "coarse" or "refiner".
+    replanned: tuple[tuple[str, int, Recipe], ...] = ()
+    #: Seconds the finished members took, and how many members (in training order) those are.
+    spent_s: float = 0.0
+    finished: int = 0
+    #: Real seconds per timed second, as the last finished member ran (None: not yet measured).
+    rate_scale: float | None = None
+
+    def recipe_for(self, stage: str, k: int) -> Recipe:
+        """Member ``k``'s recipe in ``stage`` ("coarse" or "refiner")."""
+        for name, j, recipe in self.replanned:
+            if (name, j) == (stage, k):
+                return recipe
+        return self.coarse if stage == "coarse" else self.refiner
+
+    def members(self) -> list[tuple[str, int]]:
+        """(stage, k) of every member, in training order."""
+        return [("coarse", k) for k in range(self.coarse_members)] + [
+            ("refiner", k) for k in range(self.refiner_members)
+        ]
+
+    def _rates(self, stage: str) -> StageRates:
+        return self.coarse_rates if stage == "coarse" else self.refiner_rates
 
     @property
     def estimate_s(self) -> float:
-        training_s = self.coarse_members * self.coarse_rates.member_seconds(
-            self.coarse
-        ) + self.refiner_members * self.refiner_rates.member_seconds(self.refiner)
-        return self.overhead_s + training_s / SUSTAINED_SHARE  # at the sustained rate
+        """Seconds the whole plan should take: the finished members' own, the rest at the rate
+        measured (before any member has finished: the timed rate less the sustained margin)."""
+        rest = self.members()[self.finished :]
+        training_s = sum(self._rates(s).member_seconds(self.recipe_for(s, k)) for s, k in rest)
+        scale = 1 / SUSTAINED_SHARE if self.rate_scale is None else self.rate_scale
+        return self.overhead_s + self.spent_s + training_s * scale
 
     @property
     def total_steps(self) -> int:
-        return sum(
-            members * recipe.epochs * math.ceil(recipe.frames_per_epoch / recipe.batch_size)
-            for recipe, members in ((self.coarse, self.coarse_members), (self.refiner, self.refiner_members))
-        )
+        return sum(self.recipe_for(s, k).epochs * _steps(self.recipe_for(s, k)) for s, k in self.members())
 
     def describe(self) -> str:
-        def stage(name: str, recipe: Recipe, members: int, rates: StageRates) -> str:
+        def stage(name: str, key: str, members: int, rates: StageRates) -> str:
+            recipes = [self.recipe_for(key, k) for k in range(members)]
+            each = [f"{r.epochs} epochs x {r.frames_per_epoch:,} frames" for r in recipes]
+            sizes = f"{members} member(s) x {each[0]}" if len(set(each)) == 1 else " + ".join(each)
+            scale = self.rate_scale or 1.0  # the rate measured, once a member has finished
+            minutes = scale * sum(rates.member_seconds(r) for r in recipes) / 60
             return (
-                f"{name}: {members} member(s) x {recipe.epochs} epochs x {recipe.frames_per_epoch:,} frames "
-                f"(pool {recipe.pool_size:,}; {1 / rates.step_s:.0f} steps/s of {recipe.batch_size}, "
-                f"~{members * rates.member_seconds(recipe) / 60:.1f} min)"
+                f"{name}: {sizes} (pool {recipes[0].pool_size:,}; {1 / rates.step_s / scale:.0f} steps/s of "
+                f"{recipes[0].batch_size}, ~{minutes:.1f} min)"
             )
 
         return "\n".join(
             [
                 f"time budget {self.budget_s / 60:.1f} min, estimated {self.estimate_s / 60:.1f} min:",
-                "  " + stage("coarse", self.coarse, self.coarse_members, self.coarse_rates),
-                "  " + stage("refining", self.refiner, self.refiner_members, self.refiner_rates),
+                "  " + stage("coarse", "coarse", self.coarse_members, self.coarse_rates),
+                "  " + stage("refining", "refiner", self.refiner_members, self.refiner_rates),
             ]
         )
+
+
+def replan(plan: TwoStagePlan, stage: str, k: int, member_s: float) -> tuple[TwoStagePlan, str | None]:
+    """The plan once member ``k`` of ``stage`` has trained in ``member_s`` seconds, and a line
+    saying what changed (None: nothing).
+
+    The members still to train are re-fitted (within :attr:`TwoStagePlan.limits`) to what is left
+    of the budget, at the rate this member sustained: the bursts timed before training are
+    10-30 % off that rate, either way, so a plan fitted to them alone ends early or late.
+    """
+    spent = plan.spent_s + member_s
+    order = plan.members()
+    remaining = order[order.index((stage, k)) + 1 :]
+    scale = member_s / plan._rates(stage).member_seconds(plan.recipe_for(stage, k))
+    after = dataclasses.replace(plan, spent_s=spent, finished=len(order) - len(remaining), rate_scale=scale)
+    if plan.limits is None or not remaining or member_s <= 0:
+        return after, None
+    scaled = {
+        name: StageRates(rates.step_s * scale, rates.frame_s * scale)
+        for name, rates in (("coarse", plan.coarse_rates), ("refiner", plan.refiner_rates))
+    }
+    left = (plan.budget_s - plan.overhead_s - spent) * REPLAN_SHARE
+    current = {m: scaled[m[0]].member_seconds(plan.recipe_for(*m)) for m in remaining}
+    limits = dict(zip(("coarse", "refiner"), plan.limits, strict=True))
+    targets = {
+        "coarse": (TARGET_COARSE_EPOCHS, MIN_COARSE_EPOCHS),
+        "refiner": (TARGET_REFINER_EPOCHS, MIN_REFINER_EPOCHS),
+    }
+    replanned = dict(((s, j), r) for s, j, r in plan.replanned)
+    for member, seconds in current.items():
+        name = member[0]
+        share = max(left, 0.0) * seconds / sum(current.values())  # each keeps its share of the rest
+        fitted = _fit_stage(limits[name], scaled[name], share, *targets[name])
+        if fitted is None:  # behind schedule: the smallest useful member
+            limit = limits[name]
+            frames = min(MIN_FRAMES_PER_EPOCH, limit.frames_per_epoch)
+            fitted = limit.replace(
+                epochs=min(targets[name][1], limit.epochs),
+                frames_per_epoch=frames,
+                pool_size=_pool(limit, frames),
+                validation_frames=min(1024, limit.validation_frames),
+            )
+        replanned[member] = fitted
+    after = dataclasses.replace(
+        after,
+        replanned=tuple(
+            (s, j, r) for (s, j), r in sorted(replanned.items(), key=lambda kv: order.index(kv[0]))
+        ),
+    )
+    changed = [m for m in remaining if after.recipe_for(*m) != plan.recipe_for(*m)]
+    if not changed:
+        return after, None
+    names = {"coarse": "coarse", "refiner": "refining"}
+    what = "; ".join(
+        f"{names[s]} member {j}: {after.recipe_for(s, j).epochs} epochs x "
+        f"{after.recipe_for(s, j).frames_per_epoch:,} frames"
+        for s, j in changed
+    )
+    return after, (
+        f"re-planned: {names[stage]} member {k} took {member_s / 60:.1f} min, {scale:.2f}x the timed "
+        f"estimate; {max(plan.budget_s - plan.overhead_s - spent, 0) / 60:.1f} min left: {what}"
+    )
 
 
 def _fit_stage(
@@ -222,9 +318,11 @@ def _fit_stage(
 ) -> Recipe | None:
     """The recipe whose member fits ``seconds``: most epochs up to ``target_epochs`` (more when the
     frames per epoch reach the recipe's), frames per epoch to fill the rest; None if none fits."""
-    validation = recipe.validation_frames if seconds >= 10 * 60 else 1024
+    validation = recipe.validation_frames if seconds >= 10 * 60 else min(1024, recipe.validation_frames)
+    # A recipe smaller than the plan's floors is its own floor.
+    target_epochs, min_epochs = min(target_epochs, recipe.epochs), min(min_epochs, recipe.epochs)
     for epochs in range(target_epochs, min_epochs - 1, -1):
-        lo, hi = MIN_FRAMES_PER_EPOCH, recipe.frames_per_epoch
+        lo, hi = min(MIN_FRAMES_PER_EPOCH, recipe.frames_per_epoch), recipe.frames_per_epoch
         if _member_s(recipe, rates, epochs, lo, validation) > seconds:
             continue
         while hi - lo > recipe.batch_size:  # the most frames per epoch that fit
@@ -249,7 +347,7 @@ def _fit_stage(
 
 def _pool(recipe: Recipe, frames_per_epoch: int) -> int:
     # A pool larger than an epoch's frames is simulated but never seen whole.
-    return max(4096, min(recipe.pool_size, frames_per_epoch))
+    return min(recipe.pool_size, max(4096, frames_per_epoch))
 
 
 def _member_s(recipe: Recipe, rates: StageRates, epochs: int, frames: int, validation: int) -> float:
@@ -302,7 +400,15 @@ def plan_two_stage(
             f"about {smallest} s here; give --time-budget {smallest}s or more"
         )
     return TwoStagePlan(
-        fitted_coarse, members, fitted_refiner, members, coarse_rates, refiner_rates, budget_s, overhead
+        fitted_coarse,
+        members,
+        fitted_refiner,
+        members,
+        coarse_rates,
+        refiner_rates,
+        budget_s,
+        overhead,
+        limits=(coarse, refiner),
     )
 
 
@@ -319,9 +425,10 @@ def train_two_stage(
     say: Callable[[str], None] = print,
 ) -> tuple[str, dict[str, Any]]:
     """Train the plan's coarse ensemble into ``workdir/coarse.pt``, then its refining stage into
-    ``out`` (one file, both stages). Re-running with the same ``workdir`` resumes: finished
-    members and a finished coarse stage are reused, an interrupted member resumes from its
-    last epoch's checkpoint."""
+    ``out`` (one file, both stages). After each member the rest are re-planned (:func:`replan`) to
+    fill the budget at the rate really sustained; ``workdir/plan.json`` keeps the plan as it
+    stands. Re-running with the same ``workdir`` resumes: finished members and a finished coarse
+    stage are reused, an interrupted member resumes from its last epoch's checkpoint."""
     from .ensemble import train_ensemble
 
     workdir = Path(workdir)
@@ -333,9 +440,24 @@ def train_two_stage(
     bar = tqdm(
         total=plan.total_steps, desc="training (both stages)", unit="step", disable=not progress, smoothing=0
     )
+    current = plan
+
+    def member_done(stage: str) -> Callable[[int, float], None]:
+        def done(k: int, seconds: float) -> None:
+            nonlocal current
+            current, line = replan(current, stage, k, seconds)
+            save_plan(workdir, current, instrument, seed)
+            if line is not None:
+                bar.total = current.total_steps
+                bar.refresh()
+                (bar.write if progress else say)(line)
+
+        return done
+
     try:
         if coarse_file.exists():
-            bar.update(plan.coarse_members * plan.coarse.epochs * _steps(plan.coarse))
+            bar.update(sum(plan.recipe_for("coarse", k).epochs * _steps(plan.recipe_for("coarse", k))
+                           for k in range(plan.coarse_members)))  # fmt: skip
         else:
             partial = workdir / "coarse.partial.pt"
             train_ensemble(
@@ -349,11 +471,13 @@ def train_two_stage(
                 progress=progress,
                 command=command,
                 pbar=bar,
+                recipe_for=lambda k: current.recipe_for("coarse", k),
+                member_done=member_done("coarse"),
             )
             partial.replace(coarse_file)
-        refiner = _refiner_for(plan.refiner, coarse_file)
+        jitter = _refiner_for(plan.refiner, coarse_file).registration_jitter_deg
         return train_ensemble(
-            refiner,
+            current.recipe_for("refiner", 0).replace(registration_jitter_deg=jitter),
             plan.refiner_members,
             out,
             instrument,
@@ -364,6 +488,8 @@ def train_two_stage(
             command=command,
             base=coarse_file,
             pbar=bar,
+            recipe_for=lambda k: current.recipe_for("refiner", k).replace(registration_jitter_deg=jitter),
+            member_done=member_done("refiner"),
         )
     finally:
         bar.close()
@@ -398,6 +524,11 @@ def _plan_identity(plan: TwoStagePlan, instrument: Instrument, seed: int) -> str
             "refiner_rates": dataclasses.asdict(plan.refiner_rates),
             "budget_s": plan.budget_s,
             "overhead_s": plan.overhead_s,
+            "limits": None if plan.limits is None else [r.to_dict() for r in plan.limits],
+            "replanned": [[stage, k, r.to_dict()] for stage, k, r in plan.replanned],
+            "spent_s": plan.spent_s,
+            "finished": plan.finished,
+            "rate_scale": plan.rate_scale,
             "instrument": instrument.to_dict(),
             "seed": seed,
         },
@@ -461,6 +592,13 @@ def load_plan(workdir: str | Path, budget_s: float, instrument: Instrument, seed
         StageRates(**saved["refiner_rates"]),
         float(saved["budget_s"]),
         float(saved.get("overhead_s", 0.0)),
+        limits=None
+        if saved.get("limits") is None
+        else (_recipe_from_dict(saved["limits"][0]), _recipe_from_dict(saved["limits"][1])),
+        replanned=tuple((stage, int(k), _recipe_from_dict(r)) for stage, k, r in saved.get("replanned", [])),
+        spent_s=float(saved.get("spent_s", 0.0)),
+        finished=int(saved.get("finished", 0)),
+        rate_scale=saved.get("rate_scale"),
     )
 
 
@@ -501,7 +639,7 @@ def _resume_note(workdir: Path, plan: TwoStagePlan, say: Callable[[str], None]) 
     if interrupted:
         ckpt = torch.load(interrupted[0], map_location="cpu", weights_only=True)
         stage = interrupted[0].parent.parent.name
-        epochs = plan.coarse.epochs if stage == "coarse" else plan.refiner.epochs
+        epochs = plan.recipe_for(stage, int(interrupted[0].parent.name.split("-")[1])).epochs
         parts.append(
             f"{stage} {interrupted[0].parent.name} resumes at epoch {int(ckpt['epoch']) + 2} of {epochs}"
         )
