@@ -196,6 +196,10 @@ def test_replan_keeps_sizes_that_were_given_and_survives_a_resume(tmp_path: Path
     # The last member re-plans nothing.
     last, line = replan(after, "refiner", after.refiner_members - 1, 60.0)
     assert line is None and last.replanned == after.replanned
+    # A finished plan re-run from the start (its plan.json copied to re-make the model elsewhere,
+    # on a machine twice as fast) keeps the sizes it recorded.
+    again, line = replan(last, "coarse", 0, 0.35 * _member_s(plan, "coarse", 0))
+    assert line is None and again == last
 
 
 def test_training_re_plans_after_each_member_and_the_file_says_what_each_had(tmp_path: Path) -> None:

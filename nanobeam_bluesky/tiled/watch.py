@@ -373,7 +373,20 @@ class DerivedRunWatcher:
         assert self.run is not None
         if self._table_node is None and not self._find_table():
             return {}
-        return self.run.merge(self._table_node.read())
+        try:
+            stored = self._table_node.read()
+        except Exception as exc:
+            if self._is_empty_table(exc):
+                return {}  # the table is declared but holds no rows yet: look again later
+            raise
+        return self.run.merge(stored)
+
+    @staticmethod
+    def _is_empty_table(exc: BaseException) -> bool:
+        """Tiled's answer to reading a table created but not yet appended to (seen while a
+        restarted server's writers re-create a run from their spools)."""
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status == 400 and "Partition out of range" in str(exc)
 
     def _check_stop(self) -> bool:
         assert self.run is not None

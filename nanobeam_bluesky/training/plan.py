@@ -257,10 +257,16 @@ def replan(plan: TwoStagePlan, stage: str, k: int, member_s: float) -> tuple[Two
 
     The members still to train are re-fitted (within :attr:`TwoStagePlan.limits`) to what is left
     of the budget, at the rate this member sustained: the bursts timed before training are
-    10-30 % off that rate, either way, so a plan fitted to them alone ends early or late.
+    10-30 % off that rate, either way, so a plan fitted to them alone ends early or late. A member
+    the plan already counts as finished changes nothing: a saved plan re-run from the start (to
+    re-make its model elsewhere) trains the sizes it recorded.
     """
-    spent = plan.spent_s + member_s
     order = plan.members()
+    if order.index((stage, k)) < plan.finished:
+        # Already accounted for: the plan was saved after this member (a copied plan.json, re-run
+        # to re-make its model): its sizes stand.
+        return plan, None
+    spent = plan.spent_s + member_s
     remaining = order[order.index((stage, k)) + 1 :]
     scale = member_s / plan._rates(stage).member_seconds(plan.recipe_for(stage, k))
     after = dataclasses.replace(plan, spent_s=spent, finished=len(order) - len(remaining), rate_scale=scale)
