@@ -166,18 +166,19 @@ def train_ensemble(
             progress=progress,
             pbar=pbar,
         )
+        train_s = time.perf_counter() - started
         metrics = {
             **result.metrics,
             "epochs": member_recipe.epochs,
             "frames_per_epoch": member_recipe.frames_per_epoch,
-            "train_s": round(time.perf_counter() - started, 1),
+            "train_s": round(train_s, 1),
         }
         states.append(result.state_dict)
         member_metrics.append(metrics)
         if done is not None:
             torch.save({"state_dict": result.state_dict, "metrics": json.dumps(metrics)}, done)
         if member_done is not None:
-            member_done(k, time.perf_counter() - started)
+            member_done(k, train_s)
 
     # Stored compactly (float16, large matrices as int8 rows): score the weights as shipped.
     weight_dtype, int8_rows = torch.float16, True

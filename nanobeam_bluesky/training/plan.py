@@ -226,9 +226,14 @@ class TwoStagePlan:
         scale = 1 / SUSTAINED_SHARE if self.rate_scale is None else self.rate_scale
         return self.overhead_s + self.spent_s + training_s * scale
 
+    def member_steps(self, stage: str, k: int) -> int:
+        """Training steps of member ``k`` of ``stage``."""
+        recipe = self.recipe_for(stage, k)
+        return recipe.epochs * _steps(recipe)
+
     @property
     def total_steps(self) -> int:
-        return sum(self.recipe_for(s, k).epochs * _steps(self.recipe_for(s, k)) for s, k in self.members())
+        return sum(self.member_steps(s, k) for s, k in self.members())
 
     def describe(self) -> str:
         def stage(name: str, key: str, members: int, rates: StageRates) -> str:
@@ -262,14 +267,15 @@ def replan(plan: TwoStagePlan, stage: str, k: int, member_s: float) -> tuple[Two
     re-make its model elsewhere) trains the sizes it recorded.
     """
     order = plan.members()
-    if order.index((stage, k)) < plan.finished:
+    index = order.index((stage, k))
+    if index < plan.finished:
         # Already accounted for: the plan was saved after this member (a copied plan.json, re-run
         # to re-make its model): its sizes stand.
         return plan, None
     spent = plan.spent_s + member_s
-    remaining = order[order.index((stage, k)) + 1 :]
+    remaining = order[index + 1 :]
     scale = member_s / plan._rates(stage).member_seconds(plan.recipe_for(stage, k))
-    after = dataclasses.replace(plan, spent_s=spent, finished=len(order) - len(remaining), rate_scale=scale)
+    after = dataclasses.replace(plan, spent_s=spent, finished=index + 1, rate_scale=scale)
     if plan.limits is None or not remaining or member_s <= 0:
         return after, None
     scaled = {
@@ -462,8 +468,7 @@ def train_two_stage(
 
     try:
         if coarse_file.exists():
-            bar.update(sum(plan.recipe_for("coarse", k).epochs * _steps(plan.recipe_for("coarse", k))
-                           for k in range(plan.coarse_members)))  # fmt: skip
+            bar.update(sum(plan.member_steps("coarse", k) for k in range(plan.coarse_members)))
         else:
             partial = workdir / "coarse.partial.pt"
             train_ensemble(
