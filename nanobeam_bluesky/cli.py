@@ -191,6 +191,8 @@ def _train_two_stage(args: argparse.Namespace, command: str) -> int:
             coarse=DEFAULT_RECIPE.replace(**changes),
             refiner=REGISTERED_RECIPE.replace(**changes),
             device=args.device,
+            # Epochs and frames of every member given: the budget decides nothing to refuse.
+            sizes_given=args.epochs is not None and args.frames_per_epoch is not None,
         )
         # Explicit --members / --epochs / --frames-per-epoch / --pool-size override the plan's.
         if overrides or args.members is not None:

@@ -48,16 +48,28 @@ class Trained:
     resumed_output: str
 
 
+class _TenSecondClock:
+    """``time`` for the trainer: every ``perf_counter()`` is 10 s after the one before."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     """The tiny two-stage training, interrupted after one coarse epoch, then re-run to the end."""
     tmp = tmp_path_factory.mktemp("train")
     out, work = tmp / "model.pt", tmp / "work"
-    # 60m: TINY overrides the plan; a budget well above the smallest plan's keeps a slow machine
-    # (whose timed rate sets that smallest) from refusing it.
+    # TINY gives every member's size: the budget (60m: 2 + 2 members, --members 1 overrides) plans
+    # nothing that a slow machine could refuse.
     argv = ["train", "--out", str(out), "--time-budget", "60m", "--workdir", str(work), *TINY]
     original = trainer._train_epoch
     calls = {"n": 0}
+    clock = _TenSecondClock()  # the trainer's epochs' elapsed_s, exact whatever the machine
 
     def counting(*args: Any, interrupt_at: int | None = None, **kwargs: Any) -> tuple[float, float]:
         calls["n"] += 1
@@ -67,6 +79,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "_train_epoch", lambda *a, **k: counting(*a, interrupt_at=2, **k))
+        mp.setattr(trainer, "time", clock)
         assert main(argv) == 130  # "interrupted", as after Ctrl-C
     first = calls["n"]
     assert (work / "coarse" / "member-0" / "checkpoint.pt").exists()
@@ -79,6 +92,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     buffer = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buffer):
         mp.setattr(trainer, "_train_epoch", lambda *a, **k: counting(*a, **k))
+        mp.setattr(trainer, "time", clock)
         assert main(argv) == 0
     yield Trained(out, first, calls["n"], buffer.getvalue())
 
@@ -92,6 +106,17 @@ def test_rerun_resumes_the_interrupted_member(trained: Trained) -> None:
     # it did not time the steps again (the saved plan is reused).
     assert trained.resumed_calls == (EPOCHS - 1) + EPOCHS
     assert "timing a few training steps" not in trained.resumed_output
+
+
+def test_resumed_member_counts_its_time_before_the_interruption(trained: Trained) -> None:
+    """Each epoch takes 10 s of the trainer's clock. The resumed coarse member's log counts on
+    from its checkpoint (10, 20, 30 s, not 10, 10, 20), so the re-plan after it sees the member's
+    whole time, not a part of it read as a fast rate."""
+    import csv
+
+    with (trained.out.parent / "work" / "coarse" / "member-0" / "metrics.csv").open() as fh:
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(fh)]
+    assert elapsed == [10.0, 20.0, 30.0]
 
 
 def test_one_command_writes_both_stages_and_refining_beats_coarse(trained: Trained) -> None:
@@ -149,6 +174,10 @@ def test_plan_fits_the_budget_and_grows_with_it() -> None:
     )
     with pytest.raises(InputError, match="too short for a useful model"):
         plan_two_stage(20, Instrument(), rates=rates)
+    # Every member's epochs and frames given (--epochs, --frames-per-epoch): nothing to refuse, a
+    # slow machine only takes longer (a CI run starved of CPU timed under 1 step/s).
+    given = plan_two_stage(20, Instrument(), rates=rates, sizes_given=True)
+    assert given.coarse_members == 1 and given.refiner.architecture == "registered_mlp"
 
 
 def _member_s(plan: TwoStagePlan, stage: str, k: int, scale: float = 1.0) -> float:
@@ -205,8 +234,8 @@ def test_replan_keeps_sizes_that_were_given_and_survives_a_resume(tmp_path: Path
 def test_training_re_plans_after_each_member_and_the_file_says_what_each_had(tmp_path: Path) -> None:
     """A real (tiny) two-stage training whose timed rates were 20x too slow: after the first coarse
     member the rest are re-fitted to the budget at the rate really sustained, plan.json keeps the
-    re-plan for a resume, and the model file records each member's epochs and frames."""
-    from nanobeam_bluesky.models import load_model_file
+    re-plan for a resume (and, copied, re-makes the model), and the model file records each
+    member's epochs and frames."""
     from nanobeam_bluesky.training import DEFAULT_RECIPE, REGISTERED_RECIPE
     from nanobeam_bluesky.training.plan import train_two_stage
 
@@ -233,14 +262,33 @@ def test_training_re_plans_after_each_member_and_the_file_says_what_each_had(tmp
     assert any(line.startswith("re-planned: coarse member 0 took") for line in lines), lines
     assert saved.recipe_for("coarse", 1) == limits[0]
     assert saved.recipe_for("refiner", 0).epochs == 3
-    _, meta = load_model_file(out)
-    refiner_members = meta["refiner"]["metrics"]["members"]
-    assert [(m["epochs"], m["frames_per_epoch"]) for m in refiner_members] == [(3, 3072)]
-    _, coarse_meta = load_model_file(tmp_path / "work" / "coarse.pt")
-    assert [(m["epochs"], m["frames_per_epoch"]) for m in coarse_meta["metrics"]["members"]] == [
-        (2, 1024),
-        (3, 3072),
-    ]
+    assert _member_sizes(out, tmp_path / "work") == ([(2, 1024), (3, 3072)], [(3, 3072)])
+    # Re-made elsewhere: plan.json copied into a fresh workdir, the same plan trains the same
+    # member sizes (recorded, re-planned ones included) and re-plans nothing.
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "plan.json").write_text((tmp_path / "work" / "plan.json").read_text())
+    copied = load_plan(again, plan.budget_s, Instrument(), seed=0)
+    assert copied == saved
+    lines.clear()
+    train_two_stage(
+        copied, tmp_path / "again.pt", Instrument(), workdir=again, progress=False, say=lines.append
+    )
+    assert not any(line.startswith("re-planned") for line in lines), lines
+    assert _member_sizes(tmp_path / "again.pt", again) == _member_sizes(out, tmp_path / "work")
+
+
+def _member_sizes(out: Path, workdir: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(epochs, frames per epoch) of each coarse and each refining member, as the files record."""
+    from nanobeam_bluesky.models import load_model_file
+
+    _, coarse = load_model_file(workdir / "coarse.pt")
+    _, both = load_model_file(out)
+
+    def sizes(meta: dict[str, Any]) -> list[tuple[int, int]]:
+        return [(m["epochs"], m["frames_per_epoch"]) for m in meta["metrics"]["members"]]
+
+    return sizes(coarse), sizes(both["refiner"])
 
 
 def test_workdir_of_another_run_is_refused_not_mixed(tmp_path: Path) -> None:

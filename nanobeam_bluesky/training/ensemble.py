@@ -116,7 +116,9 @@ def train_ensemble(
 
     ``recipe_for(k)``: member ``k``'s recipe when the members differ in size (a re-planned
     budget; asked just before the member trains), else ``recipe``; ``recipe`` describes the
-    file. ``member_done(k, seconds)``: called after member ``k`` has trained in this call.
+    file. ``member_done(k, seconds)``: called after member ``k`` has trained in this call;
+    ``seconds`` is its whole training time, a resumed member's epochs before the interruption
+    included.
     """
     import torch
 
@@ -166,7 +168,9 @@ def train_ensemble(
             progress=progress,
             pbar=pbar,
         )
-        train_s = time.perf_counter() - started
+        # A resumed member: its epochs before the interruption count too (the re-plan reads
+        # this as the member's rate).
+        train_s = time.perf_counter() - started + result.resumed_s
         metrics = {
             **result.metrics,
             "epochs": member_recipe.epochs,

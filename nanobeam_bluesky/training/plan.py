@@ -377,11 +377,14 @@ def plan_two_stage(
     refiner: Recipe = REGISTERED_RECIPE,
     device: str = "cpu",
     rates: tuple[StageRates, StageRates] | None = None,
+    sizes_given: bool = False,
 ) -> TwoStagePlan:
     """Members, epochs and frames per epoch of both stages that fit ``budget_s`` seconds.
 
     ``rates`` (coarse, refining): measured with :func:`measure_rates` when not given. Raises
-    InputError when the budget cannot buy the smallest useful plan.
+    InputError when the budget cannot buy the smallest useful plan, unless ``sizes_given`` (the
+    caller sets each member's epochs and frames itself: the budget buys nothing, a slow machine
+    only takes longer).
     """
     spent = 0.0
     if rates is None:
@@ -402,13 +405,15 @@ def plan_two_stage(
     coarse_s = planned_s / members - refiner_s
     fitted_coarse = _fit_stage(coarse, coarse_rates, coarse_s, TARGET_COARSE_EPOCHS, MIN_COARSE_EPOCHS)
     fitted_refiner = _fit_stage(refiner, refiner_rates, refiner_s, TARGET_REFINER_EPOCHS, MIN_REFINER_EPOCHS)
+    if sizes_given:
+        fitted_coarse, fitted_refiner = fitted_coarse or coarse, fitted_refiner or refiner
     if fitted_coarse is None or fitted_refiner is None:
         smallest = math.ceil(coarse_min + refiner_min + overhead)
         raise InputError(
             f"a time budget of {budget_s:.0f} s is too short for a useful model: the smallest (1 coarse "
             f"member x {MIN_COARSE_EPOCHS} epochs and 1 refining member x {MIN_REFINER_EPOCHS} epochs, each "
             f"of {MIN_FRAMES_PER_EPOCH:,} frames, the fewest that train a coarse stage to register on, at "
-            f"the measured {1 / coarse_rates.step_s:.0f} and {1 / refiner_rates.step_s:.0f} steps/s) needs "
+            f"the measured {1 / coarse_rates.step_s:.3g} and {1 / refiner_rates.step_s:.3g} steps/s) needs "
             f"about {smallest} s here; give --time-budget {smallest}s or more"
         )
     return TwoStagePlan(

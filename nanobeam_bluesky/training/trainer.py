@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class MemberResult:
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    #: Seconds of training (epochs) done before this call, restored from a checkpoint: what a
+    #: resumed member took before its interruption.
+    resumed_s: float = 0.0
 
 
 @functools.lru_cache(maxsize=16)
@@ -366,7 +369,10 @@ def train_member(
     else:
         pbar.set_description(f"{recipe.name} seed {seed}")
         pbar.update((state.epoch + 1) * steps_per_epoch)
-    start_time = time.perf_counter()
+    # elapsed_s counts on from the checkpoint's: a resumed member's log shows its whole training
+    # time, less the interruption (and the epoch it cut short).
+    resumed_s = float(state.history[-1]["elapsed_s"]) if state.history else 0.0
+    start_time = time.perf_counter() - resumed_s
     stopped_early = False
     for epoch in range(state.epoch + 1, recipe.epochs):
         train_loss, lr = _train_epoch(
@@ -394,7 +400,8 @@ def train_member(
         pbar.update((recipe.epochs - 1 - max(state.epoch, -1)) * steps_per_epoch)
     else:
         pbar.close()
-    return _best_member(recipe, seed, state, model, objective, data, device, stopped_early)
+    result = _best_member(recipe, seed, state, model, objective, data, device, stopped_early)
+    return replace(result, resumed_s=resumed_s)
 
 
 def _best_member(
