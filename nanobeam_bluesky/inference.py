@@ -155,8 +155,9 @@ class Predictor:
 
     With ``refiners`` (a model file with a ``refiner`` section), the tilts are predicted in two
     stages: the ensemble's mean tilts give each frame a whole-pixel shift that centres the
-    annulus, and the refiners predict the sub-pixel rest from the shifted frame. Strain and its
-    std come from the first ensemble, omega and chi and their std from the refiners.
+    annulus, and the refiners predict the sub-pixel rest from the shifted frame. Omega and chi
+    and their std come from the refiners; strain and its std from the refiners where they refine
+    it too (a second copy of the frame centred on the band), else from the first ensemble.
     """
 
     def __init__(
@@ -362,9 +363,10 @@ class Predictor:
             mean = out.mean(0)
             std = out.std(0, correction=0) if out.shape[0] > 1 else torch.zeros_like(out[0])
             if self._refiner is not None and refine:
-                tilts = self._refine(x, mean[:, 1], mean[:, 2])  # (K2, N, 2)
-                mean[:, 1:3] = tilts.mean(0)
-                std[:, 1:3] = tilts.std(0, correction=0) if tilts.shape[0] > 1 else 0.0
+                refined = self._refine(x, mean[:, :3])  # (K2, N, 3): strain NaN if not refined
+                which = [0, 1, 2] if self.registration.refines_strain else [1, 2]
+                mean[:, which] = refined[..., which].mean(0)
+                std[:, which] = refined[..., which].std(0, correction=0) if len(refined) > 1 else 0.0
             means.append(mean)
             stds.append(std)
         mean_all = torch.cat(means).numpy() if means else np.zeros((0, n_out))
@@ -373,14 +375,26 @@ class Predictor:
             return NetworkEstimate(mean_all[:, :3], std_all[:, :3], mean_all[:, 3], std_all[:, 3])
         return NetworkEstimate(mean_all, std_all)
 
-    def _refine(self, frames: torch.Tensor, omega_deg: torch.Tensor, chi_deg: torch.Tensor) -> torch.Tensor:
-        """Refined (omega, chi) in degrees per refiner, (K2, N, 2), from coarse tilts (N,)."""
+    def _refine(self, frames: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Refined (strain, omega deg, chi deg) per refiner, (K2, N, 3), from the coarse estimate
+        (N, 3); strain is NaN where the refiners refine the tilts alone."""
         if self._refiner is None:  # predict_arrays calls this only for a two-stage model
             raise RuntimeError("this model has no refining stage")
-        rows, cols = self.registration.shifts(omega_deg, chi_deg)
-        features = self._refiner_features(frames, rows.to(self.device), cols.to(self.device))
-        residual = self._refiner.stacked(features).double().cpu() * self._refiner_half
-        return residual + torch.stack(self.registration.tilts(rows, cols), 1)
+        reg = self.registration
+        rows, cols = reg.shifts(coarse[:, 1], coarse[:, 2])
+        band_cols = reg.band_shifts(coarse[:, 0], coarse[:, 1]) if reg.refines_strain else None
+        features = self._refiner_features(
+            frames,
+            rows.to(self.device),
+            cols.to(self.device),
+            None if band_cols is None else band_cols.to(self.device),
+        )
+        out = self._refiner.stacked(features).double().cpu() * self._refiner_half  # (K2, N, 2|3)
+        tilts = out[..., :2] + torch.stack(reg.tilts(rows, cols), 1)
+        strain = torch.full_like(tilts[..., :1], float("nan"))
+        if band_cols is not None:
+            strain = reg.strain(out[..., 2] + band_cols.double(), tilts[..., 0])[..., None]
+        return torch.cat([strain, tilts], -1)
 
     def predict(
         self,

@@ -59,14 +59,19 @@ class Architecture:
 
 @dataclass(frozen=True)
 class RefinerCard:
-    """The refining stage: registered networks predicting the tilts' sub-pixel rest."""
+    """The refining stage: registered networks predicting the tilts' (and, where the
+    registration has ``pixels_per_strain``, the strain band's) sub-pixel rest."""
 
     architecture: Architecture
     n_members: int
     #: ``TiltRegistration`` keyword arguments (pixels per degree, largest shift).
     registration: dict[str, Any]
-    #: Output scale of (omega, chi) residuals, in degrees.
+    #: Output scale of (omega, chi) residuals, in degrees[, and of the band's, in pixels].
     half_range: tuple[float, ...]
+
+    @property
+    def refines_strain(self) -> bool:
+        return float(self.registration.get("pixels_per_strain", 0.0)) > 0
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,16 @@ class ModelCard:
         refiner = None
         if "refiner" in metadata:
             ref = _get(metadata, "refiner")
+            registration = dict(_get(ref, "registration"))
+            n_refined = 3 if float(registration.get("pixels_per_strain", 0.0)) > 0 else 2
             refiner = RefinerCard(
                 architecture=Architecture.from_dict(_get(ref, "architecture"), "refiner.architecture"),
                 n_members=int(_get(ref, "n_members")),
-                registration=dict(_get(ref, "registration")),
+                registration=registration,
                 half_range=_floats(
-                    _get(ref, "output_normalisation.half_range"), "refiner.output_normalisation.half_range", 2
+                    _get(ref, "output_normalisation.half_range"),
+                    "refiner.output_normalisation.half_range",
+                    n_refined,
                 ),
             )
         augmentation = _floats(

@@ -10,6 +10,12 @@ within a few epochs.
 
 The shift in pixels per degree comes from physics.md: omega moves the annulus along columns by
 2 omega R / delta, chi along rows by about 2 sin(theta_B) chi R / delta.
+
+Strain does not move the annulus: it moves the bright band inside it, along columns by
+-tan(theta_B) epsilon R / delta, and omega carries the band at half the annulus's rate. A frame
+registered on the annulus still shows the band anywhere over +-15 pixels, the problem the coarse
+network has; so a strain-refining network also sees a second copy of the frame, shifted by whole
+pixels so that the band sits at the centre, and predicts the band's sub-pixel rest.
 """
 
 from __future__ import annotations
@@ -34,20 +40,48 @@ class TiltRegistration:
         pixels_per_deg_omega: column shift of the annulus per degree of omega (binned pixels).
         pixels_per_deg_chi: row shift of the annulus per degree of chi (binned pixels).
         max_shift: shifts are clipped to +-max_shift pixels (frames are zero-padded by that).
+        pixels_per_strain: column shift of the band per unit strain (binned pixels, the band
+            moves to lower columns as strain rises); 0: the tilts alone are refined.
+        band_max_shift: band shifts are clipped to +-band_max_shift pixels.
     """
 
     pixels_per_deg_omega: float
     pixels_per_deg_chi: float
     max_shift: int = 16
+    pixels_per_strain: float = 0.0
+    band_max_shift: int = 0
 
     @classmethod
-    def for_instrument(cls, instrument) -> TiltRegistration:
-        """physics.md's annulus shifts for ``instrument`` (a physics ``Instrument``)."""
-        per_deg = 2 * instrument.detector_distance_m / instrument.binned_pixel_m * math.pi / 180
+    def for_instrument(cls, instrument, *, refine_strain: bool = False) -> TiltRegistration:
+        """physics.md's annulus (and, with ``refine_strain``, band) shifts for ``instrument``."""
+        pixels_per_rad = instrument.detector_distance_m / instrument.binned_pixel_m
+        per_deg = 2 * pixels_per_rad * math.pi / 180
         per_deg_chi = per_deg * math.sin(instrument.bragg_angle_rad)
         ranges = instrument.parameter_ranges
-        largest = max(max(map(abs, ranges["omega"])) * per_deg, max(map(abs, ranges["chi"])) * per_deg_chi)
-        return cls(per_deg, per_deg_chi, math.ceil(largest) + 2)
+        omega, chi = max(map(abs, ranges["omega"])), max(map(abs, ranges["chi"]))
+        largest = max(omega * per_deg, chi * per_deg_chi)
+        if not refine_strain:
+            return cls(per_deg, per_deg_chi, math.ceil(largest) + 2)
+        per_strain = math.tan(instrument.bragg_angle_rad) * pixels_per_rad
+        band = max(map(abs, ranges["strain"])) * per_strain + omega * per_deg / 2
+        return cls(per_deg, per_deg_chi, math.ceil(largest) + 2, per_strain, math.ceil(band) + 2)
+
+    @property
+    def refines_strain(self) -> bool:
+        return self.pixels_per_strain > 0
+
+    def band_position(self, strain: torch.Tensor, omega_deg: torch.Tensor) -> torch.Tensor:
+        """Column offset (binned pixels) of the band from its place at zero strain and tilt."""
+        return omega_deg * (self.pixels_per_deg_omega / 2) - strain * self.pixels_per_strain
+
+    def band_shifts(self, strain: torch.Tensor, omega_deg: torch.Tensor) -> torch.Tensor:
+        """Whole-pixel column shifts (int64) that centre the band of these parameters."""
+        band = torch.round(self.band_position(strain, omega_deg))
+        return band.clamp(-self.band_max_shift, self.band_max_shift).long()
+
+    def strain(self, band_px: torch.Tensor, omega_deg: torch.Tensor) -> torch.Tensor:
+        """The strain whose band is at ``band_px`` (binned pixels) at tilt ``omega_deg``."""
+        return (omega_deg * (self.pixels_per_deg_omega / 2) - band_px) / self.pixels_per_strain
 
     @property
     def residual_half_range_deg(self) -> tuple[float, float]:
@@ -64,12 +98,20 @@ class TiltRegistration:
         """(omega_deg, chi_deg) of whole-pixel shifts (float64): the inverse of :meth:`shifts`."""
         return cols.double() / self.pixels_per_deg_omega, rows.double() / self.pixels_per_deg_chi
 
+    @property
+    def output_scale(self) -> tuple[float, ...]:
+        """Units of the refiner's outputs: (omega deg, chi deg[, band pixels]) per output unit."""
+        return (*self.residual_half_range_deg, *((1.0,) if self.refines_strain else ()))
+
     def to_dict(self) -> dict[str, float]:
-        return {
+        out = {
             "pixels_per_deg_omega": self.pixels_per_deg_omega,
             "pixels_per_deg_chi": self.pixels_per_deg_chi,
             "max_shift": self.max_shift,
         }
+        if self.refines_strain:  # files that refine the tilts alone keep their three keys
+            out |= {"pixels_per_strain": self.pixels_per_strain, "band_max_shift": self.band_max_shift}
+        return out
 
 
 def register_frames(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad: int) -> torch.Tensor:
@@ -83,20 +125,27 @@ def register_frames(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 
 
 class RegisteredMLP(nn.Module):
-    """(counts (N, F, F), rows, cols) -> (N, 2) standardised residual (omega, chi).
+    """(counts (N, F, F), rows, cols[, band_cols]) -> (N, 2 or 3) residual (omega, chi[, band]).
 
     The frame is registered by the whole-pixel shifts, count-normalised as in
     :class:`~nanobeam_bluesky.models.NanobeamMLP`, and the two shifts (over ``max_shift``) are
-    appended: they say which border strips are padding.
+    appended: they say which border strips are padding. With ``band_max_shift`` > 0 the network
+    also refines strain: a second copy of the frame, registered on the band (rows as the first,
+    columns by ``band_cols``), and that shift are appended, and a third output is the band's
+    residual in pixels.
     """
 
-    n_outputs = 2
-
     def __init__(
-        self, frame_pixels: int = 64, hidden: tuple[int, ...] = (256, 256), max_shift: int = 16
+        self,
+        frame_pixels: int = 64,
+        hidden: tuple[int, ...] = (256, 256),
+        max_shift: int = 16,
+        band_max_shift: int = 0,
     ) -> None:
         super().__init__()
-        sizes = (frame_pixels * frame_pixels + 2, *hidden)
+        self.n_outputs = 3 if band_max_shift else 2
+        pixels = frame_pixels * frame_pixels
+        sizes = (pixels + 2 + (pixels + 1 if band_max_shift else 0), *hidden)
         layers: list[nn.Module] = []
         for n_in, n_out in itertools.pairwise(sizes):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
@@ -104,13 +153,37 @@ class RegisteredMLP(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.frame_pixels = frame_pixels
         self.max_shift = max_shift
+        self.band_max_shift = band_max_shift
 
-    def features(self, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """The network's input (N, F*F + 2)."""
+    def features(
+        self,
+        frames: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        band_cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The network's input (N, F*F + 2), or (N, 2 F*F + 3) when it refines strain."""
         f = self.frame_pixels
-        registered = register_frames(frames.reshape(-1, f, f), rows, cols, self.max_shift)
+        frames = frames.reshape(-1, f, f)
+        registered = register_frames(frames, rows, cols, self.max_shift)
         shifts = torch.stack([rows, cols], 1).to(registered.dtype) / self.max_shift
-        return torch.cat([normalise_counts(registered).flatten(1), shifts], 1)
+        parts = [normalise_counts(registered).flatten(1), shifts]
+        if self.band_max_shift:
+            if band_cols is None:
+                raise ValueError("this network refines strain: pass the band's column shifts")
+            pad = max(self.max_shift, self.band_max_shift)
+            band = register_frames(frames, rows, band_cols, pad)
+            parts += [
+                normalise_counts(band).flatten(1),
+                band_cols[:, None].to(band.dtype) / self.band_max_shift,
+            ]
+        return torch.cat(parts, 1)
 
-    def forward(self, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.features(frames, rows, cols))
+    def forward(
+        self,
+        frames: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        band_cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.layers(self.features(frames, rows, cols, band_cols))

@@ -190,17 +190,22 @@ def adapt_model(
     coarse_objective = _SupervisedObjective(recipe, instrument, card)
     # The refiners' whole-pixel shifts and output scale follow the data's instrument (the pixels
     # per degree change with the detector distance); their largest shift is the parent's.
-    refiner_objective = RegisteredObjective(recipe, instrument) if refiners else None
+    refiner_objective = None
     registration = None
-    if refiner_objective is not None and predictor.card.refiner is not None:
-        own = TiltRegistration.for_instrument(instrument)
+    if refiners and predictor.card.refiner is not None:
+        parent = predictor.card.refiner
+        refiner_objective = RegisteredObjective(
+            recipe.replace(refine_strain=parent.refines_strain), instrument
+        )
+        own = TiltRegistration.for_instrument(instrument, refine_strain=parent.refines_strain)
         registration = TiltRegistration(
             own.pixels_per_deg_omega,
             own.pixels_per_deg_chi,
-            int(predictor.card.refiner.registration["max_shift"]),
+            int(parent.registration["max_shift"]),
+            own.pixels_per_strain,
+            int(parent.registration.get("band_max_shift", 0)),
         )
         refiner_objective.registration = registration
-    ref_half = None if registration is None else torch.tensor(registration.residual_half_range_deg)
     box = Standardiser.for_instrument(instrument)
     box_centre = torch.tensor(box.centre, dtype=torch.float32)
     box_half = torch.tensor(box.half_range, dtype=torch.float32)
@@ -248,15 +253,20 @@ def adapt_model(
             total = total + _likelihood_term(physics, obs, full, obs_mask, n_out, norm)
             out_sim, target = coarse_objective.outputs_and_targets(member, sim_x, sim_labels, generator)
             total = total + (((out_sim - target) ** 2) * coarse_objective.weights).mean()
-        if refiner_objective is not None and registration is not None and ref_half is not None:
+        if refiner_objective is not None and registration is not None:
             coarse = torch.stack(coarse_means).mean(0)
             rows, cols = registration.shifts(coarse[:, 1], coarse[:, 2])
             base = torch.stack(registration.tilts(rows, cols), 1)
+            band_cols = None
+            if registration.refines_strain:
+                band_cols = registration.band_shifts(coarse[:, 0], coarse[:, 1])
+                base = torch.cat([base, band_cols[:, None].double()], 1)
             for refiner in refiners:
-                tilts = refiner(x, rows, cols).double() * ref_half + base
+                refined = refiner_objective.physical(refiner(x, rows, cols, band_cols), base)
+                tilts = refined[:, :2]
                 full = torch.cat(
                     [
-                        coarse[:, :1],
+                        refined[:, 2:3] if band_cols is not None else coarse[:, :1],
                         tilts,
                         coarse[:, 3:4]
                         if n_out == 4
@@ -264,7 +274,9 @@ def adapt_model(
                     ],
                     1,
                 )
-                total = total + _likelihood_term(physics, obs, full, obs_mask, n_out, norm, tilts_only=True)
+                total = total + _likelihood_term(
+                    physics, obs, full, obs_mask, n_out, norm, tilts_only=band_cols is None, refined=True
+                )
                 sim_std = (sim_labels[:, :3] - box_centre) / box_half
                 out_sim, target = refiner_objective.outputs_and_targets(refiner, sim_x, sim_std, generator)
                 total = total + (((out_sim - target) ** 2) * refiner_objective.weights).mean()
@@ -286,8 +298,8 @@ def adapt_model(
             **metadata["refiner"],
             "registration": registration.to_dict(),
             "output_normalisation": {
-                "centre": [0.0, 0.0],
-                "half_range": list(registration.residual_half_range_deg),
+                "centre": [0.0] * len(registration.output_scale),
+                "half_range": list(registration.output_scale),
             },
         }
     new_meta["model_id"] = f"{metadata['model_id']}+adapted"
@@ -325,6 +337,7 @@ def _likelihood_term(
     norm: torch.Tensor,
     *,
     tilts_only: bool = False,
+    refined: bool = False,
 ) -> torch.Tensor:
     """A surrogate whose gradient in ``theta`` (B, 4) is the mean Poisson NLL's: -g . theta, with
     g = d log L / d theta from the likelihood kernel at theta (the scale and background at their
@@ -335,6 +348,8 @@ def _likelihood_term(
         g[:, 3] = 0.0  # the film is the instrument's: not the network's to move
     if tilts_only:
         g[:, [0, 3]] = 0.0  # the refiners output only the tilts
+    elif refined:
+        g[:, 3] = 0.0  # the refiners do not output the film
     return -2 * (g * theta).sum(1).mean() / norm
 
 

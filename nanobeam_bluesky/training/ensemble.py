@@ -13,7 +13,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import InputError
-from ..models import TiltRegistration, as_stored, load_model_file, save_model_file
+from ..models import as_stored, load_model_file, save_model_file
 from ..physics import UNITS, Instrument
 from .data import thickness_box
 from .recipes import Recipe
@@ -233,7 +233,7 @@ def _refined_metadata(
 ) -> dict[str, Any]:
     """The coarse model's metadata plus a ``refiner`` section describing the second stage."""
     objective = RegisteredObjective(recipe, instrument)
-    registration = TiltRegistration.for_instrument(instrument)
+    registration = objective.registration
     saved_keys = ("sha256", "n_members", "weight_dtype", "int8_rows")
     metadata = {k: v for k, v in base.items() if k not in saved_keys}
     metadata["model_id"] = f"{base['model_id']}+{recipe.name}"
@@ -244,7 +244,11 @@ def _refined_metadata(
         },
         "parameters": list(objective.names),
         "registration": registration.to_dict(),
-        "output_normalisation": {"centre": [0.0, 0.0], "half_range": list(objective.half_range)},
+        # Per output unit: degrees of (omega, chi) and, refining strain, pixels of the band.
+        "output_normalisation": {
+            "centre": [0.0] * len(registration.output_scale),
+            "half_range": list(registration.output_scale),
+        },
         "n_members": n_members,
         "recipe": recipe.to_dict(),
         "metrics": {"members": member_metrics},
@@ -298,12 +302,12 @@ def mean_registered_input(
     frames = simulate_tensor(strain, omega, chi, instrument, upsample=recipe.upsample)
     generator = torch.Generator().manual_seed(seed)
     counts = noisy_counts(frames, recipe.max_counts, recipe.count_augmentation, generator)
-    noise = torch.randn((n, 2), generator=generator, dtype=torch.float64)
-    rows, cols, _, _ = objective.shifts_and_targets(torch.as_tensor(params[:, 1:]), noise)
+    noise = objective.draw_noise(n, generator)
+    rows, cols, band_cols, _, _ = objective.shifts_and_targets(torch.as_tensor(params), noise)
     model = build_model(recipe.architecture, **{**recipe.architecture_kwargs, **objective.model_kwargs})
     if not isinstance(model, RegisteredMLP):
         raise InputError(
             f"recipe {recipe.name!r} is not a refining recipe (architecture "
             f"{recipe.architecture!r}, not 'registered_mlp')"
         )
-    return model.features(counts, rows, cols).double().mean(0)
+    return model.features(counts, rows, cols, band_cols).double().mean(0)

@@ -491,9 +491,13 @@ def train_two_stage(
                 member_done=member_done("coarse"),
             )
             partial.replace(coarse_file)
-        jitter = _refiner_for(plan.refiner, coarse_file).registration_jitter_deg
+        fitted = _refiner_for(plan.refiner, coarse_file)
+        jitter = {
+            "registration_jitter_deg": fitted.registration_jitter_deg,
+            "registration_jitter_strain": fitted.registration_jitter_strain,
+        }
         return train_ensemble(
-            current.recipe_for("refiner", 0).replace(registration_jitter_deg=jitter),
+            current.recipe_for("refiner", 0).replace(**jitter),
             plan.refiner_members,
             out,
             instrument,
@@ -504,7 +508,7 @@ def train_two_stage(
             command=command,
             base=coarse_file,
             pbar=bar,
-            recipe_for=lambda k: current.recipe_for("refiner", k).replace(registration_jitter_deg=jitter),
+            recipe_for=lambda k: current.recipe_for("refiner", k).replace(**jitter),
             member_done=member_done("refiner"),
         )
     finally:
@@ -513,7 +517,9 @@ def train_two_stage(
 
 def _refiner_for(recipe: Recipe, coarse_file: Path) -> Recipe:
     """The refining recipe trained on the coarse stage's own error: its registration jitter is
-    twice the coarse ensemble's test RMSE of (omega, chi), never below the recipe's."""
+    twice the coarse ensemble's test RMSE of (omega, chi), never below the recipe's, and of
+    strain twice its RMSE, never below a third of the recipe's (a thick film's coarse strain is
+    2x better than the seed's)."""
     from ..models import load_model_file
 
     _, meta = load_model_file(coarse_file)
@@ -522,7 +528,8 @@ def _refiner_for(recipe: Recipe, coarse_file: Path) -> Recipe:
         max(default, 2 * float(ensemble[f"rmse_{name}"]))
         for default, name in zip(recipe.registration_jitter_deg, ("omega", "chi"), strict=True)
     )
-    return recipe.replace(registration_jitter_deg=jitter)
+    strain = max(recipe.registration_jitter_strain / 3, 2 * float(ensemble["rmse_strain"]))
+    return recipe.replace(registration_jitter_deg=jitter, registration_jitter_strain=strain)
 
 
 def _steps(recipe: Recipe) -> int:

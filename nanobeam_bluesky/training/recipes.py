@@ -56,6 +56,12 @@ class Recipe:
     #: Refining stage only: std (omega, chi, degrees) of the coarse estimate's error simulated
     #: in training, about twice the shipped coarse ensemble's RMSE (2.8e-4, 6.5e-4 deg).
     registration_jitter_deg: tuple[float, float] = (5e-4, 1.2e-3)
+    #: Refining stage only: the refiner predicts strain too, from a copy of the frame registered
+    #: on the band (see ``models.registered``); off, strain is the coarse ensemble's.
+    refine_strain: bool = False
+    #: Refining stage only: std of the coarse strain's error simulated in training (about twice
+    #: the seed instrument's coarse RMSE, 1.5e-4).
+    registration_jitter_strain: float = 3e-4
     #: Real films and detectors (on-the-fly data only; 0 = off, the shipped recipes' setting so
     #: far). Each frame's film thickness is drawn uniformly within ± this fraction of the
     #: instrument's (0.35: 76-158 Å for the seed's 117 Å film).
@@ -135,6 +141,8 @@ DEFAULT_RECIPE = Recipe(
 #: The refining stage (``nanobeam train --recipe registered --base COARSE.pt``): the default
 #: recipe on frames shifted by whole pixels to a coarse tilt estimate, predicting the sub-pixel
 #: residual of omega and chi. It learns fast: 1.2x the Cramer-Rao bound after 2 epochs.
-REGISTERED_RECIPE = DEFAULT_RECIPE.replace(name="registered", architecture="registered_mlp", epochs=10)
+REGISTERED_RECIPE = DEFAULT_RECIPE.replace(
+    name="registered", architecture="registered_mlp", epochs=10, refine_strain=True
+)
 
 RECIPES = {"paper": PAPER_RECIPE, "default": DEFAULT_RECIPE, "registered": REGISTERED_RECIPE}

@@ -145,60 +145,93 @@ class Objective:
 
 
 class RegisteredObjective(Objective):
-    """The refining stage: tilts' residual on frames shifted to a coarse estimate.
+    """The refining stage: the tilts' (and with ``recipe.refine_strain`` the strain's) residual
+    on frames shifted to a coarse estimate.
 
     In training the coarse estimate is the truth plus Gaussian noise of
-    ``recipe.registration_jitter_deg`` (about twice the coarse ensemble's RMSE), so the network
-    learns every residual the shift may leave; validation and test use fixed such draws.
+    ``recipe.registration_jitter_deg`` (and ``registration_jitter_strain``), about twice the
+    coarse ensemble's RMSE, so the network learns every residual the shift may leave; validation
+    and test use fixed such draws. Outputs are (omega, chi[, strain]); the network's third output
+    is the band's residual in pixels, turned into strain with the refined omega.
     """
 
     def __init__(self, recipe: Recipe, instrument: Instrument) -> None:
         super().__init__(recipe, instrument)
-        self.registration = TiltRegistration.for_instrument(instrument)
-        self.names = ("omega", "chi")
+        self.registration = TiltRegistration.for_instrument(instrument, refine_strain=recipe.refine_strain)
+        self.names = ("omega", "chi", "strain") if recipe.refine_strain else ("omega", "chi")
         self.index = [PARAMETERS.index(n) for n in self.names]
-        self.centre = np.zeros(2)
+        self.centre = np.zeros(len(self.names))
+        # Physical units per output unit: one pixel of annulus (or band) shift.
         self.half_range = np.asarray(self.registration.residual_half_range_deg)
+        if recipe.refine_strain:
+            self.half_range = np.r_[self.half_range, 1 / self.registration.pixels_per_strain]
         box = Standardiser.for_instrument(instrument)
-        self._box_centre = torch.as_tensor(box.centre[1:])
-        self._box_half = torch.as_tensor(box.half_range[1:])
-        w = (self.half_range / crlb_reference(instrument, recipe.max_counts)[1:]) ** 2
+        self._box_centre = torch.as_tensor(box.centre)
+        self._box_half = torch.as_tensor(box.half_range)
+        w = (self.half_range / crlb_reference(instrument, recipe.max_counts)[self.index]) ** 2
         self.weights = torch.as_tensor(w / w.mean(), dtype=torch.float32)
-        self.jitter = torch.as_tensor(recipe.registration_jitter_deg, dtype=torch.float64)
+        jitter = (recipe.registration_jitter_strain, *recipe.registration_jitter_deg)
+        self.jitter = torch.as_tensor(jitter, dtype=torch.float64)
         self.model_kwargs = {"max_shift": self.registration.max_shift}
+        if recipe.refine_strain:
+            self.model_kwargs["band_max_shift"] = self.registration.band_max_shift
 
-    def shifts_and_targets(self, tilts: torch.Tensor, noise: torch.Tensor):
-        """Whole-pixel shifts for true tilts (N, 2) deg plus ``noise`` x jitter; their tilts; targets."""
-        coarse = tilts + noise * self.jitter.to(tilts.device)
-        rows, cols = self.registration.shifts(coarse[:, 0], coarse[:, 1])
-        base = torch.stack(self.registration.tilts(rows, cols), 1)
-        half = torch.as_tensor(self.half_range, device=tilts.device)
-        return rows, cols, base, ((tilts - base) / half).float()
+    def shifts_and_targets(self, params: torch.Tensor, noise: torch.Tensor):
+        """Shifts for true (strain, omega deg, chi deg) (N, 3) plus ``noise`` (N, 3) x jitter.
+
+        Returns (rows, cols, band_cols or None, base, standardised targets): ``base`` is what
+        the whole-pixel shifts alone say, (omega, chi[, band pixels]).
+        """
+        reg = self.registration
+        coarse = params + noise * self.jitter.to(params.device)
+        rows, cols = reg.shifts(coarse[:, 1], coarse[:, 2])
+        base = torch.stack(reg.tilts(rows, cols), 1)
+        truth = params[:, 1:3]
+        band_cols = None
+        if reg.refines_strain:
+            band_cols = reg.band_shifts(coarse[:, 0], coarse[:, 1])
+            base = torch.cat([base, band_cols[:, None].double()], 1)
+            truth = torch.cat([truth, reg.band_position(params[:, 0], params[:, 1])[:, None]], 1)
+        scale = torch.as_tensor(reg.output_scale, device=params.device, dtype=torch.float64)
+        return rows, cols, band_cols, base, ((truth - base) / scale).float()
+
+    def draw_noise(self, n: int, generator: torch.Generator, device: Any = "cpu") -> torch.Tensor:
+        """Standard normal (N, 3) for (strain, omega, chi); the strain column only when refined
+        (so a tilts-only refiner draws the stream it always drew)."""
+        refines = self.registration.refines_strain
+        noise = torch.randn((n, 3 if refines else 2), generator=generator, device=device, dtype=torch.float64)
+        return noise if refines else torch.cat([torch.zeros_like(noise[:, :1]), noise], 1)
+
+    def physical(self, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Network outputs (N, 2 or 3) -> (omega, chi[, strain]) in degrees and strain (float64)."""
+        reg = self.registration
+        values = out.double() * torch.as_tensor(reg.output_scale, dtype=torch.float64) + base
+        if reg.refines_strain:
+            values[:, 2] = reg.strain(values[:, 2], values[:, 0])
+        return values
 
     def outputs_and_targets(self, model, counts, labels, generator):
-        tilts = labels[:, 1:3].double() * self._box_half.to(labels.device) + self._box_centre.to(
-            labels.device
-        )
-        noise = torch.randn(tilts.shape, generator=generator, device=tilts.device, dtype=torch.float64)
-        rows, cols, _, target = self.shifts_and_targets(tilts, noise)
-        return model(counts, rows, cols), target
+        box_half = self._box_half.to(labels.device)
+        params = labels[:, :3].double() * box_half + self._box_centre.to(labels.device)
+        noise = self.draw_noise(len(params), generator, params.device)
+        rows, cols, band_cols, _, target = self.shifts_and_targets(params, noise)
+        return model(counts, rows, cols, band_cols), target
 
     @torch.inference_mode()
     def predict(self, model, counts, truth, device, batch=2048):
         model.eval()
-        tilts = torch.as_tensor(truth[:, 1:3], dtype=torch.float64)
-        noise = torch.randn(tilts.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-        rows, cols, base, _ = self.shifts_and_targets(tilts, noise)
-        out = [
-            model(
-                counts[i : i + batch].to(device),
-                rows[i : i + batch].to(device),
-                cols[i : i + batch].to(device),
-            ).cpu()
-            for i in range(0, len(counts), batch)
-        ]
+        params = torch.as_tensor(truth[:, :3], dtype=torch.float64)
+        noise = self.draw_noise(len(params), torch.Generator().manual_seed(99))
+        rows, cols, band_cols, base, _ = self.shifts_and_targets(params, noise)
+        out = []
+        for i in range(0, len(counts), batch):
+            part = slice(i, i + batch)
+            band = None if band_cols is None else band_cols[part].to(device)
+            out.append(
+                model(counts[part].to(device), rows[part].to(device), cols[part].to(device), band).cpu()
+            )
         model.train()
-        return (torch.cat(out).double() * torch.as_tensor(self.half_range) + base).numpy()
+        return self.physical(torch.cat(out), base).numpy()
 
 
 def objective_for(recipe: Recipe, instrument: Instrument) -> Objective:
