@@ -16,7 +16,8 @@ Two arms, trained on this machine one after the other (never at the same time):
 * **new**: ``nanobeam train --time-budget Tm`` (both stages planned for T, the compiled noise), one
   run per time T; the point is plotted at the time the command really took. ``--device cuda``
   (with ``--arms new``): the same on a GPU, the training pool simulated there, stored as
-  ``new-cuda``.
+  ``new-cuda``. ``new-tilts``: results of the new arm from before its refining stage refined
+  strain too (2026-12-03; then strain was the coarse ensemble's), kept for comparison.
 
 Every model is scored the same way, the networks alone (``predict(check=False)``: what training
 makes) and through the whole ``predict()`` (networks, likelihood step, physics check: what a user
@@ -362,7 +363,7 @@ def report(stored: dict, shipped: dict, instrument_name: str) -> None:
     for suffix, what in (("", "networks alone"), (PREDICT, "whole predict(), unflagged frames")):
         kinds = [kind + suffix for kind in KINDS]
         print(f"\nRMSE / CRLB, {what}, {instrument_name} (shipped default on the default instrument)")
-        header = f"{'arm':<8}{'min':>6}{'wall':>7}  " + "  ".join(
+        header = f"{'arm':<10}{'min':>6}{'wall':>7}  " + "  ".join(
             f"{kind[:5]} {p[:6]:>6}" for kind in kinds for p in PARAMETERS
         )
         print(header + ("  unflagged" if suffix else ""))
@@ -372,7 +373,7 @@ def report(stored: dict, shipped: dict, instrument_name: str) -> None:
             if "unflagged" in scores[kinds[-1]]:
                 cells += "  " + " ".join(f"{scores[kind]['unflagged']:.0%}" for kind in kinds)
             wall_text = f"{wall:7.1f}" if wall is not None else f"{'':>7}"
-            return f"{arm:<8}{minutes:>6}{wall_text}  {cells}"
+            return f"{arm:<10}{minutes:>6}{wall_text}  {cells}"
 
         if not all(kind in shipped for kind in kinds):
             print("(not scored: --rescore the kept model files)")
@@ -386,7 +387,7 @@ def report(stored: dict, shipped: dict, instrument_name: str) -> None:
                 worst = max(result["scores"][k][p] / shipped[k][p] for k in kinds for p in PARAMETERS)
                 verdict = "meets" if worst <= GOAL else "misses"
                 print(
-                    f"{'':<8}{'':>6}{'':>7}  worst ratio to shipped {worst:.2f} ({verdict} the {GOAL}x goal)"
+                    f"{'':<10}{'':>6}{'':>7}  worst ratio to shipped {worst:.2f} ({verdict} the {GOAL}x goal)"
                 )
 
 
@@ -405,7 +406,7 @@ def draw(stored: dict, png: Path) -> None:
             for colour, (instrument_name, arms) in zip(
                 ("C0", "C1", "C2", "C3"), stored.items(), strict=False
             ):
-                for arm, style in (("today", "o--"), ("new", "s-"), ("new-cuda", "^-")):
+                for arm, style in (("today", "o--"), ("new", "s-"), ("new-tilts", "x:"), ("new-cuda", "^-")):
                     points = sorted((v["wall_min"], v["scores"][kind][p]) for v in arms.get(arm, {}).values())
                     if points:
                         ax.plot(
