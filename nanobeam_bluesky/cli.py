@@ -95,6 +95,8 @@ def _recipe_changes(args: argparse.Namespace, *, plan_fields: bool = True) -> di
     changes: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
     if args.hidden:
         changes["architecture_kwargs"] = {"hidden": tuple(args.hidden)}
+    if args.refine is not None:  # read by the refining stage alone
+        changes["refine_strain"] = args.refine == "strain"
     return changes
 
 
@@ -278,6 +280,13 @@ def _add_train(sub) -> None:
         help="give this fraction of frames a random detector mask, filled as predict() fills one (e.g. 0.5)",
     )
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="MLP hidden layer sizes")
+    p.add_argument(
+        "--refine",
+        choices=["strain", "tilts"],
+        default=None,
+        help="what the refining stage refines: strain (the default: strain and tilts) or tilts (the "
+        "tilts alone, strain from the coarse stage: how the shipped default was made)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first member (each next one adds 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--library", default=None, help="library file for the paper recipe")
