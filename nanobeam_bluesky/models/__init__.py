@@ -3,7 +3,8 @@
 * ``paper``: the published NanobeamNN CNN (27,771 parameters), fed raw counts.
 * ``mlp``: ours, a count-normalised dense network that is faster and more accurate on a CPU.
 * ``registered_mlp``: ours, the refining stage: the same network on frames shifted by whole pixels
-  to a coarse tilt estimate; it predicts the tilts' sub-pixel residual.
+  to a coarse tilt estimate; it predicts the tilts' sub-pixel residual (and, given a copy of the
+  frame shifted to the coarse band position, the band's, hence strain).
 """
 
 from __future__ import annotations
