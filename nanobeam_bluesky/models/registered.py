@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .mlp import normalise_counts
 
@@ -179,11 +179,5 @@ class RegisteredMLP(nn.Module):
             ]
         return torch.cat(parts, 1)
 
-    def forward(
-        self,
-        frames: torch.Tensor,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        band_cols: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, frames: Tensor, rows: Tensor, cols: Tensor, band_cols: Tensor | None = None) -> Tensor:
         return self.layers(self.features(frames, rows, cols, band_cols))
