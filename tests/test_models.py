@@ -441,6 +441,15 @@ def test_strain_refining_model_round_trips(tiny_model, tmp_path):
     # strain within the box, not a pixel count or NaN.
     assert np.all(np.isfinite(after["strain"].values))
     assert np.all(np.abs(after["strain"].values) < 0.01)
+    # `nanobeam adapt` carries the strain-refining stage over (a few steps: the plumbing).
+    from nanobeam_bluesky.training.adapt import adapt_model
+
+    adapted = tmp_path / "adapted.pt"
+    adapt_model(out, counts[:128], adapted, Instrument(), steps=3, progress=False)
+    again = Predictor.from_file(adapted)
+    assert again.registration.refines_strain
+    assert load_model_file(adapted)[1]["refiner"]["parameters"] == ["omega", "chi", "strain"]
+    assert np.all(np.isfinite(again.predict(counts, check=False)["strain"].values))
 
 
 def test_predictor_path_and_refiner_architecture(tiny_model):
