@@ -284,8 +284,9 @@ def _add_train(sub) -> None:
         "--refine",
         choices=["strain", "tilts"],
         default=None,
-        help="what the refining stage refines: strain (the default: strain and tilts) or tilts (the "
-        "tilts alone, strain from the coarse stage: how the shipped default was made)",
+        help="what the refining stage refines: tilts (the default: strain from the coarse stage, as "
+        "in the shipped model) or strain (strain and tilts: better strain for thick films given the "
+        "time, see README)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first member (each next one adds 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
