@@ -16,8 +16,8 @@ Two arms, trained on this machine one after the other (never at the same time):
 * **new**: ``nanobeam train --time-budget Tm`` (both stages planned for T, the compiled noise), one
   run per time T; the point is plotted at the time the command really took. ``--device cuda``
   (with ``--arms new``): the same on a GPU, the training pool simulated there, stored as
-  ``new-cuda``. ``new-tilts``: results of the new arm from before its refining stage refined
-  strain too (2026-12-03; then strain was the coarse ensemble's), kept for comparison.
+  ``new-cuda``. ``new-strain``: the same with ``--refine strain`` (its refining stage refines
+  strain too), run by hand and stored for comparison.
 
 Every model is scored the same way, the networks alone (``predict(check=False)``: what training
 makes) and through the whole ``predict()`` (networks, likelihood step, physics check: what a user
@@ -406,7 +406,7 @@ def draw(stored: dict, png: Path) -> None:
             for colour, (instrument_name, arms) in zip(
                 ("C0", "C1", "C2", "C3"), stored.items(), strict=False
             ):
-                for arm, style in (("today", "o--"), ("new", "s-"), ("new-tilts", "x:"), ("new-cuda", "^-")):
+                for arm, style in (("today", "o--"), ("new", "s-"), ("new-strain", "x:"), ("new-cuda", "^-")):
                     points = sorted((v["wall_min"], v["scores"][kind][p]) for v in arms.get(arm, {}).values())
                     if points:
                         ax.plot(
