@@ -381,8 +381,7 @@ class Predictor:
         if self._refiner is None:  # predict_arrays calls this only for a two-stage model
             raise RuntimeError("this model has no refining stage")
         reg = self.registration
-        rows, cols = reg.shifts(coarse[:, 1], coarse[:, 2])
-        band_cols = reg.band_shifts(coarse[:, 0], coarse[:, 1]) if reg.refines_strain else None
+        rows, cols, band_cols, base = reg.whole_pixel(coarse)
         features = self._refiner_features(
             frames,
             rows.to(self.device),
@@ -390,11 +389,10 @@ class Predictor:
             None if band_cols is None else band_cols.to(self.device),
         )
         out = self._refiner.stacked(features).double().cpu() * self._refiner_half  # (K2, N, 2|3)
-        tilts = out[..., :2] + torch.stack(reg.tilts(rows, cols), 1)
-        strain = torch.full_like(tilts[..., :1], float("nan"))
-        if band_cols is not None:
-            strain = reg.strain(out[..., 2] + band_cols.double(), tilts[..., 0])[..., None]
-        return torch.cat([strain, tilts], -1)
+        refined = reg.physical(out + base)  # (omega, chi[, strain])
+        nan = torch.full_like(refined[..., :1], float("nan"))
+        strain = refined[..., 2:] if band_cols is not None else nan
+        return torch.cat([strain, refined[..., :2]], -1)
 
     def predict(
         self,

@@ -98,6 +98,24 @@ class TiltRegistration:
         """(omega_deg, chi_deg) of whole-pixel shifts (float64): the inverse of :meth:`shifts`."""
         return cols.double() / self.pixels_per_deg_omega, rows.double() / self.pixels_per_deg_chi
 
+    def whole_pixel(self, coarse: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Shifts for a coarse (strain, omega deg, chi deg) estimate (N, 3): (rows, cols, band
+        columns or None when strain is not refined, base (N, 2 or 3)); ``base`` is what the
+        whole-pixel shifts alone say, (omega, chi[, band pixels]) (float64)."""
+        rows, cols = self.shifts(coarse[:, 1], coarse[:, 2])
+        base = torch.stack(self.tilts(rows, cols), 1)
+        if not self.refines_strain:
+            return rows, cols, None, base
+        band_cols = self.band_shifts(coarse[:, 0], coarse[:, 1])
+        return rows, cols, band_cols, torch.cat([base, band_cols[:, None].double()], 1)
+
+    def physical(self, values: torch.Tensor) -> torch.Tensor:
+        """(..., 2 or 3) refined (omega, chi[, band pixels]) -> (omega, chi[, strain]) (float64)."""
+        if not self.refines_strain:
+            return values
+        strain = self.strain(values[..., 2], values[..., 0])
+        return torch.cat([values[..., :2], strain[..., None]], -1)
+
     @property
     def output_scale(self) -> tuple[float, ...]:
         """Units of the refiner's outputs: (omega deg, chi deg[, band pixels]) per output unit."""

@@ -255,12 +255,7 @@ def adapt_model(
             total = total + (((out_sim - target) ** 2) * coarse_objective.weights).mean()
         if refiner_objective is not None and registration is not None:
             coarse = torch.stack(coarse_means).mean(0)
-            rows, cols = registration.shifts(coarse[:, 1], coarse[:, 2])
-            base = torch.stack(registration.tilts(rows, cols), 1)
-            band_cols = None
-            if registration.refines_strain:
-                band_cols = registration.band_shifts(coarse[:, 0], coarse[:, 1])
-                base = torch.cat([base, band_cols[:, None].double()], 1)
+            rows, cols, band_cols, base = registration.whole_pixel(coarse)
             for refiner in refiners:
                 refined = refiner_objective.physical(refiner(x, rows, cols, band_cols), base)
                 tilts = refined[:, :2]

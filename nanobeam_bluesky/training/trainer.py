@@ -183,14 +183,9 @@ class RegisteredObjective(Objective):
         the whole-pixel shifts alone say, (omega, chi[, band pixels]).
         """
         reg = self.registration
-        coarse = params + noise * self.jitter.to(params.device)
-        rows, cols = reg.shifts(coarse[:, 1], coarse[:, 2])
-        base = torch.stack(reg.tilts(rows, cols), 1)
+        rows, cols, band_cols, base = reg.whole_pixel(params + noise * self.jitter.to(params.device))
         truth = params[:, 1:3]
-        band_cols = None
         if reg.refines_strain:
-            band_cols = reg.band_shifts(coarse[:, 0], coarse[:, 1])
-            base = torch.cat([base, band_cols[:, None].double()], 1)
             truth = torch.cat([truth, reg.band_position(params[:, 0], params[:, 1])[:, None]], 1)
         scale = torch.as_tensor(reg.output_scale, device=params.device, dtype=torch.float64)
         return rows, cols, band_cols, base, ((truth - base) / scale).float()
@@ -205,10 +200,7 @@ class RegisteredObjective(Objective):
     def physical(self, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Network outputs (N, 2 or 3) -> (omega, chi[, strain]) in degrees and strain (float64)."""
         reg = self.registration
-        values = out.double() * torch.as_tensor(reg.output_scale, dtype=torch.float64) + base
-        if reg.refines_strain:
-            values[:, 2] = reg.strain(values[:, 2], values[:, 0])
-        return values
+        return reg.physical(out.double() * torch.as_tensor(reg.output_scale, dtype=torch.float64) + base)
 
     def outputs_and_targets(self, model, counts, labels, generator):
         box_half = self._box_half.to(labels.device)
