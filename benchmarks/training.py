@@ -2,7 +2,7 @@
 
     python benchmarks/training.py [--instrument docs/example-instrument.yaml] [--minutes 15 30 60]
                                   [--arms today new] [--frames 2000] [--results FILE] [--png FILE]
-                                  [--workdir DIR [--rescore]]
+                                  [--refine tilts|strain] [--workdir DIR [--rescore]]
 
 Two arms, trained on this machine one after the other (never at the same time):
 
@@ -16,8 +16,8 @@ Two arms, trained on this machine one after the other (never at the same time):
 * **new**: ``nanobeam train --time-budget Tm`` (both stages planned for T, the compiled noise), one
   run per time T; the point is plotted at the time the command really took. ``--device cuda``
   (with ``--arms new``): the same on a GPU, the training pool simulated there, stored as
-  ``new-cuda``. ``new-strain``: the same with ``--refine strain`` (its refining stage refines
-  strain too), run by hand and stored for comparison.
+  ``new-cuda``. ``--refine strain``: the same with the command's ``--refine strain`` (its refining
+  stage refines strain too), stored as ``new-strain``.
 
 Every model is scored the same way, the networks alone (``predict(check=False)``: what training
 makes) and through the whole ``predict()`` (networks, likelihood step, physics check: what a user
@@ -27,7 +27,9 @@ fresh off-grid frames of the instrument: ``ideal`` (its film, 7 counts at the La
 ``departures`` (film within ±35 %, a flat background up to 0.12 counts per pixel, a third of the
 frames with a module gap and dead pixels filled as ``predict()`` fills them, count level
 x0.5-x3). RMSE / CRLB uses the RMS
-Cramér–Rao bound of the ideal problem at 7 counts over the parameter box (as the model files do).
+Cramér–Rao bound of the ideal problem at 7 counts over the parameter box (as the model files do),
+from the pixels the instrument observes: those it declares dead (``detector_mask_*``, the
+example's module gap through the frame's centre) carry no information.
 The shipped default model is scored on the same kinds of frames of the default instrument: the
 goal is within 1.1x its RMSE / CRLB on every parameter at 60 min.
 
@@ -105,11 +107,13 @@ def _today_noisy_counts(noise_free, max_counts, augmentation, generator, backgro
     return torch.cat(list(draws))
 
 
-def _today_masked_like_predict(counts, fraction, generator):
-    if fraction <= 0:
+def _today_masked_like_predict(counts, fraction, generator, fixed=None):
+    if fraction <= 0 and fixed is None:
         return counts
     draws = torch.rand((len(counts), 8), generator=generator)
     masks = masks_from_draws(draws, fraction, counts.shape[-1])
+    if fixed is not None:  # the instrument's declared mask: a fix both recipes get
+        masks |= torch.as_tensor(fixed, dtype=torch.bool)
     chosen = torch.nonzero(masks.flatten(1).any(1)).flatten()
     return fill_masked_frames(counts, masks, chosen) if len(chosen) else counts
 
@@ -284,7 +288,12 @@ def run_today(instrument_path: str, minutes: list[float], workdir: Path, n: int)
 
 # --- the "new" arm --------------------------------------------------------------------------------
 def run_new(
-    instrument_path: str, minutes: list[float], workdir: Path, n: int, device: str = "cpu"
+    instrument_path: str,
+    minutes: list[float],
+    workdir: Path,
+    n: int,
+    device: str = "cpu",
+    refine: str = "tilts",
 ) -> dict[str, dict]:
     instrument = Instrument.load(instrument_path)
     results = {}
@@ -295,6 +304,7 @@ def run_new(
         command = [
             sys.executable, "-m", "nanobeam_bluesky.cli", "train", "--instrument", instrument_path,
             "--out", str(out), "--workdir", str(work), "--time-budget", f"{t:g}m", "--device", device,
+            "--refine", refine,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(command, check=True)
@@ -441,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "training-curves.png")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--skip-step-rate", action="store_true")
+    parser.add_argument(
+        "--refine",
+        choices=("tilts", "strain"),
+        default="tilts",
+        help="the new arm's --refine (strain: stored as the arm new-strain)",
+    )
     parser.add_argument("--device", default="cpu", help="the new arm's --device (cuda: the GPU path)")
     parser.add_argument(
         "--rescore",
@@ -479,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         if arm == "today":
             results = run_today(args.instrument, args.minutes, workdir, args.frames)
         else:
-            results = run_new(args.instrument, args.minutes, workdir, args.frames, args.device)
-        key = arm if args.device == "cpu" else f"{arm}-{args.device}"
+            results = run_new(args.instrument, args.minutes, workdir, args.frames, args.device, args.refine)
+        key = arm + ("-strain" if arm == "new" and args.refine == "strain" else "")
+        key = key if args.device == "cpu" else f"{key}-{args.device}"
         mine.setdefault(key, {}).update(results)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(stored, indent=1))  # after each arm: a long run keeps its part

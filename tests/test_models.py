@@ -581,6 +581,32 @@ def test_tiny_training_on_real_world_departures_lowers_the_loss():
     assert losses[-1] < losses[0]
 
 
+def test_training_frames_carry_the_instruments_declared_mask():
+    """predict() fills an instrument's declared dead pixels in every frame before the networks see
+    it, so the training and held-out frames carry the same fill in every frame: refilling their
+    masked pixels from the neighbours changes nothing (raw counts there would change)."""
+    from nanobeam_bluesky.inference import inpaint_tensor
+    from nanobeam_bluesky.physics import binned_instrument_mask
+
+    gap = Instrument().replace(detector_mask_rows=[63, 64], detector_mask_pixels=[[10, 17]])
+    mask = torch.as_tensor(np.array(binned_instrument_mask(gap)))
+    assert int(mask.sum()) == 129  # two binned rows and one pixel
+    recipe = DEFAULT_RECIPE.replace(
+        pool_size=512, frames_per_epoch=256, validation_frames=64, mask_fraction=0
+    )
+    data = OnTheFlyData(gap, recipe, seed=0)
+    data.prepare(0)
+    batch, _ = next(
+        data.batches(0, (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)), "cpu")
+    )
+    for frames in (batch, data.test()[0]):
+        masks = mask.expand(len(frames), -1, -1)
+        refilled = inpaint_tensor(torch.where(masks, torch.zeros_like(frames), frames), masks)
+        # means of a few small integer counts: equal to float32 rounding whatever the kernel
+        torch.testing.assert_close(frames, refilled, rtol=1e-6, atol=1e-6)
+        assert float(frames[:, 31:33].sum()) > 0  # filled, not left empty
+
+
 def test_masked_training_frames_equal_the_whole_batch_filled():
     """Filling only the frames a mask hit gives exactly what filling the whole batch gave (the
     noise stream and the training frames are unchanged by the speed-up)."""

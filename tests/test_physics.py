@@ -270,6 +270,25 @@ def test_extended_crlb_each_unknown_only_raises_the_bound():
         crlb(*params, nuisance=("background",))
 
 
+def test_crlb_counts_only_the_observed_pixels():
+    """Pixels the instrument declares dead carry no information: a dead band through the frame's
+    centre (the README example's module gap, raw rows 63-64) gives the bound of the open detector
+    with binned rows 31-32 left out, above the open one; a wrong mask shape is refused."""
+    params = _random_parameters(40, seed=5)
+    gap = Instrument().replace(detector_mask_rows=[63, 64])
+    open_detector = crlb(*params)
+    rows = np.zeros((64, 64), dtype=bool)
+    rows[31:33] = True
+    with_gap = crlb(*params, gap)
+    # same frames, same pixels left out: equal to the last bits of the matrix inverse
+    np.testing.assert_allclose(with_gap, crlb(*params, mask=rows), rtol=1e-9)
+    assert np.all(with_gap >= open_detector * (1 - 1e-9))
+    rms_ratio = np.sqrt((with_gap**2).mean(0) / (open_detector**2).mean(0))
+    assert rms_ratio.max() > 1.005, rms_ratio  # the band crosses the ring: information is lost
+    with pytest.raises(InputError, match="mask must be"):
+        crlb(*params, mask=np.zeros((128, 128), dtype=bool))
+
+
 def test_library_round_trip(tmp_path):
     path = write_library(tmp_path / "lib.h5", grid_points=5, upsample=4, progress=False)
     assert not (tmp_path / "lib.h5.partial").exists()

@@ -1,6 +1,6 @@
 """The forward model of docs/physics.md (the project's physics and conventions) and what surrounds it."""
 
-from .counts import bin_roi, orient, roi_origin, to_counts
+from .counts import bin_roi, binned_instrument_mask, orient, roi_origin, to_counts
 from .crlb import crlb, fisher_information
 from .forward import iter_grid, lab_geometry, simulate, simulate_exact, simulate_roi, simulate_tensor
 from .frame_model import FrameModel, annulus_centre_px
@@ -18,6 +18,7 @@ __all__ = [
     "LibraryError",
     "annulus_centre_px",
     "bin_roi",
+    "binned_instrument_mask",
     "crlb",
     "fisher_information",
     "grid_axes",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..errors import InputError
 from .instrument import Instrument
 
-__all__ = ["bin_roi", "orient", "roi_origin", "to_counts"]
+__all__ = ["bin_roi", "binned_instrument_mask", "orient", "roi_origin", "to_counts"]
 
 
 def to_counts(
@@ -51,6 +53,32 @@ def orient(frames: np.ndarray, instrument: Instrument) -> np.ndarray:
     if instrument.detector_flip_cols:
         frames = frames[..., :, ::-1]
     return frames
+
+
+def bin_any(mask: np.ndarray, binning: int) -> np.ndarray:
+    """(..., F*b, F*b) bool -> (..., F, F): a binned pixel is masked when any of its raw pixels is."""
+    *lead, h, w = mask.shape
+    # asarray (a no-op: the result has ndim >= 2): numpy's stubs allow a scalar for any(axis=...)
+    return np.asarray(mask.reshape(*lead, h // binning, binning, w // binning, binning).any(axis=(-3, -1)))
+
+
+@functools.lru_cache(maxsize=8)
+def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
+    """The instrument's raw-ROI mask in physics.md's orientation, binned (any raw pixel masks the
+    binned one): bool (F, F), True = not an observation, or None when the instrument masks nothing."""
+    if not (
+        instrument.detector_mask_rows or instrument.detector_mask_cols or instrument.detector_mask_pixels
+    ):
+        return None
+    roi = instrument.roi_pixels
+    raw = np.zeros((roi, roi), dtype=bool)
+    raw[list(instrument.detector_mask_rows), :] = True
+    raw[:, list(instrument.detector_mask_cols)] = True
+    for row, col in instrument.detector_mask_pixels:
+        raw[row, col] = True
+    mask = bin_any(orient(raw, instrument), instrument.binning)
+    mask.flags.writeable = False  # shared by every caller (cached)
+    return mask
 
 
 def roi_origin(center: tuple[float, float], roi: int, detector_shape: tuple[int, int]) -> tuple[int, int]:

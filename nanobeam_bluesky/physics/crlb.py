@@ -6,6 +6,9 @@ the square root of the diagonal of the inverse Fisher information of every param
 known. By default only (strain, omega, chi) are unknown; ``with_thickness`` adds the film
 thickness, ``nuisance`` the count scale ``A`` and/or the background ``b``: unknown, but not
 reported. Each unknown added can only raise the bound of the others.
+
+Only observed pixels inform: those the instrument declares dead (``detector_mask_*``, binned as
+``predict()`` bins them) and any ``mask`` given carry no information.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .counts import binned_instrument_mask
 from .forward import as_parameters, simulate
 from .instrument import Instrument
 
@@ -46,6 +50,7 @@ def fisher_information(
     thickness_angstrom: Any = None,
     with_thickness: bool = False,
     nuisance: Sequence[str] = (),
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fisher information matrices (N, K, K) for expected counts ``A * frame + background``.
 
@@ -54,7 +59,8 @@ def fisher_information(
     Parameter order: strain, omega_deg, chi_deg, then the thickness (Å) when ``with_thickness``,
     then the ``nuisance`` parameters in the order given ("scale": A = max_counts / scale;
     "background": b, which must then be > 0). ``thickness_angstrom``: the true thickness of each
-    frame (None: the instrument's). Units follow the parameters.
+    frame (None: the instrument's). ``mask``: (F, F) bool, True = pixels left out besides the
+    instrument's declared ones. Units follow the parameters.
     """
     unknown = [n for n in nuisance if n not in NUISANCES]
     if unknown:
@@ -99,6 +105,14 @@ def fisher_information(
         grads.append(f[0] if name == "scale" else np.ones_like(mu))
     g = np.stack(grads, axis=1)  # (N, K, P)
     inv_mu = np.where(mu > 0, 1.0 / np.where(mu > 0, mu, 1.0), 0.0)
+    unobserved = binned_instrument_mask(instrument)
+    if mask is not None:
+        extra = np.asarray(mask, dtype=bool)
+        if extra.shape != frames.shape[-2:]:
+            raise InputError(f"mask must be {frames.shape[-2:]} (True = left out), got shape {extra.shape}")
+        unobserved = extra if unobserved is None else unobserved | extra
+    if unobserved is not None:
+        inv_mu = inv_mu * ~unobserved.ravel()
     return np.einsum("nip,njp,np->nij", g, g, inv_mu)
 
 
@@ -116,6 +130,7 @@ def crlb(
     thickness_angstrom: Any = None,
     with_thickness: bool = False,
     nuisance: Sequence[str] = (),
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Lower bound on the standard deviation of unbiased estimates: (N, 3) strain, omega, chi,
     or (N, 4) with the thickness (Å) when ``with_thickness``; the ``nuisance`` parameters are
@@ -137,6 +152,7 @@ def crlb(
         thickness_angstrom=thickness_angstrom,
         with_thickness=with_thickness,
         nuisance=nuisance,
+        mask=mask,
     )
     reported = 4 if with_thickness else 3
     return np.sqrt(np.diagonal(np.linalg.inv(info), axis1=1, axis2=2))[:, :reported]

@@ -16,7 +16,6 @@ the plausibility flags:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ import numpy as np
 
 from .._schema import FLAG_DTYPE, Flag
 from ..errors import InputError
-from ..physics import Instrument, orient
+from ..physics import Instrument, binned_instrument_mask, orient
+from ..physics.counts import bin_any
 from ._kernel import KERNEL_LOCK, frame_statistics
 
 __all__ = ["PreparedFrames", "binned_instrument_mask", "prepare_frames"]
@@ -49,23 +49,6 @@ class PreparedFrames:
     flags: np.ndarray
 
 
-@functools.lru_cache(maxsize=8)
-def binned_instrument_mask(instrument: Instrument) -> np.ndarray | None:
-    """The instrument's raw-ROI mask in physics.md's orientation, binned (any raw pixel masks the
-    binned one): bool (F, F), or None when the instrument masks nothing."""
-    if not (
-        instrument.detector_mask_rows or instrument.detector_mask_cols or instrument.detector_mask_pixels
-    ):
-        return None
-    roi = instrument.roi_pixels
-    raw = np.zeros((roi, roi), dtype=bool)
-    raw[list(instrument.detector_mask_rows), :] = True
-    raw[:, list(instrument.detector_mask_cols)] = True
-    for row, col in instrument.detector_mask_pixels:
-        raw[row, col] = True
-    return _bin_any(orient(raw, instrument), instrument.binning)
-
-
 def _bin_sum(frames: np.ndarray, binning: int) -> np.ndarray:
     """(N, F*b, F*b) -> (N, F, F) float32 sums of b x b blocks. Strided adds: 3x faster than a
     reduction over a 5-D view, and exact for counts (integers below 2**24)."""
@@ -76,12 +59,6 @@ def _bin_sum(frames: np.ndarray, binning: int) -> np.ndarray:
             if i or j:
                 out += values[:, i::binning, j::binning]
     return out
-
-
-def _bin_any(mask: np.ndarray, binning: int) -> np.ndarray:
-    *lead, h, w = mask.shape
-    # asarray (a no-op: the result has ndim >= 2): numpy's stubs allow a scalar for any(axis=...)
-    return np.asarray(mask.reshape(*lead, h // binning, binning, w // binning, binning).any(axis=(-3, -1)))
 
 
 def prepare_frames(
@@ -142,11 +119,11 @@ def prepare_frames(
         binning = instrument.binning
         counts = _bin_sum(arr, binning)
         if saturated is not None:
-            saturated = _bin_any(orient(saturated, instrument), binning)
+            saturated = bin_any(orient(saturated, instrument), binning)
     else:
         counts = np.ascontiguousarray(arr, dtype=np.float32)  # no copy for float32 input
     if user is not None and user.shape[-1] == raw_side:
-        user = _bin_any(orient(user, instrument), instrument.binning)
+        user = bin_any(orient(user, instrument), instrument.binning)
     masked_parts = [m for m in (binned_instrument_mask(instrument), user, saturated) if m is not None]
     masked = None
     if masked_parts:

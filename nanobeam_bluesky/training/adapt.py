@@ -34,7 +34,14 @@ from ..inference import Predictor, inpaint
 from ..models import ModelCard, NanobeamMLP, TiltRegistration, build_model, load_model_file, save_model_file
 from ..physics import Instrument
 from ..quality import PhysicsCheck
-from .data import Standardiser, masked_like_predict, noisy_counts, random_parameters, thickness_box
+from .data import (
+    Standardiser,
+    instrument_mask,
+    masked_like_predict,
+    noisy_counts,
+    random_parameters,
+    thickness_box,
+)
 from .recipes import Recipe
 from .trainer import RegisteredObjective, crlb_reference, crlb_thickness_reference
 
@@ -390,6 +397,6 @@ def _simulated_batch(
     counts = noisy_counts(
         frames, recipe.max_counts, recipe.count_augmentation, generator, recipe.background_max
     )
-    counts = masked_like_predict(counts, recipe.mask_fraction, generator)
+    counts = masked_like_predict(counts, recipe.mask_fraction, generator, instrument_mask(instrument))
     labels = params if thickness is None else np.c_[params, thickness]
     return counts, torch.as_tensor(labels, dtype=torch.float32)

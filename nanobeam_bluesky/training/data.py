@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..inference import inpaint_tensor
-from ..physics import PARAMETERS, Instrument, open_library, simulate, simulate_tensor
+from ..physics import PARAMETERS, Instrument, binned_instrument_mask, open_library, simulate, simulate_tensor
 from ..quality import KERNEL_LOCK
 from ._kernels import detector_masks, fill_masked, poisson_counts
 from .recipes import Recipe
@@ -29,6 +29,7 @@ __all__ = [
     "GridData",
     "OnTheFlyData",
     "Standardiser",
+    "instrument_mask",
     "make_data",
     "masked_like_predict",
     "noisy_counts",
@@ -148,12 +149,23 @@ def masks_from_draws(draws: torch.Tensor, fraction: float, pixels: int) -> torch
     return masks
 
 
-def masked_like_predict(counts: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+def masked_like_predict(
+    counts: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    fixed: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
     """Counts with random detector masks (:func:`random_detector_masks`) zeroed and filled from
-    the unmasked neighbours, as ``predict()`` fills a declared mask before the networks."""
-    if fraction <= 0:
+    the unmasked neighbours, as ``predict()`` fills a declared mask before the networks.
+
+    ``fixed``: (F, F) bool, pixels masked in every frame (the instrument's declared mask, which
+    ``predict()`` fills in every frame it is shown).
+    """
+    if fraction <= 0 and fixed is None:
         return counts
     masks = random_detector_masks(len(counts), counts.shape[-1], fraction, generator, counts.device)
+    if fixed is not None:
+        masks |= torch.as_tensor(fixed, dtype=torch.bool, device=counts.device)
     chosen = torch.nonzero(masks.flatten(1).any(1)).flatten()
     if not len(chosen):
         return counts
@@ -163,6 +175,13 @@ def masked_like_predict(counts: torch.Tensor, fraction: float, generator: torch.
             fill_masked(counts.float().contiguous().numpy(), masks.numpy(), out.numpy())
         return out
     return fill_masked_frames(counts, masks, chosen)
+
+
+def instrument_mask(instrument: Instrument) -> torch.Tensor | None:
+    """The instrument's declared dead pixels, binned (F, F) bool, or None: the training frames
+    carry them in every frame, filled, as ``predict()`` will show them to the networks."""
+    mask = binned_instrument_mask(instrument)
+    return None if mask is None else torch.as_tensor(np.array(mask))
 
 
 def fill_masked_frames(counts: torch.Tensor, masks: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -182,6 +201,8 @@ class _Data:
     train_index: torch.Tensor
     fixed_counts: bool
     recipe: Recipe
+    #: The instrument's declared dead pixels (F, F), filled in every frame; None: none declared.
+    fixed_mask: torch.Tensor | None = None
 
     def batches(
         self, epoch: int, generators: tuple[torch.Generator, torch.Generator], device: str
@@ -202,11 +223,13 @@ class _Data:
             x = self.frames[idx.to(self.frames.device)].to(device)
             if self.fixed_counts:
                 x = x.float()
+                if self.fixed_mask is not None:
+                    x = masked_like_predict(x, 0.0, noise_generator, self.fixed_mask)
             else:
                 x = noisy_counts(
                     x, recipe.max_counts, recipe.count_augmentation, noise_generator, recipe.background_max
                 )
-                x = masked_like_predict(x, recipe.mask_fraction, noise_generator)
+                x = masked_like_predict(x, recipe.mask_fraction, noise_generator, self.fixed_mask)
             yield x, self.labels[idx].to(device)
 
     def steps_per_epoch(self) -> int:
@@ -225,6 +248,7 @@ class GridData(_Data):
         library: str | None = None,
     ) -> None:
         self.recipe = recipe
+        self.fixed_mask = instrument_mask(instrument)
         std = Standardiser.for_instrument(instrument)
         if library is not None:
             ds = open_library(library)
@@ -263,7 +287,10 @@ class GridData(_Data):
         x = self.frames[index]
         if not self.fixed_counts:
             x = torch.as_tensor(self._noise_rng.poisson(x.float().numpy() * self.recipe.max_counts))
-        return x.float(), self.params[index.numpy()]
+        x = x.float()
+        if self.fixed_mask is not None:
+            x = masked_like_predict(x, 0.0, torch.Generator(), self.fixed_mask)
+        return x, self.params[index.numpy()]
 
     def validation(self) -> tuple[torch.Tensor, np.ndarray]:
         return self._held_out(self.val_index)
@@ -293,6 +320,7 @@ class OnTheFlyData(_Data):
     ) -> None:
         self.instrument = instrument
         self.recipe = recipe
+        self.fixed_mask = instrument_mask(instrument)
         self.seed = seed
         self.std = Standardiser.for_instrument(instrument)
         self.n_blocks = max(1, round(1 / recipe.pool_refresh_fraction))
@@ -382,9 +410,9 @@ class OnTheFlyData(_Data):
         if recipe.background_max > 0:  # held-out frames carry the same departures as training
             expected = expected + rng.uniform(0, recipe.background_max, (len(params), 1, 1))
         counts = torch.as_tensor(rng.poisson(expected).astype(np.float32))
-        if recipe.mask_fraction > 0:
+        if recipe.mask_fraction > 0 or self.fixed_mask is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            counts = masked_like_predict(counts, recipe.mask_fraction, generator)
+            counts = masked_like_predict(counts, recipe.mask_fraction, generator, self.fixed_mask)
         if thickness is not None:
             params = np.concatenate([params, thickness[:, None]], axis=1)
         return counts, params
