@@ -77,6 +77,15 @@ def random_parameters(instrument: Instrument, n: int, rng: np.random.Generator) 
     return np.stack([rng.uniform(lo, hi, n) for lo, hi in ranges], axis=1)
 
 
+#: Draw the noise and fill the masks with the compiled kernels (``_kernels.py``) when the frames
+#: are on the CPU. False runs on the CPU the tensor code a GPU runs: the tests' way to exercise it.
+COMPILED_ON_CPU = True
+
+
+def _compiled(device: torch.device | str) -> bool:
+    return COMPILED_ON_CPU and torch.device(device).type == "cpu"
+
+
 def noisy_counts(
     noise_free: torch.Tensor,
     max_counts: float,
@@ -97,7 +106,7 @@ def noisy_counts(
     background = torch.zeros((n, 1, 1), device=device)
     if background_max > 0:  # drawn only when asked: the noise of recipes without it is unchanged
         background = background_max * torch.rand((n, 1, 1), generator=generator, device=device)
-    if device.type != "cpu":
+    if not _compiled(device):
         return torch.poisson(noise_free.float() * scale + background, generator=generator)
     # On the CPU the compiled sampler (_kernels.py): 19 -> 9 ms a batch of 256 on 2 cores, its
     # streams keyed by one seed from the caller's generator, so results stay reproducible.
@@ -121,7 +130,7 @@ def random_detector_masks(
     """(n, F, F) bool masks, True = masked: a ``fraction`` of the frames get a dead band of 1-2
     whole rows or columns (a module gap) and up to 4 dead pixels at random; the rest none."""
     draws = torch.rand((n, 8), generator=generator, device=device)
-    if torch.device(device).type == "cpu":
+    if _compiled(device):
         masks = torch.empty((n, pixels, pixels), dtype=torch.bool)
         with KERNEL_LOCK:
             detector_masks(draws.double().numpy(), fraction, pixels, masks.numpy())
@@ -169,7 +178,7 @@ def masked_like_predict(
     chosen = torch.nonzero(masks.flatten(1).any(1)).flatten()
     if not len(chosen):
         return counts
-    if counts.device.type == "cpu":  # compiled, visiting only the masked pixels: 13 -> 1 ms a batch
+    if _compiled(counts.device):  # compiled, visiting only the masked pixels: 13 -> 1 ms a batch
         out = torch.empty_like(counts, dtype=torch.float32)
         with KERNEL_LOCK:
             fill_masked(counts.float().contiguous().numpy(), masks.numpy(), out.numpy())

@@ -142,7 +142,7 @@ DEFAULT_RECIPE = Recipe(
 #: recipe on frames shifted by whole pixels to a coarse tilt estimate, predicting the sub-pixel
 #: residual of omega and chi. It learns fast: 1.2x the Cramer-Rao bound after 2 epochs.
 #: Strain is refined only when asked (``--refine strain``): on the example instrument's 250 A film
-#: it took the networks' strain from 2.12 to 1.69x the bound at 60 min, but on the default
+#: it took the networks' strain from 2.08 to 1.64x the bound at 60 min, but on the default
 #: instrument at the shipped sizes (3 epochs x 300,000 frames) it was worse in every parameter
 #: (strain 1.87 vs 1.77x, omega 1.23 vs 1.16x, chi 1.36 vs 1.24x): the wider input learns slower.
 REGISTERED_RECIPE = DEFAULT_RECIPE.replace(name="registered", architecture="registered_mlp", epochs=10)
