@@ -221,6 +221,27 @@ def test_pooled_check_flags_a_film_a_few_angstrom_off_and_says_its_thickness(pre
     assert not pool.mismatch  # nothing pooled yet
 
 
+def test_a_scan_whose_film_lies_outside_the_trained_films_is_flagged_in_every_frame(predictor):
+    """A film calibrated in the instrument (68 A) outside the shipped model's 76-158 A: some frames'
+    own fits land just inside the range (72-75 A, measured 16 of 200) with strain errors twice their
+    stated error. The scan's pooled film (69 A) says the set is out of range: every frame is flagged."""
+    rng = np.random.default_rng(3)
+    params = random_parameters(INSTRUMENT, 200, rng)
+    film = 68.0
+    counts = rng.poisson(7 * simulate(*params.T, INSTRUMENT, thickness_angstrom=film)).astype(np.float32)
+    declared = INSTRUMENT.replace(film_thickness_angstrom=film)
+    ds = predictor.predict(counts, instrument=declared, allow_instrument_mismatch=True)
+    low, high = predictor.card.thickness_range_angstrom
+    assert ds.attrs["pooled_thickness_angstrom"] < low - 0.05 * (high - low)  # measured 68.9
+    assert np.all(ds["flag"].values & Flag.OUT_OF_RANGE)
+    # The frame's own films alone leave some inside: the pooled film is what flags them.
+    inside = predictor.thickness_range_flags(ds["thickness"].values) == 0
+    assert inside.sum() > 0, "no frame's own film landed inside the range: the test no longer tests the pool"
+    # The film the model was trained for: the pooled film is inside, nothing flagged out of range.
+    ideal = rng.poisson(7 * simulate(*params.T, INSTRUMENT)).astype(np.float32)
+    assert not np.any(predictor.predict(ideal)["flag"].values & Flag.OUT_OF_RANGE)
+
+
 def test_false_alarms_on_frames_the_model_describes_stay_below_one_percent(predictor):
     """2,100 frames of the simulator's default sampling, 700 each at 3.5, 7 and 14 counts."""
     rng = np.random.default_rng(5)
