@@ -460,7 +460,9 @@ class DerivedRunWatcher:
         elif kind == "connected":
             was_lost = self._lost_since is not None
             self._stream_ok[source] = True
-            if all(self._stream_ok.values()) or (source == "catalog" and self._table_sub is None):
+            # The catalog's socket may come back while a live run's table is still cut off (its
+            # stream cache down): the outage goes on, and is reported once.
+            if all(self._stream_ok.values()) or (source == "catalog" and (run is None or run.finished)):
                 self._lost_since = None
             if run is not None and not run.finished and source == "table":
                 new = self._catch_up()
