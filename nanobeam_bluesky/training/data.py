@@ -232,13 +232,12 @@ class _Data:
             x = self.frames[idx.to(self.frames.device)].to(device)
             if self.fixed_counts:
                 x = x.float()
-                if self.fixed_mask is not None:
-                    x = masked_like_predict(x, 0.0, noise_generator, self.fixed_mask)
             else:
                 x = noisy_counts(
                     x, recipe.max_counts, recipe.count_augmentation, noise_generator, recipe.background_max
                 )
-                x = masked_like_predict(x, recipe.mask_fraction, noise_generator, self.fixed_mask)
+            # random masks need on-the-fly data (Recipe refuses them otherwise); the declared ones: all
+            x = masked_like_predict(x, recipe.mask_fraction, noise_generator, self.fixed_mask)
             yield x, self.labels[idx].to(device)
 
     def steps_per_epoch(self) -> int:
